@@ -1,0 +1,85 @@
+"""The control store in Redis: tenants, hashed API keys, the replica registry.
+
+Plaintext keys never reach Redis: only the HMAC digest and a 4-character hint.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import msgspec
+import redis.asyncio as aioredis
+
+from scheduler import apikeys
+from scheduler.config import RedisConfig
+from scheduler.wire import REGISTRY_KEY, ReplicaInfo, encode, replica_decoder
+
+TENANT_KEY = "sy:tenant:{tenant_id}"
+TENANT_BY_NAME_KEY = "sy:tenant-by-name"
+API_KEY_KEY = "sy:apikey:{key_id}"
+
+
+class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    tenant_id: str
+    digest: str
+    hint: str
+    status: str = "active"
+
+
+def connect_redis(cfg: RedisConfig) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        cfg.url, socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
+        decode_responses=True)
+
+
+class TenantStore:
+    """Tenants and their API keys."""
+
+    def __init__(self, redis: aioredis.Redis, server_secret: bytes) -> None:
+        self.redis = redis
+        self.server_secret = server_secret
+
+    async def ensure_tenant(self, name: str) -> str:
+        """Returns the id of the tenant called `name`, creating it if needed."""
+        tenant_id = "t-" + secrets.token_hex(6)
+        created = await self.redis.hsetnx(TENANT_BY_NAME_KEY, name, tenant_id)
+        if not created:
+            return await self.redis.hget(TENANT_BY_NAME_KEY, name)
+        await self.redis.hset(TENANT_KEY.format(tenant_id=tenant_id), mapping={
+            "name": name, "status": "active", "created_at_s": str(int(time.time()))})
+        return tenant_id
+
+    async def create_key(self, tenant_id: str) -> apikeys.IssuedKey:
+        """Issues a key; the plaintext is returned here once and stored nowhere."""
+        issued = apikeys.issue(self.server_secret)
+        await self.redis.hset(API_KEY_KEY.format(key_id=issued.key_id), mapping={
+            "tenant_id": tenant_id, "digest": issued.digest, "hint": issued.hint,
+            "status": "active", "created_at_s": str(int(time.time()))})
+        return issued
+
+    async def key_record(self, key_id: str) -> KeyRecord | None:
+        fields = await self.redis.hgetall(API_KEY_KEY.format(key_id=key_id))
+        if not fields:
+            return None
+        return KeyRecord(key_id=key_id, tenant_id=fields["tenant_id"],
+                         digest=fields["digest"], hint=fields.get("hint", ""),
+                         status=fields.get("status", "active"))
+
+
+class ReplicaRegistry:
+    """Replica id -> ReplicaInfo, read by scheduler actors, written by `up`."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def put_replica(self, info: ReplicaInfo) -> None:
+        await self.redis.hset(REGISTRY_KEY, info.id, encode(info).decode())
+
+    async def remove_replica(self, replica_id: str) -> None:
+        await self.redis.hdel(REGISTRY_KEY, replica_id)
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        raw = await self.redis.hgetall(REGISTRY_KEY)
+        return sorted((replica_decoder.decode(v) for v in raw.values()), key=lambda r: r.id)

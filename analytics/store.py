@@ -1,0 +1,110 @@
+"""UsageStore: usage rows in ClickHouse (embedded chDB or a server) through
+clickhouse-connect. Synchronous and blocking by nature: callers in async
+code run every method in one dedicated worker thread, never on the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from analytics.schema import apply_migrations, checked_database
+from scheduler.config import ClickHouseConfig
+from scheduler.errors import ConfigError
+from scheduler.wire import UsageEvent, UsageTotal
+
+USAGE_COLUMNS = (
+    "request_id", "tenant_id", "key_id", "model", "replica_id", "route",
+    "prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms", "latency_ms",
+    "status", "error_code", "started_at",
+)
+_UINT32_LIMIT = 1 << 32
+_UINT16_LIMIT = 1 << 16
+
+
+def fits_columns(event: UsageEvent) -> bool:
+    """False for an event no insert could hold (a negative or huge count):
+    such an event would fail its whole batch on every redelivery."""
+    counts = (event.prompt_tokens, event.cached_tokens, event.completion_tokens)
+    return (all(0 <= n < _UINT32_LIMIT for n in counts)
+            and 0 <= event.status < _UINT16_LIMIT and event.started_at_ms >= 0)
+
+
+def chdb_path(cfg: ClickHouseConfig, var_dir: str) -> Path:
+    """The absolute chDB data path; a relative `cfg.path` lives under var_dir."""
+    path = Path(cfg.path)
+    if not path.is_absolute():
+        path = Path(var_dir) / path
+    return path.resolve()
+
+
+class UsageStore:
+    def __init__(self, client: Client, database: str) -> None:
+        self.client = client
+        self.database = checked_database(database)
+
+    def migrate(self) -> list[int]:
+        """Creates or upgrades the schema; returns the versions it applied."""
+        return apply_migrations(self.database, self.client.command,
+                                lambda sql: self.client.query(sql).result_rows)
+
+    def insert(self, events: Sequence[UsageEvent], dedup_token: str) -> None:
+        """One column-oriented insert. Repeating it with the same token adds
+        nothing (insert deduplication on the table)."""
+        if not events:
+            return
+        columns = [
+            [e.request_id for e in events], [e.tenant_id for e in events],
+            [e.key_id for e in events], [e.model for e in events],
+            [e.replica_id for e in events], [e.route for e in events],
+            [e.prompt_tokens for e in events], [e.cached_tokens for e in events],
+            [e.completion_tokens for e in events], [e.ttft_ms for e in events],
+            [e.latency_ms for e in events], [e.status for e in events],
+            [e.error_code for e in events],
+            # Integers go in as DateTime64(3) ticks, i.e. epoch milliseconds.
+            [e.started_at_ms for e in events],
+        ]
+        self.client.insert("usage_raw", columns, database=self.database,
+                           column_names=USAGE_COLUMNS, column_oriented=True,
+                           settings={"insert_deduplication_token": dedup_token})
+
+    def totals(self, tenant_id: str | None) -> tuple[UsageTotal, ...]:
+        """Per-tenant totals, one row per request id (FINAL collapses repeats)."""
+        where, parameters = "", {}
+        if tenant_id is not None:
+            where, parameters = "WHERE tenant_id = {tenant:String}", {"tenant": tenant_id}
+        sql = (
+            "SELECT tenant_id, count(), sum(prompt_tokens), sum(cached_tokens),"
+            f" sum(completion_tokens) FROM {self.database}.usage_raw FINAL {where}"
+            " GROUP BY tenant_id ORDER BY tenant_id")
+        rows = self.client.query(sql, parameters=parameters).result_rows
+        return tuple(
+            UsageTotal(tenant_id=tenant, requests=int(requests), prompt_tokens=int(prompt),
+                       cached_tokens=int(cached), completion_tokens=int(completion))
+            for tenant, requests, prompt, cached, completion in rows)
+
+    def raw_row_count(self) -> int:
+        """Rows as stored, repeats included (no FINAL): shows what dedup kept out."""
+        sql = f"SELECT count() FROM {self.database}.usage_raw"
+        return int(self.client.query(sql).result_rows[0][0])
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_store(cfg: ClickHouseConfig, var_dir: str) -> UsageStore:
+    """Connects (blocking); does not migrate."""
+    if cfg.interface == "chdb":
+        path = chdb_path(cfg, var_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        client = clickhouse_connect.get_client(interface="chdb", path=str(path))
+    elif cfg.interface == "http":
+        if not cfg.url:
+            raise ConfigError("invalid config: metering.clickhouse.url is empty for interface http")
+        client = clickhouse_connect.get_client(dsn=cfg.url)
+    else:
+        raise ConfigError(
+            f"invalid config: metering.clickhouse.interface {cfg.interface!r} (chdb or http)")
+    return UsageStore(client, cfg.database)

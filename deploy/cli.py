@@ -1,0 +1,97 @@
+"""The `switchyard` command: `up` (the local stack), `usage`, `sim`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+
+from scheduler.config import Config, ReplicaConfig, load_config
+from scheduler.errors import ConfigError
+
+RUN_CONFIG = Path("var/run/config.json")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole stack on 127.0.0.1")
+    up.add_argument("--config", type=Path, help="TOML config (default: built-in)")
+    up.add_argument("--replica", action="append", default=[], metavar="URL",
+                    help="route to this OpenAI-compatible server (repeatable); "
+                         "default: simulated replicas")
+    up.add_argument("--port", type=int, help="API port (default 8080)")
+    usage = sub.add_parser("usage", help="tokens used per tenant, from ClickHouse")
+    usage.add_argument("--config", type=Path,
+                       help=f"TOML config (default: {RUN_CONFIG} of a running stack)")
+    usage.add_argument("--tenant", help="only this tenant id")
+    sim = sub.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
+    sim.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _up_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, os.environ)
+    if args.replica:
+        cfg = msgspec.structs.replace(
+            cfg, replicas=tuple(ReplicaConfig(url=u) for u in args.replica))
+    if args.port is not None:
+        cfg = msgspec.structs.replace(
+            cfg, ingress=msgspec.structs.replace(cfg.ingress, port=args.port))
+    return cfg
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from actors.ray_runtime import init_local_ray, shutdown_ray
+    from deploy.stack import resolve_paths, run_stack
+
+    cfg = resolve_paths(_up_config(args))
+    # Ray starts before the event loop (ray.init blocks); a SIGTERM meanwhile
+    # must still reach the `finally` that shuts Ray down.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print("switchyard: starting Ray (local head on 127.0.0.1)", flush=True)
+        init_local_ray(cfg.ray.num_cpus, cfg.ray.namespace, cfg.ray.address)
+        return uvloop.run(run_stack(cfg))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        shutdown_ray()
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from analytics.usage_cli import print_usage
+
+    path = args.config or (RUN_CONFIG if RUN_CONFIG.exists() else None)
+    cfg = load_config(path, os.environ)
+    return asyncio.run(print_usage(cfg, args.tenant, sys.stdout))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return cmd_up(args)
+        if args.command == "usage":
+            return cmd_usage(args)
+        from loadtests.simulator.__main__ import main as sim_main
+
+        return sim_main(args.args)
+    except ConfigError as exc:
+        print(f"switchyard: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""`switchyard up`: the whole stack on this machine, on 127.0.0.1.
+
+Order: nats-server, redis-server, replicas (simulated unless URLs are given),
+the replica registry, Ray actors (metering, schedulers), the ingress. Each
+part is awaited until ready; a part that fails is named with its reason.
+Stopping (SIGINT/SIGTERM, or any child dying) ends every part in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from deploy.procs import ChildProcess, StartFailed, python_module, start_nats, start_redis
+from scheduler.config import Config, dump_config
+from scheduler.wire import ReplicaInfo
+
+DEMO_TENANT = "demo"
+ACTOR_READY_TIMEOUT_S = 120.0
+REPLICA_READY_TIMEOUT_S = 60.0
+
+
+def port_of(url: str) -> int:
+    port = urlsplit(url).port
+    if port is None:
+        raise StartFailed(f"no port in {url}")
+    return port
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths, and a key secret kept under var/ when none is set:
+    Ray workers and child processes do not share our working directory."""
+    var = Path(cfg.var_dir).resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    secret = cfg.auth.key_secret or _stored_secret(var / "key_secret")
+    ch = cfg.metering.clickhouse
+    ch = msgspec.structs.replace(ch, path=str((Path.cwd() / ch.path).resolve()))
+    return msgspec.structs.replace(
+        cfg, var_dir=str(var), auth=msgspec.structs.replace(cfg.auth, key_secret=secret),
+        metering=msgspec.structs.replace(cfg.metering, clickhouse=ch))
+
+
+def _stored_secret(path: Path) -> str:
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class Stack:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.var = Path(cfg.var_dir)
+        self.logs = self.var / "logs"
+        self.children: list[ChildProcess] = []
+        self.actors: list[object] = []
+        self.started = False
+
+    async def start(self) -> str:
+        """Starts every part; returns the demo API key."""
+        nats_proc, _ = await start_nats(self.var / "nats", self.logs, port_of(self.cfg.nats.url))
+        self.children.append(nats_proc)
+        redis_proc, _ = await start_redis(self.var / "redis", self.logs,
+                                          port_of(self.cfg.redis.url))
+        self.children.append(redis_proc)
+        replicas = await self._replicas()
+        redis = connect_redis(self.cfg.redis)
+        try:
+            await self._register(ReplicaRegistry(redis), replicas)
+            await self._start_actors()
+            await self._start_ingress()
+            tenants = TenantStore(redis, self.cfg.auth.key_secret.encode())
+            issued = await tenants.create_key(await tenants.ensure_tenant(DEMO_TENANT))
+        finally:
+            await redis.aclose()
+        self.started = True
+        return issued.plaintext
+
+    async def _replicas(self) -> list[ReplicaInfo]:
+        urls = [r.url.rstrip("/") for r in self.cfg.replicas]
+        if not urls:
+            urls = await self._start_simulator()
+        async with aiohttp.ClientSession() as session:
+            return [await _describe(session, i, url) for i, url in enumerate(urls)]
+
+    async def _start_simulator(self) -> list[str]:
+        sim = self.cfg.simulator
+        config_path = self.var / "run" / "config.json"
+        self._write_config(config_path)
+        proc = ChildProcess("replica simulator", python_module(
+            "loadtests.simulator", "--config", str(config_path)), self.logs / "simulator.log")
+        await proc.start()
+        self.children.append(proc)
+        urls = [f"http://127.0.0.1:{sim.base_port + i}" for i in range(sim.replicas)]
+        async with aiohttp.ClientSession() as session:
+            for url in urls:
+                await proc.wait_ready(lambda u=url: _healthy(session, u), REPLICA_READY_TIMEOUT_S)
+        return urls
+
+    async def _register(self, registry: ReplicaRegistry, replicas: list[ReplicaInfo]) -> None:
+        # `up` owns the registry: replicas of an earlier run are dropped.
+        for stale in await registry.replicas():
+            await registry.remove_replica(stale.id)
+        for info in replicas:
+            await registry.put_replica(info)
+
+    async def _start_actors(self) -> None:
+        from actors.ray_shells import MeteringActor, SchedulerActor
+
+        config_json = dump_config(self.cfg)
+        metering = MeteringActor.options(name="switchyard-metering").remote(config_json)
+        schedulers = [SchedulerActor.options(name=f"switchyard-scheduler-{i}").remote(config_json)
+                      for i in range(self.cfg.scheduler.actors)]
+        self.actors = [metering, *schedulers]
+        for name, actor in [("metering actor", metering)] + [
+                (f"scheduler actor {i}", a) for i, a in enumerate(schedulers)]:
+            try:
+                await asyncio.wait_for(actor.ready.remote(), ACTOR_READY_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - reported with the part's name
+                raise StartFailed(f"{name} failed to start: {exc}") from None
+
+    async def _start_ingress(self) -> None:
+        config_path = self.var / "run" / "config.json"
+        self._write_config(config_path)
+        proc = ChildProcess("ingress", python_module("router", "--config", str(config_path)),
+                            self.logs / "ingress.log")
+        await proc.start()
+        self.children.append(proc)
+        url = f"http://127.0.0.1:{self.cfg.ingress.port}/readyz"
+        async with aiohttp.ClientSession() as session:
+            await proc.wait_ready(lambda: _healthy(session, url), timeout_s=30)
+
+    def _write_config(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(dump_config(self.cfg))
+        path.chmod(0o600)  # it holds the key secret
+
+    async def wait_for_exit(self, stop: asyncio.Event) -> None:
+        """Blocks until `stop` is set or a child dies (which it reports)."""
+        while not stop.is_set():
+            for child in self.children:
+                if child.exited():
+                    raise StartFailed(f"{child.name} exited unexpectedly (log {child.log_path})")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+
+    async def stop(self) -> None:
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(actor.stop.remote(), timeout=10)  # type: ignore[attr-defined]
+        for child in reversed(self.children):
+            await child.stop()
+
+
+async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
+    if not url.endswith("/readyz"):
+        url = url + "/health"
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def _describe(session: aiohttp.ClientSession, index: int, url: str) -> ReplicaInfo:
+    """Asks a replica which models it serves (OpenAI /v1/models)."""
+    try:
+        async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            resp.raise_for_status()
+            body = await resp.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise StartFailed(f"replica {url} failed: GET /v1/models: {exc!r}") from None
+    models = tuple(m["id"] for m in body.get("data", []))
+    if not models:
+        raise StartFailed(f"replica {url} serves no model")
+    return ReplicaInfo(id=f"r{index}-{urlsplit(url).port}", url=url, models=models)
+
+
+def print_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+async def run_stack(cfg: Config) -> int:
+    """Runs the stack until SIGINT/SIGTERM; a signal during start-up cancels
+    the start and still stops whatever was already running."""
+    stack = Stack(cfg)
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            return  # already stopping: let the stop finish
+        print_line(f"switchyard: {name}, stopping")
+        stop.set()
+        if not stack.started:
+            main.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        key = await stack.start()
+        api = f"http://{cfg.ingress.host}:{cfg.ingress.port}/v1"
+        print_line(f"switchyard is up: API {api}  demo key {key}  (Ctrl-C stops everything)")
+        await stack.wait_for_exit(stop)
+        return 0
+    except StartFailed as exc:
+        print_line(f"switchyard: {exc.message}")
+        return 1
+    except asyncio.CancelledError:
+        return 130
+    finally:
+        await stack.stop()
+        print_line("switchyard: stopped")

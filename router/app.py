@@ -1,0 +1,83 @@
+"""Assembles one ingress process: its connections and long-lived parts are
+created in a cleanup context (so they start with the app and close with it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import nats
+from aiohttp import web
+
+from actors.control_store import TenantStore, connect_redis
+from router.auth import Authenticator
+from router.error_map import METRICS, error_middleware
+from router.gateway import Gateway
+from router.http_api import GATEWAY, READINESS, add_routes
+from router.metrics import Metrics
+from router.nats_api import NatsApi
+from router.outbox import Outbox
+from router.upstream import ReplicaClient
+from scheduler.config import Config
+from scheduler.errors import ConfigError
+
+# aiohttp's default header limit (8190 bytes per line) is kept; the body
+# limit comes from the config.
+
+
+def create_app(cfg: Config) -> web.Application:
+    if not cfg.auth.key_secret:
+        raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
+    app = web.Application(client_max_size=cfg.ingress.max_body_bytes,
+                          middlewares=[error_middleware])
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_services(cfg))
+    add_routes(app)
+    return app
+
+
+def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        metrics = app[METRICS]
+        nc = await nats.connect(cfg.nats.url, name="switchyard-ingress",
+                                max_reconnect_attempts=-1, connect_timeout=cfg.nats.request_timeout_s)
+        redis = connect_redis(cfg.redis)
+        replicas = ReplicaClient(cfg.ingress.upstream_connect_timeout_s,
+                                 cfg.ingress.upstream_total_timeout_s)
+        await replicas.start()
+        outbox = Outbox(nc, nc.jetstream(), cfg.ingress.usage_queue_size,
+                        cfg.nats.request_timeout_s, metrics)
+        outbox.start()
+        auth = Authenticator(TenantStore(redis, cfg.auth.key_secret.encode()),
+                             cfg.ingress.key_cache_ttl_s)
+        gateway = Gateway(cfg, auth, nc, replicas, outbox, metrics)
+        nats_api = NatsApi(nc, gateway)
+        await nats_api.start()
+        app[GATEWAY] = gateway
+        app[READINESS] = _readiness(nc, redis)
+        try:
+            yield
+        finally:
+            await nats_api.aclose()
+            await outbox.aclose()
+            await replicas.aclose()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            await redis.aclose()
+
+    return services
+
+
+def _readiness(nc: nats.NATS, redis) -> Callable[[], Awaitable[list[str]]]:  # noqa: ANN001
+    async def problems() -> list[str]:
+        found = []
+        if not nc.is_connected:
+            found.append("nats: not connected")
+        try:
+            await asyncio.wait_for(redis.ping(), timeout=1.0)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            found.append(f"redis: {type(exc).__name__}")
+        return found
+
+    return problems

@@ -1,0 +1,139 @@
+"""The path of one request, shared by the HTTP and NATS front ends:
+authenticate, validate, place (NATS round trip to a scheduler actor), call
+the replica, and at the end hand usage and a completion notice to the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from router.auth import Authenticator, Principal
+from router.metrics import Metrics
+from router.outbox import Outbox
+from router.requests import ParsedRequest, parse_request
+from router.upstream import ReplicaClient, UpstreamCall
+from scheduler.config import Config
+from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, YardError
+from scheduler.wire import (
+    MODELS_SUBJECT,
+    ModelCard,
+    ModelsQuery,
+    PlaceDone,
+    Placement,
+    PlaceRequest,
+    UsageEvent,
+    encode,
+    models_reply_decoder,
+    place_reply_decoder,
+    place_subject,
+)
+
+
+def new_request_id() -> str:
+    return "req-" + uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    principal: Principal
+    parsed: ParsedRequest
+    placement: Placement
+    started_at_s: float
+    started_at_ms: int
+
+
+class Gateway:
+    def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, replicas: ReplicaClient,
+                 outbox: Outbox, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self._auth = auth
+        self._nc = nc
+        self._replicas = replicas
+        self._outbox = outbox
+        self._metrics = metrics
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        return await self._auth.authenticate(authorization)
+
+    async def admit(self, request_id: str, route: str, body: bytes,
+                    authorization: str | None) -> RequestContext:
+        started_at_s = time.monotonic()
+        principal = await self._auth.authenticate(authorization)
+        if len(body) > self.cfg.ingress.max_body_bytes:
+            raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
+        parsed = parse_request(route, body)
+        placement = await self._place(request_id, principal, parsed)
+        return RequestContext(request_id, principal, parsed, placement, started_at_s,
+                              int(time.time() * 1000))
+
+    def call(self, ctx: RequestContext) -> UpstreamCall:
+        return self._replicas.call(ctx.placement.url, ctx.parsed.route,
+                                   ctx.parsed.upstream_body, ctx.request_id,
+                                   ctx.placement.replica_id)
+
+    def finish(self, ctx: RequestContext, call: UpstreamCall, status: int,
+               error_code: str = "") -> None:
+        """Records the outcome. Synchronous and non-blocking, so it can run
+        in the `finally` of a handler cancelled by a client disconnect."""
+        now_s = time.monotonic()
+        record = call.record
+        usage = record.usage
+        ttft_s = (record.first_byte_at_s - ctx.started_at_s) if record.first_byte_at_s else 0.0
+        if record.first_byte_at_s:
+            self._metrics.ttft.labels(ctx.parsed.route).observe(ttft_s)
+        if status >= 500:
+            self._metrics.upstream_errors.labels(ctx.placement.replica_id).inc()
+        event = UsageEvent(
+            request_id=ctx.request_id, tenant_id=ctx.principal.tenant_id,
+            key_id=ctx.principal.key_id, model=ctx.parsed.model,
+            replica_id=ctx.placement.replica_id, route=ctx.parsed.route,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            cached_tokens=usage.cached_tokens if usage else 0,
+            # Without the final usage chunk (client gone), each content chunk
+            # is one generated token as vLLM streams them.
+            completion_tokens=usage.completion_tokens if usage else record.content_chunks,
+            ttft_ms=ttft_s * 1000, latency_ms=(now_s - ctx.started_at_s) * 1000,
+            status=status, error_code=error_code, started_at_ms=ctx.started_at_ms)
+        done = PlaceDone(request_id=ctx.request_id, replica_id=ctx.placement.replica_id,
+                         model=ctx.parsed.model)
+        self._outbox.request_done(done, event)
+
+    async def models(self) -> tuple[ModelCard, ...]:
+        reply = await self._request(MODELS_SUBJECT, encode(ModelsQuery()))
+        return models_reply_decoder.decode(reply).models
+
+    async def _place(self, request_id: str, principal: Principal,
+                     parsed: ParsedRequest) -> Placement:
+        req = PlaceRequest(request_id=request_id, tenant_id=principal.tenant_id,
+                           model=parsed.model, prompt_tokens=parsed.prompt_tokens_est,
+                           max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens)
+        started_s = time.perf_counter()
+        reply = await self._request(place_subject(parsed.model), encode(req))
+        self._metrics.placement.observe(time.perf_counter() - started_s)
+        decision = place_reply_decoder.decode(reply)
+        if isinstance(decision, Placement):
+            return decision
+        error_type: type[YardError] = PLACEMENT_ERRORS.get(decision.code, NoCapacity)
+        raise error_type(decision.message, param="model" if decision.code == "model_not_found"
+                         else None, retry_after_s=decision.retry_after_s)
+
+    async def _request(self, subject: str, payload: bytes) -> bytes:
+        try:
+            msg = await self._nc.request(subject, payload,
+                                         timeout=self.cfg.ingress.placement_timeout_s)
+        except nats.errors.NoRespondersError:
+            self._metrics.nats_errors.inc()
+            raise NoCapacity("No scheduler is serving placements right now.",
+                             retry_after_s=1.0) from None
+        except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            self._metrics.nats_errors.inc()
+            raise NoCapacity(f"Placement failed: {type(exc).__name__}.",
+                             retry_after_s=1.0) from None
+        return msg.data
+

@@ -1,0 +1,118 @@
+"""HTTP/SSE front end: the OpenAI routes, health and metrics."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.error_map import METRICS, REQUEST_ID_HEADER, sse_error_event
+from router.gateway import Gateway, RequestContext, new_request_id
+from router.upstream import CLIENT_CLOSED, DONE, UpstreamCall
+from scheduler.errors import YardError
+
+GATEWAY = web.AppKey("gateway", Gateway)
+READINESS = web.AppKey("readiness", object)
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "completions")
+
+
+async def _serve(request: web.Request, route: str) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    request_id = request[REQUEST_ID_HEADER] = new_request_id()
+    body = await request.read()
+    ctx = await gateway.admit(request_id, route, body, request.headers.get("Authorization"))
+    call = gateway.call(ctx)
+    status, error_code = CLIENT_CLOSED, "client_closed"
+    try:
+        relay = _relay_stream if ctx.parsed.stream else _relay_body
+        async with call:
+            response = await relay(request, ctx, call)
+        status, error_code = call.record.outcome(response.status)
+        return response
+    except YardError as exc:
+        status, error_code = exc.status, exc.code or ""
+        raise
+    finally:
+        gateway.finish(ctx, call, status, error_code)
+
+
+def _headers(ctx: RequestContext) -> dict[str, str]:
+    return {REQUEST_ID_HEADER: ctx.request_id, "x-switchyard-replica": ctx.placement.replica_id}
+
+
+async def _relay_body(request: web.Request, ctx: RequestContext,
+                      call: UpstreamCall) -> web.StreamResponse:
+    body = await call.read_body()
+    response = web.Response(body=body, content_type="application/json", headers=_headers(ctx))
+    # Sent here, not after the handler returns, so the outcome is known when
+    # `finish` records it.
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
+async def _relay_stream(request: web.Request, ctx: RequestContext,
+                        call: UpstreamCall) -> web.StreamResponse:
+    response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(ctx)})
+    events = call.events(keep_usage_chunk=ctx.parsed.include_usage)
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = DONE
+    # Errors before the first event are still plain HTTP errors (middleware).
+    await response.prepare(request)
+    try:
+        await response.write(b"data: " + first + b"\n\n")
+        if first != DONE:
+            async for payload in events:
+                await response.write(b"data: " + payload + b"\n\n")
+        await response.write_eof()
+    except YardError as exc:
+        call.record.failure = exc
+        await response.write(sse_error_event(exc))
+    except ConnectionResetError:
+        call.record.client_gone = True
+    return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    await gateway.authenticate(request.headers.get("Authorization"))
+    cards = await gateway.models()
+    created_s = int(time.time())
+    data = [{"id": c.id, "object": "model", "created": created_s, "owned_by": "switchyard"}
+            for c in cards]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    problems = await request.app[READINESS]()  # type: ignore[operator]
+    status = 503 if problems else 200
+    return web.json_response({"ready": not problems, "problems": problems}, status=status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,40 @@
+"""Prometheus metrics of one ingress process (its own registry, so tests can
+run several ingresses in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+FAST_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "switchyard_http_requests", "Requests answered, by route and status.",
+            ["route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "switchyard_http_request_duration_seconds", "Whole request time, by route.",
+            ["route"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.ttft = Histogram(
+            "switchyard_ttft_seconds", "Time to first token seen by the client.",
+            ["route"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.placement = Histogram(
+            "switchyard_placement_duration_seconds", "Placement round trip over NATS.",
+            buckets=FAST_BUCKETS_S, registry=r)
+        self.in_flight = Gauge(
+            "switchyard_requests_in_flight", "Requests being served.", registry=r)
+        self.upstream_errors = Counter(
+            "switchyard_upstream_errors", "Replica failures, by replica.",
+            ["replica"], registry=r)
+        self.usage_published = Counter(
+            "switchyard_usage_events_published", "Usage events stored in JetStream.",
+            registry=r)
+        self.usage_dropped = Counter(
+            "switchyard_usage_events_dropped", "Usage events dropped: outbox full.",
+            registry=r)
+        self.nats_errors = Counter(
+            "switchyard_nats_errors", "Failed NATS publishes and requests.", registry=r)

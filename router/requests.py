@@ -1,0 +1,133 @@
+"""Validation of OpenAI request bodies: decode only what routing, limits and
+metering need (msgspec), and pass everything else through untouched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+
+from scheduler.errors import InvalidRequest
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# Rough characters per token, for the placement estimate only (metering
+# always uses the replica's own counts).
+CHARS_PER_TOKEN = 4
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class ContentPart(msgspec.Struct, frozen=True):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatBody(msgspec.Struct, frozen=True):
+    model: str
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+
+
+class CompletionBody(msgspec.Struct, frozen=True):
+    model: str
+    # A string, or a batch: strings, token ids, or lists of token ids.
+    prompt: str | list[str | int | list[int]]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+
+
+_decoders = {
+    "chat": msgspec.json.Decoder(ChatBody),
+    "completions": msgspec.json.Decoder(CompletionBody),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    route: str
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    prompt_tokens_est: int
+    upstream_body: bytes
+
+
+def parse_request(route: str, body: bytes) -> ParsedRequest:
+    """Validates `body` for `route` ("chat" or "completions")."""
+    try:
+        parsed = _decoders[route].decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    if not parsed.model:
+        raise InvalidRequest("`model` must not be empty.", param="model")
+    stream = bool(parsed.stream)
+    include_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
+    if parsed.stream_options is not None and not stream:
+        raise InvalidRequest("`stream_options` is only allowed when `stream` is true.",
+                             param="stream_options")
+    max_tokens = parsed.max_tokens
+    if isinstance(parsed, ChatBody):
+        max_tokens = parsed.max_completion_tokens or max_tokens
+    return ParsedRequest(route=route, model=parsed.model, stream=stream,
+                         include_usage=include_usage, max_tokens=max_tokens,
+                         prompt_tokens_est=_estimate_tokens(parsed),
+                         upstream_body=_upstream_body(body, stream, include_usage))
+
+
+def _upstream_body(body: bytes, stream: bool, include_usage: bool) -> bytes:
+    """Streams always ask the replica for the final usage chunk, so metering
+    has true counts; the ingress strips it again when the client did not ask."""
+    if not stream or include_usage:
+        return body
+    raw = msgspec.json.decode(body)
+    options = raw.get("stream_options") or {}
+    options["include_usage"] = True
+    raw["stream_options"] = options
+    return msgspec.json.encode(raw)
+
+
+def _estimate_tokens(parsed: ChatBody | CompletionBody) -> int:
+    if isinstance(parsed, CompletionBody):
+        prompt = parsed.prompt
+        if isinstance(prompt, str):
+            return len(prompt) // CHARS_PER_TOKEN + 1
+        return sum(_item_tokens(p) for p in prompt)
+    chars = 0
+    for message in parsed.messages:
+        if isinstance(message.content, str):
+            chars += len(message.content)
+        elif message.content:
+            chars += sum(len(part.text or "") for part in message.content)
+    return chars // CHARS_PER_TOKEN + len(parsed.messages)
+
+
+def _item_tokens(item: str | int | list[int]) -> int:
+    if isinstance(item, int):
+        return 1
+    if isinstance(item, list):
+        return len(item)
+    return len(item) // CHARS_PER_TOKEN + 1
+
+
+def _param_of(message: str) -> str | None:
+    # msgspec says "... - at `$.messages[0].role`"; OpenAI's `param` is the path.
+    marker = "at `$."
+    if marker not in message:
+        return None
+    return message.split(marker, 1)[1].rstrip("`")

@@ -1,0 +1,169 @@
+"""The one typed config: a TOML file decoded into frozen msgspec Structs.
+
+Unknown keys are an error naming the key. Environment variables override
+only addresses and secrets (see ENV_OVERRIDES); everything else comes from
+the file or the defaults, which run the local stack.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from scheduler.errors import ConfigError
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class IngressConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1 << 20
+    placement_timeout_s: float = 2.0
+    upstream_connect_timeout_s: float = 5.0
+    # Bounds a whole upstream request; generation of long answers is slow.
+    upstream_total_timeout_s: float = 600.0
+    key_cache_ttl_s: float = 5.0
+    default_max_tokens: int = 256
+    usage_queue_size: int = 10_000
+
+
+class NatsConfig(_Section):
+    url: str = "nats://127.0.0.1:4222"
+    usage_stream: str = "YARD_USAGE"
+    # JetStream drops a repeated Nats-Msg-Id inside this window.
+    duplicate_window_s: float = 120.0
+    request_timeout_s: float = 2.0
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_s: float = 1.0
+
+
+class RayConfig(_Section):
+    # Empty: `switchyard up` starts a local Ray head on loopback.
+    address: str = ""
+    num_cpus: int = 2
+    namespace: str = "switchyard"
+
+
+class AuthConfig(_Section):
+    # HMAC key for stored API-key digests; `up` generates one under var/ when empty.
+    key_secret: str = ""
+
+
+class SchedulerConfig(_Section):
+    actors: int = 1
+    # A placement with no completion notice is forgotten after this long,
+    # so a lost notice cannot pin a replica's load forever.
+    placement_ttl_s: float = 900.0
+    registry_refresh_s: float = 5.0
+
+
+class ClickHouseConfig(_Section):
+    # "chdb": embedded engine at `path` (one process owns it); "http": a server at `url`.
+    interface: str = "chdb"
+    path: str = "var/chdb"
+    url: str = ""
+    database: str = "switchyard"
+
+
+class MeteringConfig(_Section):
+    batch_max: int = 5_000
+    fetch_wait_s: float = 0.5
+    ack_wait_s: float = 30.0
+    max_deliver: int = 10
+    clickhouse: ClickHouseConfig = ClickHouseConfig()
+
+
+class SimulatorConfig(_Section):
+    replicas: int = 2
+    base_port: int = 8100
+    model: str = "switchyard-tiny"
+    prefill_tokens_per_s: float = 20_000.0
+    decode_ms_per_token: float = 10.0
+    block_size_tokens: int = 16
+    cache_blocks: int = 4_096
+    seed: int = 0
+
+
+class ReplicaConfig(_Section):
+    url: str
+    id: str = ""
+
+
+class Config(_Section):
+    var_dir: str = "var"
+    ingress: IngressConfig = IngressConfig()
+    nats: NatsConfig = NatsConfig()
+    redis: RedisConfig = RedisConfig()
+    ray: RayConfig = RayConfig()
+    auth: AuthConfig = AuthConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    metering: MeteringConfig = MeteringConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    # Static replicas; when empty `up` starts simulated ones.
+    replicas: tuple[ReplicaConfig, ...] = ()
+
+
+# environment variable -> (section, field); addresses and secrets only.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "SWITCHYARD_NATS_URL": ("nats", "url"),
+    "SWITCHYARD_REDIS_URL": ("redis", "url"),
+    "SWITCHYARD_RAY_ADDRESS": ("ray", "address"),
+    "SWITCHYARD_KEY_SECRET": ("auth", "key_secret"),
+    "SWITCHYARD_CLICKHOUSE_URL": ("metering.clickhouse", "url"),
+}
+
+
+def decode_config(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
+    """Builds the Config from a decoded TOML mapping plus the environment."""
+    merged = _with_env(dict(raw), env)
+    try:
+        return msgspec.convert(merged, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
+    """Reads the TOML file at `path` (defaults only when None). A `.json`
+    file is a config written by `switchyard up` for its children: it is
+    already complete, so the environment is not applied again."""
+    if path is None:
+        return decode_config({}, env)
+    try:
+        if path.suffix == ".json":
+            return config_from_json(path.read_bytes())
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    return decode_config(raw, env)
+
+
+def _with_env(raw: dict[str, object], env: Mapping[str, str]) -> dict[str, object]:
+    for var, (section_path, field) in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        node = raw
+        for part in section_path.split("."):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"invalid config: `{part}` must be a table")
+            node = child
+        node[field] = env[var]
+    return raw
+
+
+def dump_config(config: Config) -> bytes:
+    """Serialises the config for child processes (they decode it again)."""
+    return msgspec.json.encode(config)
+
+
+def config_from_json(data: bytes) -> Config:
+    return msgspec.json.decode(data, type=Config)

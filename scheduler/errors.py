@@ -1,0 +1,144 @@
+"""The one error tree. Each error knows its HTTP status and OpenAI error body;
+the ingress maps them in a single place (HTTP middleware, NATS front end)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class YardError(Exception):
+    """Base of every error switchyard reports to a client."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+        replica_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+        self.replica_id = replica_id
+        self.tenant_id = tenant_id
+
+    def payload(self) -> bytes:
+        """The response body, JSON-encoded."""
+        return msgspec.json.encode(self.body())
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ConfigError(YardError):
+    code = "config_error"
+
+
+class InvalidRequest(YardError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationFailed(YardError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(YardError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class ModelNotFound(YardError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(YardError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(YardError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class UpstreamFailed(YardError):
+    """The chosen replica failed before or while answering."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_failed"
+
+
+class UpstreamRejected(YardError):
+    """The replica refused the request (4xx); its own OpenAI error body is
+    passed on unchanged, with its status."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, raw_body: bytes, *, replica_id: str) -> None:
+        super().__init__(f"replica rejected the request ({status})", replica_id=replica_id)
+        self.status = status
+        self.raw_body = raw_body
+
+    def payload(self) -> bytes:
+        try:
+            msgspec.json.decode(self.raw_body)
+        except msgspec.DecodeError:
+            return super().payload()
+        return self.raw_body
+
+
+class NoCapacity(YardError):
+    """No replica can take the request now (none healthy, or scheduler away)."""
+
+    status = 503
+    type = "overloaded_error"
+    code = "no_capacity"
+
+
+class ServiceUnavailable(YardError):
+    """A dependency switchyard needs (Redis, NATS) cannot be reached."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class InternalError(YardError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+# Error codes carried in placement replies, mapped back to classes by the ingress.
+PLACEMENT_ERRORS: dict[str, type[YardError]] = {
+    "model_not_found": ModelNotFound,
+    "no_capacity": NoCapacity,
+}

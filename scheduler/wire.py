@@ -1,0 +1,192 @@
+"""Every message that crosses NATS (and the replica registry in Redis), with
+the subjects beside them. JSON via msgspec; encoders/decoders built once.
+New fields always get defaults so old and new peers interoperate."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+# --- subjects ---------------------------------------------------------------
+
+# Placement requests for one model, served by scheduler actors in a queue group.
+PLACE_SUBJECT = "yard.sched.place.{model}"
+PLACE_QUEUE = "yard-sched"
+# Completion notices; every scheduler actor hears every notice.
+DONE_SUBJECT = "yard.sched.done"
+# "Which models can be served?", answered by any scheduler actor.
+MODELS_SUBJECT = "yard.sched.models"
+# Replica registry changed: scheduler actors reload it from Redis.
+REGISTRY_CHANGED_SUBJECT = "yard.registry.changed"
+# Usage events (JetStream); the tenant id is the last token.
+USAGE_SUBJECT = "yard.usage.{tenant}"
+USAGE_SUBJECTS = "yard.usage.>"
+# Usage totals, answered by the metering actor that owns ClickHouse.
+USAGE_QUERY_SUBJECT = "yard.analytics.usage"
+# The public subject API for internal services (served by ingress nodes).
+API_SUBJECTS = {
+    "yard.v1.chat.completions": "chat",
+    "yard.v1.completions": "completions",
+}
+API_QUEUE = "yard-ingress"
+
+# Redis hash holding the replica registry: replica id -> ReplicaInfo JSON.
+REGISTRY_KEY = "sy:replicas"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/:]")
+
+
+def subject_token(name: str) -> str:
+    """Escapes a name (a model like `org/llama-3.1`) into one subject token."""
+    return _UNSAFE.sub(lambda m: "%" + m.group().encode().hex().upper(), name)
+
+
+def place_subject(model: str) -> str:
+    return PLACE_SUBJECT.format(model=subject_token(model))
+
+
+def usage_subject(tenant_id: str) -> str:
+    return USAGE_SUBJECT.format(tenant=subject_token(tenant_id))
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    pass
+
+
+# --- placement ---------------------------------------------------------------
+
+
+class PlaceRequest(_Msg, tag="place"):
+    request_id: str
+    tenant_id: str
+    model: str
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+
+
+class Placement(_Msg, tag="placement"):
+    request_id: str
+    replica_id: str
+    url: str
+
+
+class PlaceRejected(_Msg, tag="place_rejected"):
+    request_id: str
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+class PlaceDone(_Msg, tag="done"):
+    request_id: str
+    replica_id: str
+    model: str
+
+
+class ModelsQuery(_Msg, tag="models_query"):
+    pass
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    replicas: int = 0
+
+
+class ModelsReply(_Msg, tag="models"):
+    models: tuple[ModelCard, ...] = ()
+
+
+PlaceReply = Placement | PlaceRejected
+SchedMessage = PlaceRequest | PlaceDone | ModelsQuery
+
+
+# --- replica registry ----------------------------------------------------------
+
+
+class ReplicaInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    url: str
+    models: tuple[str, ...]
+
+
+class RegistryChanged(_Msg, tag="registry_changed"):
+    pass
+
+
+# --- metering ----------------------------------------------------------------
+
+
+class UsageEvent(_Msg, tag="usage"):
+    request_id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    replica_id: str = ""
+    route: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float = 0.0
+    latency_ms: float = 0.0
+    status: int = 200
+    error_code: str = ""
+    started_at_ms: int = 0
+
+
+class UsageQuery(_Msg, tag="usage_query"):
+    tenant_id: str | None = None
+
+
+class UsageTotal(msgspec.Struct, frozen=True, kw_only=True):
+    tenant_id: str
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+class UsageReply(_Msg, tag="usage_totals"):
+    totals: tuple[UsageTotal, ...] = ()
+    error: str = ""
+
+
+# --- public NATS subject API ----------------------------------------------------
+
+
+class ApiChunk(_Msg, tag="chunk"):
+    """One streamed chunk: `data` is the OpenAI chunk object, verbatim."""
+
+    data: msgspec.Raw
+
+
+class ApiResponse(_Msg, tag="response"):
+    """The whole answer of a non-streaming request."""
+
+    data: msgspec.Raw
+
+
+class ApiEnd(_Msg, tag="end"):
+    """Ends a stream (the SSE `[DONE]`)."""
+
+
+class ApiError(_Msg, tag="error"):
+    status: int
+    error: dict[str, str | None]
+
+
+ApiReply = ApiChunk | ApiResponse | ApiEnd | ApiError
+
+# --- codecs ----------------------------------------------------------------------
+
+encode = msgspec.json.Encoder().encode
+sched_decoder = msgspec.json.Decoder(SchedMessage)
+place_request_decoder = msgspec.json.Decoder(PlaceRequest)
+place_reply_decoder = msgspec.json.Decoder(PlaceReply)
+done_decoder = msgspec.json.Decoder(PlaceDone)
+models_reply_decoder = msgspec.json.Decoder(ModelsReply)
+replica_decoder = msgspec.json.Decoder(ReplicaInfo)
+usage_decoder = msgspec.json.Decoder(UsageEvent)
+usage_query_decoder = msgspec.json.Decoder(UsageQuery)
+usage_reply_decoder = msgspec.json.Decoder(UsageReply)
+api_reply_decoder = msgspec.json.Decoder(ApiReply)

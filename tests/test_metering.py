@@ -1,0 +1,242 @@
+"""Metering against real chDB and nats-server: the store's dedup and
+migrations, and the MeteringService from JetStream to totals over NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import nats
+import pytest
+import pytest_asyncio
+
+from analytics.metering import MeteringService
+from analytics.store import UsageStore, open_store
+from analytics.usage_cli import print_usage
+from deploy.procs import free_port
+from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig
+from scheduler.wire import (
+    USAGE_QUERY_SUBJECT,
+    UsageEvent,
+    UsageQuery,
+    UsageTotal,
+    encode,
+    usage_reply_decoder,
+    usage_subject,
+)
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 10.0
+
+
+def ch_config(tmp_path: Path) -> ClickHouseConfig:
+    return ClickHouseConfig(interface="chdb", path=str(tmp_path / "chdb"), database="yard_test")
+
+
+def event(i: int, tenant_id: str = "acme") -> UsageEvent:
+    return UsageEvent(request_id=f"req-{tenant_id}-{i}", tenant_id=tenant_id, key_id="k1",
+                      model="tiny", replica_id="r0", route="chat", prompt_tokens=100 + i,
+                      cached_tokens=i % 7, completion_tokens=10 + i, ttft_ms=12.5,
+                      latency_ms=80.0, started_at_ms=1_700_000_000_000 + i)
+
+
+def expected_total(tenant_id: str, events: list[UsageEvent]) -> UsageTotal:
+    mine = [e for e in events if e.tenant_id == tenant_id]
+    return UsageTotal(tenant_id=tenant_id, requests=len(mine),
+                      prompt_tokens=sum(e.prompt_tokens for e in mine),
+                      cached_tokens=sum(e.cached_tokens for e in mine),
+                      completion_tokens=sum(e.completion_tokens for e in mine))
+
+
+def migrated_store(tmp_path: Path) -> UsageStore:
+    store = open_store(ch_config(tmp_path), str(tmp_path))
+    store.migrate()
+    return store
+
+
+# --- store (synchronous: the loop is not running while these bodies run) ----------
+
+
+def test_store_insert_and_totals(tmp_path: Path) -> None:
+    events = [event(i, "acme") for i in range(50)] + [event(i, "beta") for i in range(20)]
+    store = migrated_store(tmp_path)
+    try:
+        store.insert(events, "token-1")
+        assert store.totals(None) == (expected_total("acme", events),
+                                      expected_total("beta", events))
+        assert store.totals("beta") == (expected_total("beta", events),)
+        assert store.totals("nobody") == ()
+    finally:
+        store.close()
+
+
+def test_store_same_token_inserts_once(tmp_path: Path) -> None:
+    events = [event(i) for i in range(30)]
+    store = migrated_store(tmp_path)
+    try:
+        store.insert(events, "same-token")
+        store.insert(events, "same-token")
+        assert store.raw_row_count() == 30
+        # A new token stores the rows again; FINAL still counts each request once.
+        store.insert(events, "other-token")
+        assert store.raw_row_count() == 60
+        assert store.totals("acme") == (expected_total("acme", events),)
+    finally:
+        store.close()
+
+
+def test_migrations_idempotent(tmp_path: Path) -> None:
+    store = open_store(ch_config(tmp_path), str(tmp_path))
+    try:
+        assert store.migrate() == [1]
+        store.insert([event(1)], "t")
+    finally:
+        store.close()
+    store = open_store(ch_config(tmp_path), str(tmp_path))
+    try:
+        assert store.migrate() == []
+        rows = store.client.query("SELECT version FROM yard_test.schema_migrations").result_rows
+        assert rows == [(1,)]
+        assert store.totals(None) == (expected_total("acme", [event(1)]),)
+    finally:
+        store.close()
+
+
+# --- the service ----------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def metering_cfg(nats_url: str, tmp_path: Path) -> AsyncIterator[Config]:
+    """A config with its own stream name; the stream is deleted afterwards so
+    the next test can claim yard.usage.> again."""
+    stream = f"USAGE_TEST_{uuid.uuid4().hex[:8]}"
+    yield Config(var_dir=str(tmp_path),
+                 nats=NatsConfig(url=nats_url, usage_stream=stream),
+                 metering=MeteringConfig(fetch_wait_s=0.2, clickhouse=ch_config(tmp_path)))
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def query_totals(nc: nats.NATS, tenant_id: str | None) -> tuple[UsageTotal, ...]:
+    msg = await nc.request(USAGE_QUERY_SUBJECT, encode(UsageQuery(tenant_id=tenant_id)),
+                           timeout=2.0)
+    reply = usage_reply_decoder.decode(msg.data)
+    assert reply.error == ""
+    return reply.totals
+
+
+async def publish_events(nc: nats.NATS, events: list[UsageEvent]) -> list[bool]:
+    """Publishes with Nats-Msg-Id = request id; returns each ack's duplicate flag."""
+    js = nc.jetstream()
+    acks = [await js.publish(usage_subject(e.tenant_id), encode(e),
+                             headers={"Nats-Msg-Id": e.request_id}) for e in events]
+    return [ack.duplicate for ack in acks]
+
+
+async def test_service_end_to_end(metering_cfg: Config) -> None:
+    events = [event(i, "acme") for i in range(200)] + [event(i, "beta") for i in range(50)]
+    want = (expected_total("acme", events), expected_total("beta", events))
+    service = MeteringService(metering_cfg)
+    await service.start()
+    nc = await nats.connect(metering_cfg.nats.url)
+    try:
+        assert not any(await publish_events(nc, events))
+        # Retried publishes: the stream drops them by Nats-Msg-Id.
+        assert all(await publish_events(nc, events[:20]))
+        js = nc.jetstream()
+        await js.publish(usage_subject("acme"), b"\x00not json")
+        await js.publish(usage_subject("acme"), b'{"kind": "usage_query"}')
+        await js.publish(usage_subject("acme"), encode(
+            UsageEvent(request_id="neg", tenant_id="acme", key_id="k", model="m",
+                       prompt_tokens=-1)))
+
+        async def counted() -> bool:
+            return await query_totals(nc, None) == want and service.stats()["rejected"] == 3
+
+        await eventually(counted, "totals over NATS to match what was published")
+        assert await query_totals(nc, "beta") == want[1:]
+        stats = service.stats()
+        assert stats["inserted_rows"] == len(events)
+        assert stats["insert_failures"] == 0
+    finally:
+        await nc.close()
+        await service.aclose()
+
+
+async def test_service_retries_failed_insert(metering_cfg: Config,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    failures = [RuntimeError("store away")]
+    real_insert = UsageStore.insert
+
+    def flaky_insert(self: UsageStore, events: list[UsageEvent], token: str) -> None:
+        if failures:
+            raise failures.pop()
+        real_insert(self, events, token)
+
+    monkeypatch.setattr(UsageStore, "insert", flaky_insert)
+    events = [event(i) for i in range(40)]
+    service = MeteringService(metering_cfg)
+    await service.start()
+    nc = await nats.connect(metering_cfg.nats.url)
+    try:
+        await publish_events(nc, events)
+
+        async def stored() -> bool:
+            return await query_totals(nc, None) == (expected_total("acme", events),)
+
+        await eventually(stored, "the nak'd batch to be redelivered and stored")
+        assert service.stats()["insert_failures"] >= 1
+    finally:
+        await nc.close()
+        await service.aclose()
+
+
+async def test_usage_cli_service_then_store(metering_cfg: Config) -> None:
+    events = [event(i, "acme") for i in range(5)]
+    service = MeteringService(metering_cfg)
+    await service.start()
+    nc = await nats.connect(metering_cfg.nats.url)
+    try:
+        await publish_events(nc, events)
+
+        async def stored() -> bool:
+            return len(await query_totals(nc, "acme")) == 1
+
+        await eventually(stored, "events to be stored")
+        out = io.StringIO()
+        assert await print_usage(metering_cfg, "acme", out) == 0
+        assert "source: metering service" in out.getvalue()
+        assert "acme" in out.getvalue() and str(sum(e.prompt_tokens for e in events)) in out.getvalue()
+    finally:
+        await nc.close()
+        await service.aclose()
+    # The stack is down: no responder, so the CLI reads the store itself.
+    out = io.StringIO()
+    assert await print_usage(metering_cfg, None, out) == 0
+    assert "no metering service is running" in out.getvalue()
+    assert str(sum(e.completion_tokens for e in events)) in out.getvalue()
+
+
+async def test_usage_cli_nothing_running(tmp_path: Path) -> None:
+    cfg = Config(var_dir=str(tmp_path),
+                 nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}", request_timeout_s=1.0),
+                 metering=MeteringConfig(clickhouse=ch_config(tmp_path)))
+    out = io.StringIO()
+    assert await print_usage(cfg, None, out) == 1
+    text = out.getvalue()
+    assert "not reachable" in text and "no usage store at" in text
