@@ -58,6 +58,11 @@ def dedup_token(events: Sequence[UsageEvent]) -> str:
     return digest.hexdigest()
 
 
+def insert_batch(store: UsageStore, events: Sequence[UsageEvent]) -> None:
+    """Runs in the store thread, so hashing the ids stays off the loop too."""
+    store.insert(events, dedup_token(events))
+
+
 def retry_delay_s(deliveries: int) -> float:
     return min(NAK_MAX_DELAY_S, NAK_FIRST_DELAY_S * 2 ** max(0, deliveries - 1))
 
@@ -99,18 +104,35 @@ class MeteringService:
             # cancellation of aclose itself still propagates.
             await asyncio.wait([self._consumer])
             self._consumer = None
-        if self._nc is not None:
-            if not self._nc.is_closed:
-                await self._nc.drain()
-            self._nc = None
-            self._sub = None
-        if self._store is not None:
-            await self._in_store_thread(self._store.close)
-            self._store = None
-        if self._executor is not None:
-            # The worker is idle now (close ran last), so this does not block.
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        cancelled = await self._close_nats()
+        try:
+            if self._store is not None:
+                store, self._store = self._store, None
+                await self._in_store_thread(store.close)
+        finally:
+            if self._executor is not None:
+                # Does not wait: the worker exits once its last job (close) ends.
+                self._executor.shutdown(wait=False)
+                self._executor = None
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _close_nats(self) -> bool:
+        """Drains the connection; True if a cancellation arrived meanwhile, which
+        nats-py's drain swallows, so aclose can raise it after the cleanup."""
+        nc, self._nc = self._nc, None
+        sub, self._sub = self._sub, None
+        if nc is None or nc.is_closed:
+            return False
+        if sub is not None:
+            # nats-py's fetch takes queued messages without marking them done,
+            # so draining this subscription would wait out the drain timeout
+            # (30 s). Its unacked messages come back after ack_wait.
+            await sub.unsubscribe()
+        task = asyncio.current_task()
+        cancels_before = task.cancelling() if task is not None else 0
+        await nc.drain()
+        return task is not None and task.cancelling() > cancels_before
 
     def stats(self) -> dict[str, int]:
         """Counters since start; `rejected` counts events terminated as undecodable
@@ -166,7 +188,8 @@ class MeteringService:
                 await asyncio.sleep(CONSUME_RETRY_S)
 
     async def _consume_batch(self) -> None:
-        assert self._sub is not None
+        assert self._sub is not None and self._store is not None
+        store = self._store
         m = self.cfg.metering
         msgs = await self._sub.fetch(batch=m.batch_max, timeout=m.fetch_wait_s)
         self._counts["received"] += len(msgs)
@@ -184,7 +207,7 @@ class MeteringService:
             return
         batch = tuple(events.values())
         try:
-            await self._in_store_thread(self._insert, batch)
+            await self._in_store_thread(insert_batch, store, batch)
         except Exception:  # noqa: BLE001 - any store failure: redeliver later
             self._counts["insert_failures"] += 1
             log.warning("usage insert of %d events failed; will retry", len(batch), exc_info=True)
@@ -206,10 +229,6 @@ class MeteringService:
             log.warning("usage consumer: terminating an unusable event on %s", msg.subject)
             return None
         return event
-
-    def _insert(self, events: Sequence[UsageEvent]) -> None:
-        assert self._store is not None
-        self._store.insert(events, dedup_token(events))
 
     async def _on_query(self, msg: Msg) -> None:
         self._counts["queries"] += 1

@@ -22,6 +22,7 @@ USAGE_COLUMNS = (
 )
 _UINT32_LIMIT = 1 << 32
 _UINT16_LIMIT = 1 << 16
+_INT64_LIMIT = 1 << 63
 
 
 def fits_columns(event: UsageEvent) -> bool:
@@ -29,7 +30,7 @@ def fits_columns(event: UsageEvent) -> bool:
     such an event would fail its whole batch on every redelivery."""
     counts = (event.prompt_tokens, event.cached_tokens, event.completion_tokens)
     return (all(0 <= n < _UINT32_LIMIT for n in counts)
-            and 0 <= event.status < _UINT16_LIMIT and event.started_at_ms >= 0)
+            and 0 <= event.status < _UINT16_LIMIT and 0 <= event.started_at_ms < _INT64_LIMIT)
 
 
 def chdb_path(cfg: ClickHouseConfig, var_dir: str) -> Path:

@@ -53,9 +53,12 @@ async def _ignore_nats_error(exc: Exception) -> None:
 async def _ask_service(cfg: Config, tenant_id: str | None) -> tuple[UsageTotal, ...]:
     timeout_s = cfg.nats.request_timeout_s
     try:
-        nc = await nats.connect(cfg.nats.url, name="switchyard-usage-cli",
-                                connect_timeout=timeout_s, allow_reconnect=False,
-                                max_reconnect_attempts=0, error_cb=_ignore_nats_error)
+        # nats-py retries the first connect forever unless attempts are capped
+        # (0 means unlimited there); wait_for bounds the whole attempt anyway.
+        nc = await asyncio.wait_for(nats.connect(
+            cfg.nats.url, name="switchyard-usage-cli", connect_timeout=timeout_s,
+            allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0,
+            error_cb=_ignore_nats_error), timeout=2 * timeout_s)
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
         reason = str(exc) or type(exc).__name__
         raise _ServiceAway(f"NATS at {cfg.nats.url} not reachable ({reason})") from None

@@ -26,6 +26,7 @@ log = logging.getLogger("switchyard.ingress")
 
 METRICS = web.AppKey("metrics", Metrics)
 REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def as_yard_error(exc: BaseException) -> YardError:
@@ -82,7 +83,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         status = 499
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
-        response = error_response(as_yard_error(exc), request.get(REQUEST_ID_HEADER))
+        response = error_response(as_yard_error(exc), request.get(REQUEST_ID))
         status = response.status
         return response
     finally:

@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.error_map import METRICS, REQUEST_ID_HEADER, sse_error_event
+from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, sse_error_event
 from router.gateway import Gateway, RequestContext, new_request_id
 from router.upstream import CLIENT_CLOSED, DONE, UpstreamCall
 from scheduler.errors import YardError
@@ -27,7 +27,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, route: str) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
-    request_id = request[REQUEST_ID_HEADER] = new_request_id()
+    request_id = request[REQUEST_ID] = new_request_id()
     body = await request.read()
     ctx = await gateway.admit(request_id, route, body, request.headers.get("Authorization"))
     call = gateway.call(ctx)

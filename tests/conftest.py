@@ -14,15 +14,17 @@ import pytest_asyncio
 import uvloop
 
 from deploy.procs import start_nats, start_redis
+from tests.harness import Switchyard, start_switchyard, make_config
 
 # Longest the event loop may go without turning; ample for a loaded 2-core
 # machine, far below what a blocking call (ray.get, time.sleep, sync I/O) costs.
 MAX_LOOP_STALL_S = 0.5
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Tests run on uvloop, like the services."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")
@@ -102,23 +104,55 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[None]:
             watch.arm(False)
 
 
+def _ours(task: asyncio.Task[object]) -> bool:
+    """Tasks started by project or test code. Library tasks (a server's
+    keep-alive connections, a NATS client's inbox) live as long as their
+    owner, which the session-end check covers."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    if code is None:
+        return False
+    return code.co_filename.startswith(str(PROJECT_DIR)) and "site-packages" not in code.co_filename
+
+
+async def _pending_tasks(before: set[asyncio.Task[object]], only_ours: bool,
+                         grace_s: float) -> set[asyncio.Task[object]]:
+    deadline = time.monotonic() + grace_s
+    while True:
+        pending = {t for t in asyncio.all_tasks() - before
+                   if not t.done() and t is not asyncio.current_task()
+                   and (_ours(t) or not only_ours)}
+        if not pending or time.monotonic() > deadline:
+            return pending
+        await asyncio.sleep(0.02)
+
+
+@pytest_asyncio.fixture(scope="session", autouse=True)
+async def no_tasks_at_session_end() -> AsyncIterator[None]:
+    """Torn down last: every session service must have stopped its tasks."""
+    yield
+    left = await _pending_tasks(set(), only_ours=False, grace_s=5.0)
+    assert not left, f"tasks still running at session end: {left}"
+
+
 @pytest_asyncio.fixture(autouse=True)
 async def loop_guard(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """Fails a test that blocks the loop, or that leaves tasks running."""
+    """Fails a test that blocks the loop, or that leaves its tasks running."""
     before = set(asyncio.all_tasks())
     watch = _LoopWatch()
     watch.start()
     request.node.stash[_WATCH] = watch
     yield
     await watch.stop()
-    deadline = time.monotonic() + 2.0
-    while True:
-        leaked = {t for t in asyncio.all_tasks() - before if not t.done()}
-        leaked.discard(asyncio.current_task())
-        if not leaked or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    assert not leaked, f"test leaked tasks: {sorted(t.get_name() for t in leaked)}"
+    leaked = await _pending_tasks(before, only_ours=True, grace_s=2.0)
+    assert not leaked, f"test leaked tasks: {leaked}"
     if "allow_loop_stall" not in request.keywords:
         assert watch.worst_stall_s < MAX_LOOP_STALL_S, (
             f"event loop blocked for {watch.worst_stall_s:.3f} s")
+
+@pytest_asyncio.fixture(scope="session")
+async def switchyard(session_dir: Path, nats_url: str, redis_url: str,
+                     ray_cluster: None) -> AsyncIterator[Switchyard]:
+    """The whole stack in this process (Ray actors in their own)."""
+    yard = await start_switchyard(make_config(session_dir, nats_url, redis_url))
+    yield yard
+    await yard.aclose()

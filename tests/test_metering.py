@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 import pytest_asyncio
@@ -117,7 +118,8 @@ async def metering_cfg(nats_url: str, tmp_path: Path) -> AsyncIterator[Config]:
     stream = f"USAGE_TEST_{uuid.uuid4().hex[:8]}"
     yield Config(var_dir=str(tmp_path),
                  nats=NatsConfig(url=nats_url, usage_stream=stream),
-                 metering=MeteringConfig(fetch_wait_s=0.2, clickhouse=ch_config(tmp_path)))
+                 metering=MeteringConfig(batch_max=100, fetch_wait_s=0.2,
+                                          clickhouse=ch_config(tmp_path)))
     nc = await nats.connect(nats_url)
     try:
         await nc.jetstream().delete_stream(stream)
@@ -143,13 +145,17 @@ async def query_totals(nc: nats.NATS, tenant_id: str | None) -> tuple[UsageTotal
 async def publish_events(nc: nats.NATS, events: list[UsageEvent]) -> list[bool]:
     """Publishes with Nats-Msg-Id = request id; returns each ack's duplicate flag."""
     js = nc.jetstream()
-    acks = [await js.publish(usage_subject(e.tenant_id), encode(e),
-                             headers={"Nats-Msg-Id": e.request_id}) for e in events]
+    acks = []
+    # Many in flight, so the consumer meets bursts bigger than one fetch.
+    for start in range(0, len(events), 100):
+        acks += await asyncio.gather(*(
+            js.publish(usage_subject(e.tenant_id), encode(e), headers={"Nats-Msg-Id": e.request_id})
+            for e in events[start:start + 100]))
     return [ack.duplicate for ack in acks]
 
 
 async def test_service_end_to_end(metering_cfg: Config) -> None:
-    events = [event(i, "acme") for i in range(200)] + [event(i, "beta") for i in range(50)]
+    events = [event(i, "acme") for i in range(1500)] + [event(i, "beta") for i in range(500)]
     want = (expected_total("acme", events), expected_total("beta", events))
     service = MeteringService(metering_cfg)
     await service.start()
@@ -204,6 +210,65 @@ async def test_service_retries_failed_insert(metering_cfg: Config,
     finally:
         await nc.close()
         await service.aclose()
+
+
+async def test_service_closes_promptly_after_bursts(metering_cfg: Config) -> None:
+    """A fetch that times out while its batch still streams in leaves messages
+    that nats-py never marks done; draining them would take its 30 s timeout."""
+    cfg = msgspec.structs.replace(metering_cfg, metering=msgspec.structs.replace(
+        metering_cfg.metering, batch_max=1000, fetch_wait_s=0.005))
+    events = [event(i) for i in range(1000)]
+    service = MeteringService(cfg)
+    await service.start()
+    nc = await nats.connect(cfg.nats.url)
+    try:
+        await publish_events(nc, events)
+
+        async def stored() -> bool:
+            return service.stats()["inserted_rows"] == len(events)
+
+        await eventually(stored, "the burst to be stored")
+    finally:
+        await nc.close()
+        # Not wait_for: nats-py's drain swallows the cancellation wait_for sends.
+        started_s = time.monotonic()
+        await service.aclose()
+        assert time.monotonic() - started_s < 5.0
+
+
+async def test_service_restart_consumes_backlog(metering_cfg: Config) -> None:
+    """Events published while the service is down are stored after a restart,
+    which also meets the existing stream and durable consumer with new settings."""
+    first, backlog = [event(i) for i in range(10)], [event(i) for i in range(10, 25)]
+    nc = await nats.connect(metering_cfg.nats.url)
+    try:
+        service = MeteringService(metering_cfg)
+        await service.start()
+        try:
+            await publish_events(nc, first)
+
+            async def first_stored() -> bool:
+                return await query_totals(nc, None) == (expected_total("acme", first),)
+
+            await eventually(first_stored, "the first events to be stored")
+        finally:
+            await service.aclose()
+        await publish_events(nc, backlog)
+        changed = msgspec.structs.replace(
+            metering_cfg,
+            nats=msgspec.structs.replace(metering_cfg.nats, duplicate_window_s=60.0),
+            metering=msgspec.structs.replace(metering_cfg.metering, ack_wait_s=10.0))
+        service = MeteringService(changed)
+        await service.start()
+        try:
+            async def all_stored() -> bool:
+                return await query_totals(nc, None) == (expected_total("acme", first + backlog),)
+
+            await eventually(all_stored, "the backlog to be stored after the restart")
+        finally:
+            await service.aclose()
+    finally:
+        await nc.close()
 
 
 async def test_usage_cli_service_then_store(metering_cfg: Config) -> None:

@@ -123,9 +123,11 @@ class Generation:
             self.finish_reason = "stop"
         return SimToken(index, new_id, text, self.finish_reason)
 
-    def abort(self) -> None:
-        if not self.done:
+    def abort(self) -> str:
+        """Ends the generation if it is still running; returns how it finished."""
+        if self.finish_reason is None:
             self.finish_reason = "abort"
+        return self.finish_reason
 
 
 class SimEngine:

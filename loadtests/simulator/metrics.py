@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -38,6 +37,25 @@ REQUEST_LATENCY_BUCKETS_S = (
 )
 FINISH_REASONS = ("stop", "length", "abort", "error")
 ENGINE_INDEX = "0"
+_LABEL_NAMES = ["model_name", "engine"]
+_GAUGES = (
+    ("vllm:num_requests_running", "Number of requests in model execution batches."),
+    ("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+    ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+)
+_COUNTERS = (
+    ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+    ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+    ("vllm:prompt_tokens", "Number of prefill tokens processed."),
+    ("vllm:generation_tokens", "Number of generation tokens processed."),
+    ("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+)
+_HISTOGRAMS = (
+    ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
+    ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),
+    ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
+    ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
+)
 
 
 class Histogram:
@@ -164,34 +182,3 @@ class ReplicaCollector(Collector):
     def _with_value(self, family: GaugeMetricFamily | CounterMetricFamily, value: float) -> Metric:
         family.add_metric(self._labels, value)
         return family
-
-
-_LABEL_NAMES = ["model_name", "engine"]
-_GAUGES = (
-    ("vllm:num_requests_running", "Number of requests in model execution batches."),
-    ("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
-    ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
-)
-_COUNTERS = (
-    ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
-    ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
-    ("vllm:prompt_tokens", "Number of prefill tokens processed."),
-    ("vllm:generation_tokens", "Number of generation tokens processed."),
-    ("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
-)
-_HISTOGRAMS = (
-    ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
-    ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),
-    ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
-    ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
-)
-
-
-def build_registry(collector: ReplicaCollector) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return registry
-
-
-def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)

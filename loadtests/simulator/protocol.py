@@ -160,6 +160,8 @@ def _prompt_ids(prompt: str | list[str | int]) -> list[int]:
 def _finish(
     request: _GenerationFields, prompt_ids: list[int], requested_max: int | None
 ) -> ParsedRequest:
+    if not prompt_ids:
+        raise SimApiError("The decoder prompt cannot be empty", param="prompt")
     limits = _limits(request, len(prompt_ids), requested_max)
     if request.n != 1:
         raise SimApiError("The simulator supports only n=1", param="n")

@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
+from prometheus_client import CollectorRegistry
+
 from loadtests.simulator.engine import Generation, SamplingLimits, SimEngine, SimToken
 from loadtests.simulator.ledger import RequestLedger, RequestRecord
 from loadtests.simulator.metrics import (
@@ -20,7 +22,6 @@ from loadtests.simulator.metrics import (
     EngineGauges,
     ReplicaCollector,
     ReplicaStats,
-    build_registry,
 )
 from scheduler.config import SimulatorConfig
 
@@ -43,6 +44,7 @@ class Run:
         self.record = record
         self.arrived_at_s = arrived_at_s
         self.last_token_at_s: float | None = None
+        self.closed = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,8 +59,8 @@ class Run:
         return self.generation.completion_tokens
 
     @property
-    def done(self) -> bool:
-        return self.generation.done
+    def finish_reason(self) -> str | None:
+        return self.generation.finish_reason
 
     async def next_token(self) -> SimToken | None:
         """Waits until the next token is due and returns it; None once finished."""
@@ -88,14 +90,10 @@ class SimReplica:
         self.engine = SimEngine(cfg)
         self.ledger = RequestLedger()
         self.stats = ReplicaStats()
-        self.registry = build_registry(
-            ReplicaCollector(
-                cfg.model,
-                self.stats,
-                self.gauges,
-                CacheInfo(cfg.block_size_tokens, cfg.cache_blocks),
-            )
-        )
+        # A registry per replica: several replicas share one process.
+        self.registry = CollectorRegistry(auto_describe=False)
+        cache_info = CacheInfo(cfg.block_size_tokens, cfg.cache_blocks)
+        self.registry.register(ReplicaCollector(cfg.model, self.stats, self.gauges, cache_info))
         self.num_waiting = 0
         self._running: set[Run] = set()
         self._slots = asyncio.Semaphore(max_running_requests)
@@ -130,25 +128,24 @@ class SimReplica:
             started_at_s=self._wall_clock(),
         )
         self.ledger.add(record)
-        await self._admission(record)
+        await self._admission(record, arrived_at_s)
+        generation = self.engine.admit(prompt_ids, limits, loop.time())
+        run = Run(self, generation, record, arrived_at_s)
+        self._on_admitted(run, loop.time())
         try:
-            generation = self.engine.admit(prompt_ids, limits, loop.time())
-            run = Run(self, generation, record, arrived_at_s)
-            self._on_admitted(run, loop.time())
-            try:
-                yield run
-            finally:
-                # Cancelled, failed writing, or left early: all abort in vLLM.
-                generation.abort()
-                self._on_finished(run, loop.time())
+            yield run
         finally:
-            self._slots.release()
+            # Cancelled, failed writing, or left early: all are aborts in vLLM.
+            self._close(run, loop.time())
 
-    async def _admission(self, record: RequestRecord) -> None:
+    async def _admission(self, record: RequestRecord, arrived_at_s: float) -> None:
         self.num_waiting += 1
         try:
             await self._slots.acquire()
         except BaseException:
+            # Given up while still waiting: an abort that never ran.
+            self.stats.finished_requests["abort"] += 1
+            self.stats.e2e_s.observe(asyncio.get_running_loop().time() - arrived_at_s)
             self._end_record(record, "abort")
             raise
         finally:
@@ -171,11 +168,19 @@ class SimReplica:
         run.last_token_at_s = now_s
         self.stats.generation_tokens += 1
         run.record.completion_tokens = run.completion_tokens
+        if token.finish_reason is not None:
+            # Finished in the engine before the last chunks go out, as in vLLM.
+            self._close(run, now_s)
 
-    def _on_finished(self, run: Run, now_s: float) -> None:
+    def _close(self, run: Run, now_s: float) -> None:
+        """Ends a run once: frees its slot and KV blocks, counts it, closes its record."""
+        if run.closed:
+            return
+        run.closed = True
+        reason = run.generation.abort()
         self._running.discard(run)
+        self._slots.release()
         self.engine.release(run.generation)
-        reason = run.generation.finish_reason or "abort"
         self.stats.finished_requests[reason] += 1
         self.stats.e2e_s.observe(now_s - run.arrived_at_s)
         self._end_record(run.record, reason)

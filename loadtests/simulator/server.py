@@ -9,10 +9,9 @@ from collections.abc import Callable
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loadtests.simulator.engine import MAX_MODEL_LEN_TOKENS
-from loadtests.simulator.metrics import render
 from loadtests.simulator.protocol import (
     ParsedRequest,
     SimApiError,
@@ -86,10 +85,10 @@ async def _generate(
         pieces: list[str] = []
         while (token := await run.next_token()) is not None:
             pieces.append(token.text)
-        text = "".join(pieces)
         usage = usage_body(run.prompt_tokens, run.completion_tokens, run.cached_tokens)
-        finish_reason = run.generation.finish_reason or "abort"
-        response = _json(shape.full_response(ctx, text, finish_reason, usage))
+        # The loop ends only once the run has finished.
+        finish_reason = run.finish_reason or "abort"
+        response = _json(shape.full_response(ctx, "".join(pieces), finish_reason, usage))
         response.headers.update(headers)
         return response
 
@@ -172,7 +171,7 @@ async def _load(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = render(request.app[REPLICA_KEY].registry)
+    body = generate_latest(request.app[REPLICA_KEY].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -1,0 +1,104 @@
+"""An in-process switchyard for integration tests: the real nats-server and
+redis-server (session fixtures), real Ray actors for the scheduler and the
+metering (chDB), simulated replicas and the ingress app on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from deploy.procs import LOOPBACK, free_port
+from loadtests.simulator.fleet import SimFleet, start_fleet
+from loadtests.simulator.replica import SimReplica
+from router.app import create_app
+from scheduler.config import (
+    AuthConfig,
+    ClickHouseConfig,
+    Config,
+    IngressConfig,
+    MeteringConfig,
+    NatsConfig,
+    RedisConfig,
+    SimulatorConfig,
+    dump_config,
+)
+from scheduler.wire import ReplicaInfo
+
+MODEL = "switchyard-tiny"
+
+
+def make_config(session_dir: Path, nats_url: str, redis_url: str) -> Config:
+    return Config(
+        var_dir=str(session_dir),
+        ingress=IngressConfig(port=free_port()),
+        nats=NatsConfig(url=nats_url),
+        redis=RedisConfig(url=redis_url),
+        auth=AuthConfig(key_secret="test-secret-" + "0" * 32),
+        metering=MeteringConfig(fetch_wait_s=0.1, clickhouse=ClickHouseConfig(
+            path=str(session_dir / "chdb"))),
+        simulator=SimulatorConfig(replicas=2, model=MODEL, decode_ms_per_token=2.0,
+                                  prefill_tokens_per_s=1e6),
+    )
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Polls `check` until it holds; fails the test with a clear message if not."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Switchyard:
+    cfg: Config
+    fleet: SimFleet
+    api_key: str
+    tenant_id: str
+    actors: list[Any]
+    runner: web.AppRunner
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.cfg.ingress.port}/v1"
+
+    def replica_of(self, replica_id: str) -> SimReplica:
+        return self.fleet.replicas[int(replica_id.removeprefix("sim-"))]
+
+    async def aclose(self) -> None:
+        await self.runner.cleanup()
+        for actor in self.actors:
+            await asyncio.wait_for(actor.stop.remote(), timeout=10)
+        await self.fleet.aclose()
+
+
+async def start_switchyard(cfg: Config) -> Switchyard:
+    from actors.ray_shells import MeteringActor, SchedulerActor
+
+    fleet = await start_fleet(cfg.simulator, ports=[0] * cfg.simulator.replicas)
+    redis = connect_redis(cfg.redis)
+    try:
+        registry = ReplicaRegistry(redis)
+        for i, url in enumerate(fleet.urls):
+            await registry.put_replica(ReplicaInfo(id=f"sim-{i}", url=url, models=(MODEL,)))
+        tenants = TenantStore(redis, cfg.auth.key_secret.encode())
+        tenant_id = await tenants.ensure_tenant("tests")
+        key = await tenants.create_key(tenant_id)
+    finally:
+        await redis.aclose()
+    config_json = dump_config(cfg)
+    actors = [MeteringActor.remote(config_json), SchedulerActor.remote(config_json)]
+    await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 120) for a in actors))
+    runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
+    return Switchyard(cfg, fleet, key.plaintext, tenant_id, actors, runner)
+
