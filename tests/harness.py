@@ -73,6 +73,16 @@ class Switchyard:
     def replica_of(self, replica_id: str) -> SimReplica:
         return self.fleet.replicas[int(replica_id.removeprefix("sim-"))]
 
+    async def new_tenant(self, name: str) -> tuple[str, str]:
+        """A fresh tenant with one key: (tenant id, plaintext key)."""
+        redis = connect_redis(self.cfg.redis)
+        try:
+            tenants = TenantStore(redis, self.cfg.auth.key_secret.encode())
+            tenant_id = await tenants.ensure_tenant(name)
+            return tenant_id, (await tenants.create_key(tenant_id)).plaintext
+        finally:
+            await redis.aclose()
+
     async def aclose(self) -> None:
         await self.runner.cleanup()
         for actor in self.actors:

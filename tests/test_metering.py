@@ -18,7 +18,7 @@ import pytest_asyncio
 from analytics.metering import MeteringService
 from analytics.store import UsageStore, open_store
 from analytics.usage_cli import print_usage
-from deploy.procs import free_port
+from deploy.procs import free_port, start_nats
 from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig
 from scheduler.wire import (
     USAGE_QUERY_SUBJECT,
@@ -111,16 +111,25 @@ def test_migrations_idempotent(tmp_path: Path) -> None:
 # --- the service ----------------------------------------------------------------
 
 
+@pytest_asyncio.fixture(scope="module")
+async def private_nats_url(session_dir: Path) -> AsyncIterator[str]:
+    """A nats-server of this module's own: the session stack (the `switchyard`
+    fixture) already owns yard.usage.> and answers usage queries on the shared one."""
+    proc, url = await start_nats(session_dir / "metering-nats", session_dir / "logs" / "metering")
+    yield url
+    await proc.stop()
+
+
 @pytest_asyncio.fixture
-async def metering_cfg(nats_url: str, tmp_path: Path) -> AsyncIterator[Config]:
+async def metering_cfg(private_nats_url: str, tmp_path: Path) -> AsyncIterator[Config]:
     """A config with its own stream name; the stream is deleted afterwards so
     the next test can claim yard.usage.> again."""
     stream = f"USAGE_TEST_{uuid.uuid4().hex[:8]}"
     yield Config(var_dir=str(tmp_path),
-                 nats=NatsConfig(url=nats_url, usage_stream=stream),
+                 nats=NatsConfig(url=private_nats_url, usage_stream=stream),
                  metering=MeteringConfig(batch_max=100, fetch_wait_s=0.2,
                                           clickhouse=ch_config(tmp_path)))
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(private_nats_url)
     try:
         await nc.jetstream().delete_stream(stream)
     finally:
@@ -156,7 +165,9 @@ async def publish_events(nc: nats.NATS, events: list[UsageEvent]) -> list[bool]:
 
 async def test_service_end_to_end(metering_cfg: Config) -> None:
     events = [event(i, "acme") for i in range(1500)] + [event(i, "beta") for i in range(500)]
-    want = (expected_total("acme", events), expected_total("beta", events))
+    after_garbage = [event(i, "beta") for i in range(500, 510)]
+    everything = events + after_garbage
+    want = (expected_total("acme", everything), expected_total("beta", everything))
     service = MeteringService(metering_cfg)
     await service.start()
     nc = await nats.connect(metering_cfg.nats.url)
@@ -170,6 +181,7 @@ async def test_service_end_to_end(metering_cfg: Config) -> None:
         await js.publish(usage_subject("acme"), encode(
             UsageEvent(request_id="neg", tenant_id="acme", key_id="k", model="m",
                        prompt_tokens=-1)))
+        await publish_events(nc, after_garbage)
 
         async def counted() -> bool:
             return await query_totals(nc, None) == want and service.stats()["rejected"] == 3
@@ -177,7 +189,7 @@ async def test_service_end_to_end(metering_cfg: Config) -> None:
         await eventually(counted, "totals over NATS to match what was published")
         assert await query_totals(nc, "beta") == want[1:]
         stats = service.stats()
-        assert stats["inserted_rows"] == len(events)
+        assert stats["inserted_rows"] == len(everything)
         assert stats["insert_failures"] == 0
     finally:
         await nc.close()
