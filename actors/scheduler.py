@@ -14,6 +14,7 @@ from collections.abc import Callable
 import nats
 from nats.aio.msg import Msg
 
+from actors.bus import connect_bus
 from actors.control_store import ReplicaRegistry, connect_redis
 from scheduler.config import Config
 from scheduler.placement import PlacementTable
@@ -43,8 +44,7 @@ class SchedulerService:
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._nc = await nats.connect(self.cfg.nats.url, name="switchyard-scheduler",
-                                      max_reconnect_attempts=-1)
+        self._nc = await connect_bus(self.cfg.nats, "switchyard-scheduler")
         self._registry = ReplicaRegistry(connect_redis(self.cfg.redis))
         await self.reload_registry()
         nc = self._nc

@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from actors.bus import connect_bus
 from analytics.store import UsageStore, fits_columns, open_store
 from scheduler.config import Config
 from scheduler.wire import (
@@ -84,8 +85,7 @@ class MeteringService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metering-store")
         try:
             self._store = await self._in_store_thread(self._open_store)
-            self._nc = await nats.connect(self.cfg.nats.url, name="switchyard-metering",
-                                          max_reconnect_attempts=-1)
+            self._nc = await connect_bus(self.cfg.nats, "switchyard-metering")
             js = self._nc.jetstream(timeout=self.cfg.nats.request_timeout_s)
             await self._ensure_stream(js)
             self._sub = await self._subscribe(js)

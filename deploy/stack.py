@@ -42,11 +42,8 @@ def resolve_paths(cfg: Config) -> Config:
     var = Path(cfg.var_dir).resolve()
     var.mkdir(parents=True, exist_ok=True)
     secret = cfg.auth.key_secret or _stored_secret(var / "key_secret")
-    ch = cfg.metering.clickhouse
-    ch = msgspec.structs.replace(ch, path=str((Path.cwd() / ch.path).resolve()))
     return msgspec.structs.replace(
-        cfg, var_dir=str(var), auth=msgspec.structs.replace(cfg.auth, key_secret=secret),
-        metering=msgspec.structs.replace(cfg.metering, clickhouse=ch))
+        cfg, var_dir=str(var), auth=msgspec.structs.replace(cfg.auth, key_secret=secret))
 
 
 def _stored_secret(path: Path) -> str:

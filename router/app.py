@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import nats
 from aiohttp import web
 
+from actors.bus import connect_bus
 from actors.control_store import TenantStore, connect_redis
 from router.auth import Authenticator
 from router.error_map import METRICS, error_middleware
@@ -40,8 +41,7 @@ def create_app(cfg: Config) -> web.Application:
 def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def services(app: web.Application) -> AsyncIterator[None]:
         metrics = app[METRICS]
-        nc = await nats.connect(cfg.nats.url, name="switchyard-ingress",
-                                max_reconnect_attempts=-1, connect_timeout=cfg.nats.request_timeout_s)
+        nc = await connect_bus(cfg.nats, "switchyard-ingress")
         redis = connect_redis(cfg.redis)
         replicas = ReplicaClient(cfg.ingress.upstream_connect_timeout_s,
                                  cfg.ingress.upstream_total_timeout_s)

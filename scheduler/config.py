@@ -69,7 +69,8 @@ class SchedulerConfig(_Section):
 class ClickHouseConfig(_Section):
     # "chdb": embedded engine at `path` (one process owns it); "http": a server at `url`.
     interface: str = "chdb"
-    path: str = "var/chdb"
+    # Relative paths are under var_dir.
+    path: str = "chdb"
     url: str = ""
     database: str = "switchyard"
 

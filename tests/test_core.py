@@ -1,0 +1,247 @@
+"""Unit tests of the pure parts: config, placement, wire messages, API keys,
+request validation. Table-driven, with an injected clock and rng."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+
+from scheduler import apikeys
+from scheduler.config import Config, config_from_json, decode_config, dump_config
+from scheduler.errors import AuthenticationFailed, ConfigError, InvalidRequest
+from scheduler.placement import PlacementTable
+from scheduler.wire import (
+    ApiChunk,
+    ApiEnd,
+    ApiError,
+    ApiResponse,
+    ModelCard,
+    ModelsReply,
+    PlaceDone,
+    PlaceRejected,
+    PlaceRequest,
+    Placement,
+    ReplicaInfo,
+    UsageEvent,
+    UsageQuery,
+    UsageReply,
+    UsageTotal,
+    api_reply_decoder,
+    encode,
+    place_reply_decoder,
+    place_subject,
+    replica_decoder,
+    sched_decoder,
+    usage_decoder,
+    usage_query_decoder,
+    usage_reply_decoder,
+)
+from router.requests import parse_request
+
+# --- config -------------------------------------------------------------------
+
+
+def test_defaults_run_the_local_stack_on_loopback() -> None:
+    cfg = decode_config({}, {})
+    assert cfg.ingress.host == "127.0.0.1" and cfg.ingress.port == 8080
+    assert "127.0.0.1" in cfg.nats.url and "127.0.0.1" in cfg.redis.url
+
+
+@pytest.mark.parametrize(("raw", "names"), [
+    ({"ingress": {"prot": 1}}, "prot"),
+    ({"nope": {}}, "nope"),
+    ({"metering": {"clickhouse": {"paht": "x"}}}, "paht"),
+])
+def test_unknown_keys_are_errors_naming_the_key(raw: dict, names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        decode_config(raw, {})
+
+
+def test_wrong_types_are_errors_with_the_path() -> None:
+    with pytest.raises(ConfigError, match=r"\$\.ingress\.port"):
+        decode_config({"ingress": {"port": "eighty"}}, {})
+
+
+def test_environment_overrides_only_addresses_and_secrets() -> None:
+    env = {"SWITCHYARD_NATS_URL": "nats://127.0.0.1:1", "SWITCHYARD_KEY_SECRET": "s",
+           "SWITCHYARD_CLICKHOUSE_URL": "http://127.0.0.1:8123",
+           "SWITCHYARD_INGRESS_PORT": "9"}
+    cfg = decode_config({"nats": {"usage_stream": "X"}}, env)
+    assert cfg.nats.url == "nats://127.0.0.1:1" and cfg.nats.usage_stream == "X"
+    assert cfg.auth.key_secret == "s"
+    assert cfg.metering.clickhouse.url == "http://127.0.0.1:8123"
+    assert cfg.ingress.port == 8080
+
+
+def test_config_round_trips_for_child_processes() -> None:
+    cfg = decode_config({"replicas": [{"url": "http://127.0.0.1:1"}]}, {})
+    assert config_from_json(dump_config(cfg)) == cfg
+    assert isinstance(cfg, Config)
+
+
+# --- placement ------------------------------------------------------------------
+
+def _table(*replicas: tuple[str, tuple[str, ...]], ttl_s: float = 60.0) -> PlacementTable:
+    table = PlacementTable(random.Random(7), ttl_s)
+    table.set_replicas([ReplicaInfo(id=i, url=f"http://127.0.0.1:{n}", models=m)
+                        for n, (i, m) in enumerate(replicas, start=9000)])
+    return table
+
+
+def _req(request_id: str, model: str = "m") -> PlaceRequest:
+    return PlaceRequest(request_id=request_id, tenant_id="t", model=model)
+
+
+def test_fewest_in_flight_counted_at_decision_time() -> None:
+    table = _table(("a", ("m",)), ("b", ("m",)), ("c", ("m",)))
+    picks = [table.place(_req(f"r{i}"), now_s=0.0).replica_id for i in range(9)]
+    assert sorted(picks.count(r) for r in "abc") == [3, 3, 3]
+
+
+def test_done_releases_and_ties_break_randomly() -> None:
+    table = _table(("a", ("m",)), ("b", ("m",)))
+    seen = set()
+    for i in range(40):
+        seen.add(table.place(_req(f"r{i}"), now_s=0.0).replica_id)
+        table.done(f"r{i}")
+    assert seen == {"a", "b"}
+    assert table.in_flight_count() == 0
+
+
+def test_only_replicas_serving_the_model() -> None:
+    table = _table(("a", ("m",)), ("b", ("other",)))
+    assert {table.place(_req(f"r{i}"), 0.0).replica_id for i in range(5)} == {"a"}
+    rejected = table.place(_req("x", model="missing"), 0.0)
+    assert isinstance(rejected, PlaceRejected) and rejected.code == "model_not_found"
+
+
+def test_a_retried_request_keeps_its_placement() -> None:
+    table = _table(("a", ("m",)), ("b", ("m",)))
+    first = table.place(_req("same"), 0.0)
+    assert table.place(_req("same"), 1.0) == first
+    assert table.in_flight_count() == 1
+
+
+def test_lost_completion_notices_expire() -> None:
+    table = _table(("a", ("m",)), ttl_s=10.0)
+    table.place(_req("r1"), now_s=0.0)
+    table.place(_req("r2"), now_s=5.0)
+    assert table.expire(now_s=11.0) == 1
+    assert table.replicas["a"].in_flight == 1 and table.in_flight_count() == 1
+
+
+def test_registry_changes_keep_load_of_staying_replicas() -> None:
+    table = _table(("a", ("m",)), ("b", ("m",)))
+    placed = table.place(_req("r1"), 0.0)
+    table.set_replicas([table.replicas[placed.replica_id].info])
+    assert table.replicas[placed.replica_id].in_flight == 1
+    assert [c.id for c in table.models()] == ["m"]
+
+
+def test_placement_on_a_removed_replica_is_placed_again() -> None:
+    table = _table(("a", ("m",)), ("b", ("m",)))
+    first = table.place(_req("r1"), 0.0)
+    other = "b" if first.replica_id == "a" else "a"
+    table.set_replicas([table.replicas[other].info])
+    assert table.place(_req("r1"), 1.0).replica_id == other
+
+
+# --- wire messages ------------------------------------------------------------------
+
+WIRE_CASES = [
+    (PlaceRequest(request_id="r", tenant_id="t", model="m", prompt_tokens=3, max_tokens=4),
+     sched_decoder),
+    (PlaceDone(request_id="r", replica_id="a", model="m"), sched_decoder),
+    (Placement(request_id="r", replica_id="a", url="http://127.0.0.1:1"), place_reply_decoder),
+    (PlaceRejected(request_id="r", code="no_capacity", message="x", retry_after_s=1.5),
+     place_reply_decoder),
+    (UsageEvent(request_id="r", tenant_id="t", key_id="k", model="m", prompt_tokens=1,
+                cached_tokens=0, completion_tokens=2, ttft_ms=1.5, status=200), usage_decoder),
+    (UsageQuery(tenant_id=None), usage_query_decoder),
+    (UsageReply(totals=(UsageTotal(tenant_id="t", requests=1, prompt_tokens=2, cached_tokens=0,
+                                   completion_tokens=3),)), usage_reply_decoder),
+    (ApiEnd(), api_reply_decoder),
+    (ApiError(status=404, error={"message": "m", "type": "t", "param": None, "code": "c"}),
+     api_reply_decoder),
+    (ReplicaInfo(id="a", url="http://127.0.0.1:1", models=("m",)), replica_decoder),
+]
+
+
+@pytest.mark.parametrize(("message", "decoder"), WIRE_CASES,
+                         ids=[type(m).__name__ for m, _ in WIRE_CASES])
+def test_wire_messages_round_trip(message: object, decoder: msgspec.json.Decoder) -> None:
+    assert decoder.decode(encode(message)) == message
+
+
+def test_raw_chunks_are_embedded_verbatim() -> None:
+    chunk = b'{"id":"x","choices":[]}'
+    for kind in (ApiChunk, ApiResponse):
+        decoded = api_reply_decoder.decode(encode(kind(data=msgspec.Raw(chunk))))
+        assert isinstance(decoded, kind) and bytes(decoded.data) == chunk
+
+
+def test_models_reply_and_subject_escaping() -> None:
+    reply = ModelsReply(models=(ModelCard(id="org/llama-3.1", replicas=2),))
+    assert msgspec.json.decode(encode(reply), type=ModelsReply) == reply
+    assert place_subject("org/llama-3.1") == "yard.sched.place.org/llama-3%2E1"
+    assert place_subject("a b*>") == "yard.sched.place.a%20b%2A%3E"
+
+
+# --- API keys ---------------------------------------------------------------------------
+
+
+def test_keys_round_trip_and_store_only_a_digest() -> None:
+    issued = apikeys.issue(b"server-secret")
+    parsed = apikeys.parse(issued.plaintext)
+    assert parsed.key_id == issued.key_id
+    assert apikeys.matches(b"server-secret", parsed, issued.digest)
+    assert not apikeys.matches(b"other-secret", parsed, issued.digest)
+    assert parsed.secret not in issued.digest and issued.hint == issued.plaintext[-4:]
+    assert len(parsed.secret) * 5 >= 256  # base32: 5 bits a character
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda k: k[:-1] + ("a" if k[-1] != "a" else "b"),   # checksum
+    lambda k: k[:20] + ("a" if k[20] != "a" else "b") + k[21:],  # secret typo
+    lambda k: "sk-" + k[3:],
+    lambda k: k + "x",
+    lambda k: "",
+])
+def test_mistyped_keys_fail_the_checksum(mutate) -> None:  # noqa: ANN001
+    with pytest.raises(AuthenticationFailed):
+        apikeys.parse(mutate(apikeys.issue(b"s").plaintext))
+
+
+# --- request validation -------------------------------------------------------------------
+
+
+def test_stream_without_usage_asks_the_replica_for_it() -> None:
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"x":1}'
+    parsed = parse_request("chat", body)
+    assert parsed.stream and not parsed.include_usage
+    upstream = msgspec.json.decode(parsed.upstream_body)
+    assert upstream["stream_options"] == {"include_usage": True} and upstream["x"] == 1
+
+
+def test_pass_through_when_nothing_to_change() -> None:
+    body = b'{"model":"m","prompt":"hello world","max_tokens":3}'
+    parsed = parse_request("completions", body)
+    assert parsed.upstream_body is body and parsed.max_tokens == 3
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("chat", b'{"model":"m","messages":[]}', "messages"),
+    ("chat", b'{"model":"m","messages":[{"role":1}]}', "messages[0].role"),
+    ("chat", b'{"model":"m","messages":[{"role":"u"}],"max_tokens":-1}', "max_tokens"),
+    ("chat", b'{"model":"","messages":[{"role":"u"}]}', "model"),
+    ("chat", b'{"model":"m","messages":[{"role":"u"}],"stream_options":{}}', "stream_options"),
+    ("completions", b'{"model":"m","prompt":{"a":1}}', "prompt"),
+    ("completions", b"[]", None),
+    ("completions", b"\xff\xfe", None),
+])
+def test_bad_requests_are_400_with_the_param(route: str, body: bytes, param: str | None) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(route, body)
+    assert caught.value.status == 400 and caught.value.param == param

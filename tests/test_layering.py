@@ -1,0 +1,60 @@
+"""The house layering: scheduler/ is a pure core (standard library and
+msgspec only); nothing outside router/ imports router; each module imports
+on its own."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("scheduler", "router", "actors", "analytics", "deploy", "loadtests")
+IMPURE = ("asyncio", "aiohttp", "ray", "nats", "redis", "clickhouse_connect", "chdb", "uvloop",
+          "prometheus_client")
+MAX_MODULE_LINES = 450
+
+
+def _modules(package: str) -> list[str]:
+    return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
+                  for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py")
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("module", _modules("scheduler"))
+def test_scheduler_core_is_pure(module: str) -> None:
+    probe = (f"import sys, {module}; "
+             f"print(','.join(m for m in {IMPURE!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.strip()
+    assert out == "", f"{module} pulls in {out}"
+
+
+@pytest.mark.parametrize("package", [p for p in PACKAGES if p != "router"])
+def test_nothing_imports_router(package: str) -> None:
+    for path in (ROOT / package).rglob("*.py"):
+        assert not any(m == "router" or m.startswith("router.") for m in _imports(path)), path
+
+
+@pytest.mark.parametrize("module", [m for p in PACKAGES for m in _modules(p)
+                                    if not m.endswith("__main__")])
+def test_each_module_imports_on_its_own(module: str) -> None:
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_modules_stay_small(package: str) -> None:
+    for path in (ROOT / package).rglob("*.py"):
+        assert len(path.read_text().splitlines()) <= MAX_MODULE_LINES, path

@@ -1,0 +1,105 @@
+"""`switchyard up` as a user runs it: starts every part, serves a streamed
+request, and leaves no process behind after SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from deploy.procs import free_port
+from tests.harness import MODEL
+
+pytestmark = pytest.mark.integration
+
+UP_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (Ray's, the children's), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "switchyard.toml"
+    path.write_text(f"""
+[ingress]
+port = {free_port()}
+[nats]
+url = "nats://127.0.0.1:{free_port()}"
+[redis]
+url = "redis://127.0.0.1:{free_port()}/0"
+[simulator]
+base_port = {free_port()}
+replicas = 2
+decode_ms_per_token = 2.0
+""")
+    return path
+
+
+async def _read_until_up(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    seen = []
+    while True:
+        line = (await proc.stdout.readline()).decode()
+        if not line:
+            raise AssertionError("switchyard up exited before it was up:\n" + "".join(seen))
+        seen.append(line)
+        if line.startswith("switchyard is up"):
+            return line
+
+
+async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deploy.cli", "up", "--config", str(_config(tmp_path)),
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        line = await asyncio.wait_for(_read_until_up(proc), UP_TIMEOUT_S)
+        api = re.search(r"API (\S+)", line).group(1)
+        key = re.search(r"demo key (\S+)", line).group(1)
+        assert api.startswith("http://127.0.0.1:")
+        children = _descendants(proc.pid)
+        assert len(children) >= 4  # nats, redis, simulator, ingress, Ray's
+        body = {"model": MODEL, "stream": True, "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{api}/chat/completions", json=body,
+                                    headers={"Authorization": f"Bearer {key}"}) as resp:
+                assert resp.status == 200
+                text = (await resp.read()).decode()
+        assert text.rstrip().endswith("data: [DONE]") and text.count("data: ") >= 6
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S) == 0
+        left = {pid for pid in children if _alive(pid)}
+        assert not left, f"processes left behind: {left}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
