@@ -6,13 +6,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit integration bench deps clean
+.PHONY: run test lint unit integration bench deps clean
 
 run: deps
 	$(VENV)/bin/switchyard up
 
-test: deps
+test: deps lint
 	$(PY) -m pytest -q
+
+lint: deps
+	$(VENV)/bin/ruff check router actors scheduler analytics deploy loadtests tests
 
 unit: deps
 	$(PY) -m pytest -q -m "not integration"

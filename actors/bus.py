@@ -22,5 +22,5 @@ async def connect_bus(cfg: NatsConfig, name: str) -> NATS:
             nats.connect(cfg.url, name=name, max_reconnect_attempts=-1,
                          connect_timeout=cfg.request_timeout_s),
             timeout=FIRST_CONNECT_TIMEOUT_S)
-    except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
         raise ServiceUnavailable(f"NATS at {cfg.url} unreachable: {exc!r}") from None

@@ -78,7 +78,7 @@ class SchedulerService:
             await asyncio.sleep(self.cfg.scheduler.registry_refresh_s)
             try:
                 await self.reload_registry()
-            except Exception:  # noqa: BLE001 - keep serving with the last registry
+            except Exception:
                 log.warning("registry reload failed", exc_info=True)
 
     async def _on_place(self, msg: Msg) -> None:

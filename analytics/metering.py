@@ -180,9 +180,9 @@ class MeteringService:
         while True:
             try:
                 await self._consume_batch()
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue  # nothing arrived within fetch_wait_s
-            except Exception:  # noqa: BLE001 - the consumer must outlive any one failure
+            except Exception:
                 self._counts["consume_errors"] += 1
                 log.warning("usage consumer failed; retrying", exc_info=True)
                 await asyncio.sleep(CONSUME_RETRY_S)
@@ -208,7 +208,7 @@ class MeteringService:
         batch = tuple(events.values())
         try:
             await self._in_store_thread(insert_batch, store, batch)
-        except Exception:  # noqa: BLE001 - any store failure: redeliver later
+        except Exception:
             self._counts["insert_failures"] += 1
             log.warning("usage insert of %d events failed; will retry", len(batch), exc_info=True)
             for msg in kept:
@@ -240,7 +240,7 @@ class MeteringService:
         except msgspec.DecodeError as exc:
             self._counts["query_failures"] += 1
             reply = UsageReply(error=f"bad usage query: {exc}")
-        except Exception as exc:  # noqa: BLE001 - the asker gets the reason
+        except Exception as exc:
             self._counts["query_failures"] += 1
             log.warning("usage query failed", exc_info=True)
             reply = UsageReply(error=f"usage query failed: {exc}")

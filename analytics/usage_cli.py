@@ -59,7 +59,7 @@ async def _ask_service(cfg: Config, tenant_id: str | None) -> tuple[UsageTotal, 
             cfg.nats.url, name="switchyard-usage-cli", connect_timeout=timeout_s,
             allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0,
             error_cb=_ignore_nats_error), timeout=2 * timeout_s)
-    except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
         reason = str(exc) or type(exc).__name__
         raise _ServiceAway(f"NATS at {cfg.nats.url} not reachable ({reason})") from None
     try:
@@ -67,7 +67,7 @@ async def _ask_service(cfg: Config, tenant_id: str | None) -> tuple[UsageTotal, 
                                timeout=timeout_s)
     except nats.errors.NoRespondersError:
         raise _ServiceAway("no metering service is running") from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise _ServiceAway(f"the metering service did not answer in {timeout_s:g} s") from None
     finally:
         await nc.close()
@@ -95,6 +95,6 @@ def _table(totals: tuple[UsageTotal, ...]) -> str:
         (t.tenant_id, str(t.requests), str(t.prompt_tokens), str(t.cached_tokens),
          str(t.completion_tokens)) for t in totals]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    return "\n".join(
-        "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
-        for row in rows)
+    cells = [[row[0].ljust(widths[0])]
+             + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)] for row in rows]
+    return "\n".join("  ".join(line) for line in cells)

@@ -89,7 +89,8 @@ class ChildProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.exited():
-                raise self.failure(f"exited with status {self.proc.returncode if self.proc else '?'}")
+                status = self.proc.returncode if self.proc else "?"
+                raise self.failure(f"exited with status {status}")
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 if await asyncio.wait_for(probe(), timeout=1.0):
                     return
@@ -103,7 +104,7 @@ class ChildProcess:
             self.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.proc.wait(), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()

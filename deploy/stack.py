@@ -174,7 +174,7 @@ async def _describe(session: aiohttp.ClientSession, index: int, url: str) -> Rep
         async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
             resp.raise_for_status()
             body = await resp.json()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise StartFailed(f"replica {url} failed: GET /v1/models: {exc!r}") from None
     models = tuple(m["id"] for m in body.get("data", []))
     if not models:

@@ -69,7 +69,7 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     return services
 
 
-def _readiness(nc: nats.NATS, redis) -> Callable[[], Awaitable[list[str]]]:  # noqa: ANN001
+def _readiness(nc: nats.NATS, redis) -> Callable[[], Awaitable[list[str]]]:
     async def problems() -> list[str]:
         found = []
         if not nc.is_connected:

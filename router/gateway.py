@@ -4,7 +4,6 @@ the replica, and at the end hand usage and a completion notice to the outbox."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -131,7 +130,7 @@ class Gateway:
             self._metrics.nats_errors.inc()
             raise NoCapacity("No scheduler is serving placements right now.",
                              retry_after_s=1.0) from None
-        except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.Error) as exc:
             self._metrics.nats_errors.inc()
             raise NoCapacity(f"Placement failed: {type(exc).__name__}.",
                              retry_after_s=1.0) from None

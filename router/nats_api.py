@@ -48,7 +48,7 @@ class NatsApi:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _dispatcher(self, route: str):  # noqa: ANN202 - a nats-py callback
+    def _dispatcher(self, route: str):
         async def dispatch(msg: Msg) -> None:
             if not msg.reply:
                 return  # nowhere to answer

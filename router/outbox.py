@@ -72,7 +72,7 @@ class Outbox:
                                        timeout=self._timeout_s, headers=headers)
                 self._metrics.usage_published.inc()
                 return
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 # The same Nats-Msg-Id makes the retry safe if the first one landed.
                 self._metrics.nats_errors.inc()
                 log.warning("usage publish failed, retrying: %r", exc)

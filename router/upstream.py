@@ -3,7 +3,6 @@ event by event without buffering, usage picked out of the chunks in passing."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -102,7 +101,7 @@ class UpstreamCall:
     async def __aenter__(self) -> UpstreamCall:
         try:
             self._resp = await self._session.post(self._url, data=self._body, headers=self._headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(f"replica {self.replica_id} unreachable: {exc!r}",
                                  replica_id=self.replica_id) from None
         if self._resp.status >= 400:
@@ -125,7 +124,7 @@ class UpstreamCall:
         assert self._resp is not None
         try:
             return await self._resp.content.read(MAX_NONSTREAM_BODY_BYTES)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(f"replica {self.replica_id} failed mid-answer: {exc!r}",
                                  replica_id=self.replica_id) from None
 
@@ -155,7 +154,7 @@ class UpstreamCall:
                     return
                 if self._note_chunk(payload) or keep_usage_chunk:
                     yield payload
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise UpstreamFailed(f"replica {self.replica_id} failed mid-stream: {exc!r}",
                                  replica_id=self.replica_id) from None
         raise UpstreamFailed(f"replica {self.replica_id} ended the stream without [DONE]",

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from scheduler.wire import (
     ModelCard,
+    Placement,
     PlaceRejected,
     PlaceRequest,
-    Placement,
     ReplicaInfo,
 )
 

@@ -14,7 +14,7 @@ import pytest_asyncio
 import uvloop
 
 from deploy.procs import start_nats, start_redis
-from tests.harness import Switchyard, start_switchyard, make_config
+from tests.harness import Switchyard, make_config, start_switchyard
 
 # Longest the event loop may go without turning; ample for a loaded 2-core
 # machine, far below what a blocking call (ray.get, time.sleep, sync I/O) costs.

@@ -8,6 +8,7 @@ import random
 import msgspec
 import pytest
 
+from router.requests import parse_request
 from scheduler import apikeys
 from scheduler.config import Config, config_from_json, decode_config, dump_config
 from scheduler.errors import AuthenticationFailed, ConfigError, InvalidRequest
@@ -20,9 +21,9 @@ from scheduler.wire import (
     ModelCard,
     ModelsReply,
     PlaceDone,
+    Placement,
     PlaceRejected,
     PlaceRequest,
-    Placement,
     ReplicaInfo,
     UsageEvent,
     UsageQuery,
@@ -38,7 +39,6 @@ from scheduler.wire import (
     usage_query_decoder,
     usage_reply_decoder,
 )
-from router.requests import parse_request
 
 # --- config -------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ def test_keys_round_trip_and_store_only_a_digest() -> None:
     lambda k: k + "x",
     lambda k: "",
 ])
-def test_mistyped_keys_fail_the_checksum(mutate) -> None:  # noqa: ANN001
+def test_mistyped_keys_fail_the_checksum(mutate) -> None:
     with pytest.raises(AuthenticationFailed):
         apikeys.parse(mutate(apikeys.issue(b"s").plaintext))
 

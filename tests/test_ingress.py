@@ -79,7 +79,8 @@ async def test_models_lists_what_replicas_serve(client: openai.AsyncOpenAI) -> N
     (None, io.BytesIO(b"x" * (2 << 20)), 413, "request_too_large"),
 ])
 async def test_errors_in_openai_shape(switchyard: Switchyard, headers: dict[str, str] | None,
-                                      body: bytes | io.BytesIO, status: int, code: str | None) -> None:
+                                      body: bytes | io.BytesIO, status: int,
+                                      code: str | None) -> None:
     if headers is None:
         headers = {"Authorization": f"Bearer {switchyard.api_key}"}
     async with aiohttp.ClientSession() as session:

@@ -298,7 +298,8 @@ async def test_usage_cli_service_then_store(metering_cfg: Config) -> None:
         out = io.StringIO()
         assert await print_usage(metering_cfg, "acme", out) == 0
         assert "source: metering service" in out.getvalue()
-        assert "acme" in out.getvalue() and str(sum(e.prompt_tokens for e in events)) in out.getvalue()
+        printed = out.getvalue()
+        assert "acme" in printed and str(sum(e.prompt_tokens for e in events)) in printed
     finally:
         await nc.close()
         await service.aclose()
