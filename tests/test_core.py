@@ -4,13 +4,14 @@ request validation. Table-driven, with an injected clock and rng."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from router.requests import parse_request
 from scheduler import apikeys
-from scheduler.config import Config, config_from_json, decode_config, dump_config
+from scheduler.config import Config, config_from_json, decode_config, dump_config, load_config
 from scheduler.errors import AuthenticationFailed, ConfigError, InvalidRequest
 from scheduler.placement import PlacementTable
 from scheduler.wire import (
@@ -245,3 +246,8 @@ def test_bad_requests_are_400_with_the_param(route: str, body: bytes, param: str
     with pytest.raises(InvalidRequest) as caught:
         parse_request(route, body)
     assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_example_config_documents_the_defaults() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "switchyard.example.toml"
+    assert load_config(example, {}) == decode_config({}, {})

@@ -1,0 +1,95 @@
+"""What clients see when parts fail: a dead replica (502), no scheduler
+(503 + Retry-After); and the health, readiness and metrics endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import nats
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from actors.control_store import ReplicaRegistry, connect_redis
+from deploy.procs import LOOPBACK, free_port, start_nats
+from router.app import create_app
+from scheduler.config import IngressConfig, NatsConfig
+from scheduler.wire import REGISTRY_CHANGED_SUBJECT, RegistryChanged, ReplicaInfo, encode
+from tests.harness import Switchyard, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _chat(model: str) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+async def _post(url: str, key: str, body: dict[str, object]) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as session, session.post(
+            url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def test_a_dead_replica_is_a_502(switchyard: Switchyard) -> None:
+    redis = connect_redis(switchyard.cfg.redis)
+    nc = await nats.connect(switchyard.cfg.nats.url)
+    ghost = ReplicaInfo(id="ghost-0", url=f"http://{LOOPBACK}:{free_port()}", models=("ghost",))
+    try:
+        await ReplicaRegistry(redis).put_replica(ghost)
+        await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
+        url = switchyard.base_url + "/chat/completions"
+
+        async def registered() -> bool:
+            return (await _post(url, switchyard.api_key, _chat("ghost")))[0] != 404
+
+        await wait_until(registered, timeout_s=5)
+        status, _, body = await _post(url, switchyard.api_key, _chat("ghost"))
+        assert status == 502 and body["error"]["code"] == "upstream_failed"
+    finally:
+        await ReplicaRegistry(redis).remove_replica(ghost.id)
+        await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
+        await nc.drain()
+        await redis.aclose()
+
+
+@pytest_asyncio.fixture
+async def lonely_ingress(switchyard: Switchyard) -> AsyncIterator[str]:
+    """An ingress on its own nats-server, where no scheduler listens."""
+    nats_proc, nats_url = await start_nats(
+        Path(switchyard.cfg.var_dir) / "lonely-nats",
+        Path(switchyard.cfg.var_dir) / "logs")
+    cfg = msgspec.structs.replace(switchyard.cfg, nats=NatsConfig(url=nats_url),
+                                  ingress=IngressConfig(port=free_port()))
+    runner = web.AppRunner(create_app(cfg), handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
+    yield f"http://{LOOPBACK}:{cfg.ingress.port}"
+    await runner.cleanup()
+    await nats_proc.stop()
+
+
+async def test_no_scheduler_is_a_503_with_retry_after(switchyard: Switchyard,
+                                                      lonely_ingress: str) -> None:
+    status, headers, body = await _post(lonely_ingress + "/v1/chat/completions",
+                                        switchyard.api_key, _chat("switchyard-tiny"))
+    assert status == 503 and body["error"]["code"] == "no_capacity"
+    assert int(headers["Retry-After"]) >= 1
+
+
+async def test_health_readiness_and_metrics(switchyard: Switchyard) -> None:
+    root = switchyard.base_url.removesuffix("/v1")
+    await _post(switchyard.base_url + "/chat/completions", switchyard.api_key,
+                _chat("switchyard-tiny"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(root + "/healthz") as resp:
+            assert resp.status == 200
+        async with session.get(root + "/readyz") as resp:
+            assert resp.status == 200 and (await resp.json())["ready"] is True
+        async with session.get(root + "/metrics") as resp:
+            text = await resp.text()
+    assert 'switchyard_http_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert "switchyard_placement_duration_seconds_bucket" in text
+    assert "switchyard_ttft_seconds_count" in text
