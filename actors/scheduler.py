@@ -11,7 +11,8 @@ import random
 import time
 from collections.abc import Callable
 
-import nats
+import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.bus import connect_bus
@@ -39,7 +40,7 @@ class SchedulerService:
         self.cfg = cfg
         self.clock_s = clock_s
         self.table = PlacementTable(rng or random.Random(), cfg.scheduler.placement_ttl_s)
-        self._nc: nats.NATS | None = None
+        self._nc: NATS | None = None
         self._registry: ReplicaRegistry | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -82,11 +83,18 @@ class SchedulerService:
                 log.warning("registry reload failed", exc_info=True)
 
     async def _on_place(self, msg: Msg) -> None:
-        req = place_request_decoder.decode(msg.data)
+        try:
+            req = place_request_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("malformed placement request dropped")
+            return
         await msg.respond(encode(self.table.place(req, self.clock_s())))
 
     async def _on_done(self, msg: Msg) -> None:
-        self.table.done(done_decoder.decode(msg.data).request_id)
+        try:
+            self.table.done(done_decoder.decode(msg.data).request_id)
+        except msgspec.DecodeError:
+            log.warning("malformed completion notice dropped")
 
     async def _on_models(self, msg: Msg) -> None:
         await msg.respond(encode(ModelsReply(models=self.table.models())))

@@ -13,6 +13,7 @@ import contextlib
 import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -169,13 +170,20 @@ async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
 
 
 async def _describe(session: aiohttp.ClientSession, index: int, url: str) -> ReplicaInfo:
-    """Asks a replica which models it serves (OpenAI /v1/models)."""
-    try:
-        async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            resp.raise_for_status()
-            body = await resp.json()
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise StartFailed(f"replica {url} failed: GET /v1/models: {exc!r}") from None
+    """Asks a replica which models it serves (OpenAI /v1/models), waiting for
+    it to come up (a vLLM server takes a while to load)."""
+    deadline = time.monotonic() + REPLICA_READY_TIMEOUT_S
+    while True:
+        try:
+            async with session.get(url + "/v1/models",
+                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                resp.raise_for_status()
+                body = await resp.json()
+            break
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise StartFailed(f"replica {url} failed: GET /v1/models: {exc!r}") from None
+            await asyncio.sleep(0.5)
     models = tuple(m["id"] for m in body.get("data", []))
     if not models:
         raise StartFailed(f"replica {url} serves no model")

@@ -7,13 +7,14 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from deploy.procs import free_port
+from deploy.procs import LOOPBACK, free_port
 from tests.harness import MODEL
 
 pytestmark = pytest.mark.integration
@@ -38,6 +39,23 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _leftovers(up_pid: int, workdir: Path) -> list[str]:
+    """Live processes that belong to an `up` run, found by what their command
+    lines name: its working directory, or its Ray session (named after the
+    driver's pid). Orphans are found too, unlike by walking the tree."""
+    ray_session = re.compile(rf"session_[0-9_-]+_{up_pid}\b")
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if (str(workdir) in args or ray_session.search(args)) and _alive(
+                int(cmdline.parent.name)):
+            found.append(args[:120])
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -46,13 +64,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _config(tmp_path: Path) -> Path:
+def _config(tmp_path: Path, nats_port: int = 0) -> Path:
     path = tmp_path / "switchyard.toml"
     path.write_text(f"""
 [ingress]
 port = {free_port()}
 [nats]
-url = "nats://127.0.0.1:{free_port()}"
+url = "nats://127.0.0.1:{nats_port or free_port()}"
 [redis]
 url = "redis://127.0.0.1:{free_port()}/0"
 [simulator]
@@ -75,11 +93,26 @@ async def _read_until_up(proc: asyncio.subprocess.Process) -> str:
             return line
 
 
-async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy.cli", "up", "--config", str(_config(tmp_path)),
+async def _up(tmp_path: Path, config: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deploy.cli", "up", "--config", str(config),
         cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+
+
+async def test_up_names_the_part_that_failed(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        proc = await _up(tmp_path, _config(tmp_path, nats_port=taken.getsockname()[1]))
+        out, _ = await asyncio.wait_for(proc.communicate(), UP_TIMEOUT_S)
+    assert proc.returncode == 1
+    assert "nats-server failed to start" in out.decode()
+    assert not _leftovers(proc.pid, tmp_path)
+
+
+async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path) -> None:
+    proc = await _up(tmp_path, _config(tmp_path))
     try:
         line = await asyncio.wait_for(_read_until_up(proc), UP_TIMEOUT_S)
         api = re.search(r"API (\S+)", line).group(1)
@@ -87,6 +120,7 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path) -> None:
         assert api.startswith("http://127.0.0.1:")
         children = _descendants(proc.pid)
         assert len(children) >= 4  # nats, redis, simulator, ingress, Ray's
+        assert len(_leftovers(proc.pid, tmp_path)) >= 4  # the check can see them
         body = {"model": MODEL, "stream": True, "max_tokens": 5,
                 "messages": [{"role": "user", "content": "hi"}]}
         async with aiohttp.ClientSession() as session:
@@ -99,6 +133,7 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path) -> None:
         assert await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S) == 0
         left = {pid for pid in children if _alive(pid)}
         assert not left, f"processes left behind: {left}"
+        assert not _leftovers(proc.pid, tmp_path)
     finally:
         if proc.returncode is None:
             proc.kill()
