@@ -191,8 +191,11 @@ async def _describe(session: aiohttp.ClientSession, index: int, url: str) -> Rep
 
 
 def print_line(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    # stdout may be a pipe whose reader is gone (Ctrl-C also ends `| tee`);
+    # losing a status line must never stop the shutdown.
+    with contextlib.suppress(OSError):
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 async def run_stack(cfg: Config) -> int:
@@ -207,10 +210,10 @@ async def run_stack(cfg: Config) -> int:
     def on_signal(name: str) -> None:
         if stop.is_set():
             return  # already stopping: let the stop finish
-        print_line(f"switchyard: {name}, stopping")
         stop.set()
         if not stack.started:
             main.cancel()
+        print_line(f"switchyard: {name}, stopping")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)

@@ -81,40 +81,72 @@ decode_ms_per_token = 2.0
     return path
 
 
-async def _read_until_up(proc: asyncio.subprocess.Process) -> str:
-    assert proc.stdout is not None
-    seen = []
-    while True:
-        line = (await proc.stdout.readline()).decode()
-        if not line:
-            raise AssertionError("switchyard up exited before it was up:\n" + "".join(seen))
-        seen.append(line)
-        if line.startswith("switchyard is up"):
-            return line
+class UpRun:
+    """`switchyard up` in its own process group (as in a terminal), its
+    output on a pipe the test owns and can close, as a dying `tee` would."""
 
+    def __init__(self, proc: asyncio.subprocess.Process, output: asyncio.StreamReader,
+                 transport: asyncio.ReadTransport) -> None:
+        self.proc = proc
+        self.output = output
+        self._transport = transport
 
-async def _up(tmp_path: Path, config: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy.cli", "up", "--config", str(config),
-        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    @classmethod
+    async def start(cls, workdir: Path, config: Path) -> UpRun:
+        read_fd, write_fd = os.pipe()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "deploy.cli", "up", "--config", str(config), cwd=workdir,
+            stdout=write_fd, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        os.close(write_fd)
+        output = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(output), os.fdopen(read_fd, "rb", 0))
+        return cls(proc, output, transport)
+
+    async def until_up(self) -> str:
+        seen = []
+        while line := (await self.output.readline()).decode():
+            seen.append(line)
+            if line.startswith("switchyard is up"):
+                return line
+        raise AssertionError("switchyard up exited before it was up:\n" + "".join(seen))
+
+    def ctrl_c(self) -> None:
+        """What a terminal does: SIGINT to the whole group; the reader dies too."""
+        self.close_output()
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def close_output(self) -> None:
+        self._transport.close()
+
+    async def aclose(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.close_output()
 
 
 async def test_up_names_the_part_that_failed(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
         taken.listen()
-        proc = await _up(tmp_path, _config(tmp_path, nats_port=taken.getsockname()[1]))
-        out, _ = await asyncio.wait_for(proc.communicate(), UP_TIMEOUT_S)
-    assert proc.returncode == 1
+        run = await UpRun.start(tmp_path, _config(tmp_path, nats_port=taken.getsockname()[1]))
+        try:
+            out = await asyncio.wait_for(run.output.read(), UP_TIMEOUT_S)
+            assert await asyncio.wait_for(run.proc.wait(), STOP_TIMEOUT_S) == 1
+        finally:
+            await run.aclose()
     assert "nats-server failed to start" in out.decode()
-    assert not _leftovers(proc.pid, tmp_path)
+    assert not _leftovers(run.proc.pid, tmp_path)
 
 
-async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path) -> None:
-    proc = await _up(tmp_path, _config(tmp_path))
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -> None:
+    run = await UpRun.start(tmp_path, _config(tmp_path))
+    proc = run.proc
     try:
-        line = await asyncio.wait_for(_read_until_up(proc), UP_TIMEOUT_S)
+        line = await asyncio.wait_for(run.until_up(), UP_TIMEOUT_S)
         api = re.search(r"API (\S+)", line).group(1)
         key = re.search(r"demo key (\S+)", line).group(1)
         assert api.startswith("http://127.0.0.1:")
@@ -129,12 +161,13 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path) -> None:
                 assert resp.status == 200
                 text = (await resp.read()).decode()
         assert text.rstrip().endswith("data: [DONE]") and text.count("data: ") >= 6
-        proc.send_signal(signal.SIGTERM)
+        if stop == "ctrl-c":
+            run.ctrl_c()
+        else:
+            proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S) == 0
         left = {pid for pid in children if _alive(pid)}
         assert not left, f"processes left behind: {left}"
         assert not _leftovers(proc.pid, tmp_path)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await run.aclose()
