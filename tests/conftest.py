@@ -16,6 +16,8 @@ import uvloop
 from deploy.procs import start_nats, start_redis
 from tests.harness import Switchyard, make_config, start_switchyard
 
+pytest_plugins = ["tests.fixtures_vllm"]
+
 # Longest the event loop may go without turning; ample for a loaded 2-core
 # machine, far below what a blocking call (ray.get, time.sleep, sync I/O) costs.
 MAX_LOOP_STALL_S = 0.5

@@ -60,7 +60,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10
 @dataclass
 class Switchyard:
     cfg: Config
-    fleet: SimFleet
+    fleet: SimFleet | None  # None when routing to external replicas (real vLLM)
     api_key: str
     tenant_id: str
     actors: list[Any]
@@ -71,6 +71,7 @@ class Switchyard:
         return f"http://{LOOPBACK}:{self.cfg.ingress.port}/v1"
 
     def replica_of(self, replica_id: str) -> SimReplica:
+        assert self.fleet is not None
         return self.fleet.replicas[int(replica_id.removeprefix("sim-"))]
 
     async def new_tenant(self, name: str) -> tuple[str, str]:
@@ -87,18 +88,24 @@ class Switchyard:
         await self.runner.cleanup()
         for actor in self.actors:
             await asyncio.wait_for(actor.stop.remote(), timeout=10)
-        await self.fleet.aclose()
+        if self.fleet is not None:
+            await self.fleet.aclose()
 
 
-async def start_switchyard(cfg: Config) -> Switchyard:
+async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -> Switchyard:
+    """Simulated replicas (ids `sim-<i>`) unless `replica_urls` are given
+    (ids `ext-<i>`); each serves MODEL."""
     from actors.ray_shells import MeteringActor, SchedulerActor
 
-    fleet = await start_fleet(cfg.simulator, ports=[0] * cfg.simulator.replicas)
+    fleet = None
+    if replica_urls is None:
+        fleet = await start_fleet(cfg.simulator, ports=[0] * cfg.simulator.replicas)
+    prefix, urls = ("sim", fleet.urls) if fleet else ("ext", replica_urls or [])
     redis = connect_redis(cfg.redis)
     try:
         registry = ReplicaRegistry(redis)
-        for i, url in enumerate(fleet.urls):
-            await registry.put_replica(ReplicaInfo(id=f"sim-{i}", url=url, models=(MODEL,)))
+        for i, url in enumerate(urls):
+            await registry.put_replica(ReplicaInfo(id=f"{prefix}-{i}", url=url, models=(MODEL,)))
         tenants = TenantStore(redis, cfg.auth.key_secret.encode())
         tenant_id = await tenants.ensure_tenant("tests")
         key = await tenants.create_key(tenant_id)
