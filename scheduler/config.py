@@ -84,13 +84,43 @@ class MeteringConfig(_Section):
 
 
 class SimulatorConfig(_Section):
+    """Simulated vLLM replicas (loadtests/simulator); engine knobs carry vLLM's flag names."""
+
     replicas: int = 2
     base_port: int = 8100
     model: str = "switchyard-tiny"
-    prefill_tokens_per_s: float = 20_000.0
+    # Model directory with tokenizer.json and tokenizer_config.json; empty: deploy/tiny_model.
+    tokenizer_dir: str = ""
+    max_model_len: int = 1024
+    # One engine step takes decode_ms_per_token (a lone request's inter-token
+    # latency), plus batch_ms_per_seq per further decoding sequence, plus its
+    # prompt tokens at prefill_tokens_per_s.
     decode_ms_per_token: float = 10.0
+    batch_ms_per_seq: float = 0.1
+    prefill_tokens_per_s: float = 20_000.0
+    # Multiplies every simulated duration: below 1 runs faster than the model would.
+    time_scale: float = 1.0
     block_size_tokens: int = 16
+    # KV-cache size in blocks (vLLM's num_gpu_blocks; block 0 is its null block).
     cache_blocks: int = 4_096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2_048
+    enable_prefix_caching: bool = True
+    # "sha256" or "sha256_cbor", as --prefix-caching-hash-algo.
+    prefix_caching_hash_algo: str = "sha256"
+    # The PYTHONHASHSEED real vLLM would run with; empty: unset.
+    python_hash_seed: str = ""
+    # KV-cache events; empty: off. tcp://127.0.0.1:P: each replica's PUB socket
+    # connects there (the subscriber binds). With `*` as host, replica i binds
+    # 127.0.0.1 at P + i instead.
+    kv_events_endpoint: str = ""
+    # Topic of replica i; `{index}` is replaced by i.
+    kv_events_topic: str = "sim-{index}"
+    # tcp://host:port of the replay ROUTER sockets; empty: none. Replica i binds
+    # 127.0.0.1 at port + i (port 0: any free port, see GET /kv_event_sources).
+    kv_events_replay_endpoint: str = ""
+    # False sends full 32-byte digests (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0).
+    kv_events_int_hashes: bool = True
     seed: int = 0
 
 

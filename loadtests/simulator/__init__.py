@@ -1,5 +1,7 @@
-"""A vLLM-compatible replica simulator: OpenAI routes, /metrics, prefix caching,
-token timing, and per-request ground truth under /sim/.
+"""A vLLM-faithful replica simulator: vLLM 0.32's routes and shapes, the tiny
+model's tokenizer, an engine with a block-level KV cache (prefix caching,
+eviction, preemption, continuous batching), KV-cache events over ZMQ, and
+ground truth and fault injection under /sim/.
 
 See `python -m loadtests.simulator --help`.
 """

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 import msgspec
@@ -22,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = _simulator_config(args)
-        uvloop.run(_serve(cfg, args.host))
+        crashed = uvloop.run(_serve(cfg, args.host))
     except ConfigError as exc:
         print(exc.message, file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"cannot start the simulator: {exc}", file=sys.stderr)
+        return 1
+    if crashed:
+        print("every replica crashed (fault injected); exiting", file=sys.stderr)
         return 1
     return 0
 
@@ -63,7 +67,8 @@ def _simulator_config(args: argparse.Namespace) -> SimulatorConfig:
     return msgspec.structs.replace(cfg, **given)
 
 
-async def _serve(cfg: SimulatorConfig, host: str) -> None:
+async def _serve(cfg: SimulatorConfig, host: str) -> bool:
+    """Serves until a signal (False) or until every replica has crashed (True)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -74,12 +79,23 @@ async def _serve(cfg: SimulatorConfig, host: str) -> None:
         try:
             for index, url in enumerate(fleet.urls):
                 print(f"replica {index} listening on {url}", flush=True)
-            await stop.wait()
+            return await _first_of(stop.wait(), fleet.wait_all_crashed())
         finally:
             await fleet.aclose()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+
+
+async def _first_of(stopped: Awaitable[object], crashed: Awaitable[None]) -> bool:
+    """Waits for either; True when the crash came first."""
+    async with asyncio.TaskGroup() as group:
+        stop_task = group.create_task(stopped)
+        crash_task = group.create_task(crashed)
+        done, _ = await asyncio.wait((stop_task, crash_task), return_when=asyncio.FIRST_COMPLETED)
+        for task in (stop_task, crash_task):
+            task.cancel()
+    return crash_task in done and stop_task not in done
 
 
 if __name__ == "__main__":

@@ -1,179 +1,312 @@
-"""The simulated engine: admission against the prefix cache, when each output
-token is due, and what it says.
+"""The simulated engine core: vLLM v1's scheduler over a block pool, one step at a time.
 
-Pure: no asyncio and no clock of its own; callers pass times in (any
-monotonic seconds). Output is a function of the config seed and the prompt
-token ids only, so the same request gets the same answer on every replica.
+Each step schedules running requests first (one decode token each, or the
+next chunk of a prefill), preempting the newest running request when blocks
+run out (it is recomputed later), then admits waiting requests against the
+prefix cache while the token budget (max_num_batched_tokens) and
+max_num_seqs allow. Blocks become cache hits as soon as they are scheduled,
+as in vLLM. A step lasts a time computed from its prefill tokens and
+decoding sequences; its sampled tokens are due at the step's end.
+
+Pure: no asyncio and no clock; callers pass `now_s` (any monotonic seconds).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import random
-import struct
+import enum
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from loadtests.simulator.prefix_cache import PrefixCache, block_hashes, cacheable_prompt_blocks
-from loadtests.simulator.tokens import token_id
+from loadtests.simulator.kv_cache import Block, BlockPool
+from loadtests.simulator.sampling import SamplingLimits, TokenSampler, Vocabulary
+from scheduler.block_hash import DEFAULT_NONE_HASH_SEED, HASH_ALGOS, hash_block, low64
 from scheduler.config import SimulatorConfig
 from scheduler.errors import ConfigError
-
-# Context window reported by /v1/models and enforced on prompt + max_tokens.
-MAX_MODEL_LEN_TOKENS = 8_192
-# Chance that a token is EOS once min_tokens are out; mean natural length 50.
-EOS_PROBABILITY = 0.02
-EOS_TOKEN_ID = token_id("<|endoftext|>")
-
-_WORDS = (
-    "the", "a", "router", "replica", "cache", "prefix", "token", "block", "queue",
-    "request", "stream", "model", "latency", "batch", "decode", "prefill", "fleet",
-    "tenant", "quota", "signal", "of", "to", "and", "in", "is", "fast", "warm",
-    "cold", "local", "steady", "small", "large", ",", ".",
-)
+from scheduler.kv_events import KVCacheEvent
 
 
-@dataclass(frozen=True, kw_only=True)
-class SamplingLimits:
-    max_tokens: int
-    min_tokens: int = 0
-    ignore_eos: bool = False
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    prompt_ids: tuple[int, ...]
+    limits: SamplingLimits
+    sampler: TokenSampler
+    arrived_at_s: float
+    token_ids: list[int]
+    # Digests of the full blocks of token_ids, extended as tokens arrive.
+    digests: list[bytes] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    # Leading blocks already registered in the prefix cache.
+    num_cached_blocks: int = 0
+    # The prefix-cache hit at first scheduling (usage's cached_tokens); -1 before.
+    cached_tokens: int = -1
+    # Prompt tokens in blocks this request added to the prefix cache, as of its
+    # first token (usage's created_cache_tokens).
+    created_cache_tokens: int = 0
+    # Prompt tokens the engine ran, recomputation after preemption included.
+    computed_prompt_tokens: int = 0
+    num_preemptions: int = 0
+    first_scheduled_at_s: float | None = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
 
 
 @dataclass(frozen=True)
-class TokenSchedule:
-    """When output tokens are due: prefill of the uncached prompt, then a fixed decode step."""
-
-    admitted_at_s: float
-    prefill_s: float
-    decode_interval_s: float
-
-    def due_at_s(self, index: int) -> float:
-        return self.admitted_at_s + self.prefill_s + index * self.decode_interval_s
-
-
-@dataclass(frozen=True)
-class SimToken:
-    index: int
+class TokenOutput:
+    request: EngineRequest
     token_id: int
-    # Empty for EOS: the detokenizer skips special tokens, as vLLM's does.
-    text: str
     finish_reason: str | None
 
 
-def request_seed(seed: int, prompt_ids: Sequence[int]) -> int:
-    digest = hashlib.blake2b(
-        struct.pack(f"<q{len(prompt_ids)}I", seed, *prompt_ids), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "big")
+@dataclass(frozen=True)
+class StepResult:
+    duration_s: float
+    outputs: list[TokenOutput]
+    # KV events of the step, for one published batch.
+    events: list[KVCacheEvent]
 
 
-class Generation:
-    """One request's output stream after admission."""
-
-    def __init__(
-        self,
-        prompt_ids: Sequence[int],
-        cached_tokens: int,
-        limits: SamplingLimits,
-        schedule: TokenSchedule,
-        seed: int,
-    ) -> None:
-        self.prompt_ids = tuple(prompt_ids)
-        self.cached_tokens = cached_tokens
-        self.limits = limits
-        self.schedule = schedule
-        self.output_ids: list[int] = []
-        self.finish_reason: str | None = None
-        self._rng = random.Random(request_seed(seed, prompt_ids))
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.output_ids)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def next_due_at_s(self) -> float:
-        return self.schedule.due_at_s(len(self.output_ids))
-
-    def step(self) -> SimToken:
-        """Produces the next token; the caller waits until next_due_at_s() first."""
-        if self.done:
-            raise RuntimeError("generation already finished")
-        index = len(self.output_ids)
-        # Both draws happen every step so the text does not depend on ignore_eos.
-        eos_draw = self._rng.random()
-        word = _WORDS[self._rng.randrange(len(_WORDS))]
-        eos_allowed = not self.limits.ignore_eos and index >= self.limits.min_tokens
-        is_eos = eos_allowed and eos_draw < EOS_PROBABILITY
-        text = "" if is_eos else (word if index == 0 else " " + word)
-        new_id = EOS_TOKEN_ID if is_eos else token_id(text)
-        self.output_ids.append(new_id)
-        # vLLM checks the length cap before EOS.
-        if len(self.output_ids) >= self.limits.max_tokens:
-            self.finish_reason = "length"
-        elif is_eos:
-            self.finish_reason = "stop"
-        return SimToken(index, new_id, text, self.finish_reason)
-
-    def abort(self) -> str:
-        """Ends the generation if it is still running; returns how it finished."""
-        if self.finish_reason is None:
-            self.finish_reason = "abort"
-        return self.finish_reason
+@dataclass
+class EngineStats:
+    num_preemptions: int = 0
+    # vLLM leaves re-admitted preempted requests out of these two.
+    prefix_cache_queries_tokens: int = 0
+    prefix_cache_hits_tokens: int = 0
 
 
-class SimEngine:
-    """Prefix cache plus timing model for one replica."""
+class EngineCore:
+    """Requests, blocks and the scheduler of one replica."""
 
-    def __init__(self, cfg: SimulatorConfig) -> None:
-        _check_config(cfg)
+    def __init__(self, cfg: SimulatorConfig, vocab: Vocabulary) -> None:
+        check_engine_config(cfg)
         self.cfg = cfg
-        self.block_size_tokens = cfg.block_size_tokens
-        self.prefix_cache = PrefixCache(cfg.cache_blocks)
-
-    def admit(self, prompt_ids: Sequence[int], limits: SamplingLimits, now_s: float) -> Generation:
-        """Looks the prompt up in the cache and schedules its tokens from `now_s`."""
-        block_size = self.block_size_tokens
-        usable_blocks = cacheable_prompt_blocks(len(prompt_ids), block_size)
-        hashes = block_hashes(prompt_ids[: usable_blocks * block_size], block_size)
-        cached_tokens = self.prefix_cache.match(hashes) * block_size
-        schedule = TokenSchedule(
-            admitted_at_s=now_s,
-            prefill_s=(len(prompt_ids) - cached_tokens) / self.cfg.prefill_tokens_per_s,
-            decode_interval_s=self.cfg.decode_ms_per_token / 1000.0,
+        self.vocab = vocab
+        self.block_size = cfg.block_size_tokens
+        self.stats = EngineStats()
+        self.pool = BlockPool(
+            cfg.cache_blocks, cfg.block_size_tokens,
+            enable_caching=cfg.enable_prefix_caching,
+            event_hash=(low64 if cfg.kv_events_int_hashes else bytes) if cfg.kv_events_endpoint
+            else None,
         )
-        return Generation(prompt_ids, cached_tokens, limits, schedule, self.cfg.seed)
+        self._algo = cfg.prefix_caching_hash_algo
+        self._hash_seed = cfg.python_hash_seed or DEFAULT_NONE_HASH_SEED
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: list[EngineRequest] = []
 
-    def prefill_done(self, generation: Generation) -> None:
-        """The prompt's full blocks are computed now, so later requests can hit them."""
-        self.prefix_cache.store(block_hashes(generation.prompt_ids, self.block_size_tokens))
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
 
-    def release(self, generation: Generation) -> None:
-        """Caches the blocks the request computed, output included, as vLLM does on free."""
-        if not generation.output_ids:
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def add_request(
+        self, prompt_ids: Sequence[int], limits: SamplingLimits, now_s: float
+    ) -> EngineRequest:
+        request = EngineRequest(
+            prompt_ids=tuple(prompt_ids),
+            limits=limits,
+            sampler=TokenSampler(self.cfg.seed, prompt_ids, self.vocab),
+            arrived_at_s=now_s,
+            token_ids=list(prompt_ids),
+        )
+        self._extend_digests(request)
+        self._waiting.append(request)
+        return request
+
+    def abort(self, request: EngineRequest) -> None:
+        """Drops a request that has not finished; its blocks return to the pool."""
+        if request.status is Status.FINISHED:
             return
-        # The last sampled token was never fed back, so it has no KV yet.
-        computed = generation.prompt_ids + tuple(generation.output_ids[:-1])
-        self.prefix_cache.store(block_hashes(computed, self.block_size_tokens))
+        if request in self._running:
+            self._running.remove(request)
+        elif request in self._waiting:
+            self._waiting.remove(request)
+        self._release(request, "abort")
 
-    def kv_blocks(self, generation: Generation) -> int:
-        """Blocks a running request holds (shared prefix blocks counted per request)."""
-        tokens = generation.prompt_tokens + generation.completion_tokens
-        return math.ceil(tokens / self.block_size_tokens)
+    def step(self, now_s: float) -> StepResult | None:
+        """Schedules and runs one step from `now_s`; None when there is nothing to run."""
+        plan = self._schedule(now_s)
+        if not plan:
+            return None
+        duration_s = self._duration_s(plan)
+        outputs = [output for request, num_new in plan.items()
+                   if (output := self._run(request, num_new)) is not None]
+        return StepResult(duration_s, outputs, self.pool.take_events())
+
+    def _schedule(self, now_s: float) -> dict[EngineRequest, int]:
+        budget = self.cfg.max_num_batched_tokens
+        plan: dict[EngineRequest, int] = {}
+        preempted = False
+        index = 0
+        while index < len(self._running) and budget > 0:
+            request = self._running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            scheduled, preempted_any = self._allocate_running(request, num_new)
+            preempted = preempted or preempted_any
+            if not scheduled:
+                break
+            plan[request] = num_new
+            budget -= num_new
+            index += 1
+        # vLLM admits nothing in a step that had to preempt.
+        if not preempted:
+            self._admit_waiting(plan, budget, now_s)
+        return plan
+
+    def _allocate_running(self, request: EngineRequest, num_new: int) -> tuple[bool, bool]:
+        """Finds blocks for `num_new` more tokens, preempting from the back of the
+        running list; returns (scheduled, preempted anything)."""
+        preempted = False
+        while True:
+            needed = self._blocks_for(request.num_computed_tokens + num_new) - len(request.blocks)
+            if needed <= self.pool.num_free_blocks:
+                request.blocks.extend(self.pool.allocate(max(needed, 0)))
+                self._cache_blocks(request, request.num_computed_tokens + num_new)
+                return True, preempted
+            victim = self._running.pop()
+            self._preempt(victim)
+            preempted = True
+            if victim is request:
+                return False, preempted
+
+    def _admit_waiting(self, plan: dict[EngineRequest, int], budget: int, now_s: float) -> None:
+        block_size = self.block_size
+        while self._waiting and budget > 0 and len(self._running) < self.cfg.max_num_seqs:
+            request = self._waiting[0]
+            # The last token is always computed: its logits give the next token.
+            hit = self.pool.longest_hit(request.digests, (request.num_tokens - 1) // block_size)
+            hit_tokens = len(hit) * block_size
+            num_new = min(request.num_tokens - hit_tokens, budget)
+            new_blocks = self._blocks_for(hit_tokens + num_new) - len(hit)
+            if self.pool.blocks_to_take(hit, new_blocks) > self.pool.num_free_blocks:
+                break
+            self._waiting.popleft()
+            self.pool.touch(hit)
+            request.blocks = [*hit, *self.pool.allocate(new_blocks)]
+            request.num_cached_blocks = len(hit)
+            request.num_computed_tokens = hit_tokens
+            self._cache_blocks(request, hit_tokens + num_new)
+            self._count_admission(request, hit_tokens, now_s)
+            request.status = Status.RUNNING
+            self._running.append(request)
+            plan[request] = num_new
+            budget -= num_new
+
+    def _count_admission(self, request: EngineRequest, hit_tokens: int, now_s: float) -> None:
+        if request.num_preemptions == 0:
+            self.stats.prefix_cache_queries_tokens += request.num_tokens
+            self.stats.prefix_cache_hits_tokens += hit_tokens
+        if request.cached_tokens < 0:
+            request.cached_tokens = hit_tokens
+            request.first_scheduled_at_s = now_s
+
+    def _run(self, request: EngineRequest, num_new: int) -> TokenOutput | None:
+        """Computes `num_new` tokens of the request; samples the next token once caught up."""
+        prompt_len = len(request.prompt_ids)
+        start = request.num_computed_tokens
+        request.computed_prompt_tokens += max(min(start + num_new, prompt_len) - start, 0)
+        request.num_computed_tokens = start + num_new
+        if request.num_computed_tokens < request.num_tokens:
+            return None  # a prefill chunk that does not reach the end
+        if request.num_output_tokens == 0 and request.num_preemptions == 0:
+            cached_end = min(request.num_cached_blocks * self.block_size, len(request.prompt_ids))
+            request.created_cache_tokens = max(cached_end - request.cached_tokens, 0)
+        token_id = request.sampler.next_token(request.num_output_tokens, request.limits)
+        request.token_ids.append(token_id)
+        self._extend_digests(request)
+        reason = request.sampler.finish_reason(
+            request.num_output_tokens, request.num_tokens, token_id, request.limits,
+            self.cfg.max_model_len)
+        if reason is not None:
+            self._running.remove(request)
+            self._release(request, reason)
+        return TokenOutput(request, token_id, reason)
+
+    def _duration_s(self, plan: dict[EngineRequest, int]) -> float:
+        decoding = sum(1 for request, num_new in plan.items() if _is_decode(request, num_new))
+        prefill_tokens = sum(num_new for request, num_new in plan.items()
+                             if not _is_decode(request, num_new))
+        cfg = self.cfg
+        step_ms = cfg.decode_ms_per_token + cfg.batch_ms_per_seq * max(decoding - 1, 0)
+        return step_ms / 1000.0 + prefill_tokens / cfg.prefill_tokens_per_s
+
+    def _preempt(self, request: EngineRequest) -> None:
+        """Frees a running request's blocks; it waits at the front to be recomputed."""
+        self.pool.free(reversed(request.blocks))
+        request.blocks = []
+        request.num_computed_tokens = 0
+        request.num_cached_blocks = 0
+        request.num_preemptions += 1
+        request.status = Status.PREEMPTED
+        self.stats.num_preemptions += 1
+        self._waiting.appendleft(request)
+
+    def _release(self, request: EngineRequest, reason: str) -> None:
+        # Tail blocks first, so eviction trims chains from the end and heads stay hits.
+        self.pool.free(reversed(request.blocks))
+        request.blocks = []
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+
+    def _cache_blocks(self, request: EngineRequest, num_tokens: int) -> None:
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        self.pool.cache_full_blocks(request.blocks, request.digests, request.token_ids,
+                                    request.num_cached_blocks, num_full)
+        request.num_cached_blocks = max(request.num_cached_blocks, num_full)
+
+    def _extend_digests(self, request: EngineRequest) -> None:
+        size = self.block_size
+        digests = request.digests
+        while (len(digests) + 1) * size <= request.num_tokens:
+            start = len(digests) * size
+            parent = digests[-1] if digests else None
+            digests.append(hash_block(self._algo, parent, request.token_ids[start : start + size],
+                                      seed=self._hash_seed))
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
 
-def _check_config(cfg: SimulatorConfig) -> None:
-    if cfg.prefill_tokens_per_s <= 0:
-        raise ConfigError("simulator.prefill_tokens_per_s must be positive")
-    if cfg.decode_ms_per_token < 0:
-        raise ConfigError("simulator.decode_ms_per_token must not be negative")
-    if cfg.block_size_tokens < 1 or cfg.cache_blocks < 1:
-        raise ConfigError("simulator.block_size_tokens and cache_blocks must be at least 1")
+def _is_decode(request: EngineRequest, num_new: int) -> bool:
+    return num_new == 1 and request.num_output_tokens > 0 and (
+        request.num_computed_tokens == request.num_tokens - 1)
+
+
+def check_engine_config(cfg: SimulatorConfig) -> None:
+    """Raises ConfigError for settings the engine cannot run with."""
+    if cfg.prefill_tokens_per_s <= 0 or cfg.time_scale <= 0:
+        raise ConfigError("simulator.prefill_tokens_per_s and time_scale must be positive")
+    if cfg.decode_ms_per_token < 0 or cfg.batch_ms_per_seq < 0:
+        raise ConfigError("simulator.decode_ms_per_token and batch_ms_per_seq must not be negative")
+    if cfg.block_size_tokens < 1 or cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
+        raise ConfigError("simulator.block_size_tokens, max_num_seqs and max_num_batched_tokens "
+                          "must be at least 1")
+    if cfg.prefix_caching_hash_algo not in HASH_ALGOS:
+        raise ConfigError(f"simulator.prefix_caching_hash_algo must be one of {HASH_ALGOS}")
+    # vLLM refuses to start unless one request of max_model_len fits in the cache.
+    if (cfg.cache_blocks - 1) * cfg.block_size_tokens < cfg.max_model_len:
+        raise ConfigError(
+            f"simulator.cache_blocks={cfg.cache_blocks} holds fewer than max_model_len="
+            f"{cfg.max_model_len} tokens in blocks of {cfg.block_size_tokens}")

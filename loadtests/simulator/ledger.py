@@ -16,9 +16,14 @@ DEFAULT_CAPACITY_REQUESTS = 10_000
 class RequestRecord(msgspec.Struct, kw_only=True):
     request_id: str
     prompt_tokens: int
-    # Known once the request leaves the waiting queue; 0 until then.
+    # The prefix-cache hit when first scheduled (usage's cached_tokens); 0 until then.
     cached_tokens: int = 0
-    # Tokens actually generated so far (an EOS token counts, as in vLLM usage).
+    # Prompt tokens the engine computed, recomputation after preemption included;
+    # without preemption, prompt_tokens - cached_tokens once prefill is done.
+    computed_prompt_tokens: int = 0
+    preemptions: int = 0
+    # Tokens generated and handed to the response so far (an EOS token counts, as
+    # in vLLM usage).
     completion_tokens: int = 0
     # True once no more tokens will come: completed or aborted.
     finished: bool = False

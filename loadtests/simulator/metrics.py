@@ -2,8 +2,8 @@
 
 The replica keeps plain counters and histograms (ReplicaStats); a collector
 renders them at scrape time into a registry of the replica's own, so several
-replicas can share one process. A custom collector also keeps out the
-`_created` series that prometheus_client adds and vLLM disables.
+replicas can share one process. Counters and histograms carry `_created`
+series (the replica's start time) like vLLM's prometheus_client metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 # Bucket bounds as in vLLM's PrometheusStatLogger.
@@ -35,7 +36,7 @@ REQUEST_LATENCY_BUCKETS_S = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )
-FINISH_REASONS = ("stop", "length", "abort", "error")
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 ENGINE_INDEX = "0"
 _LABEL_NAMES = ["model_name", "engine"]
 _GAUGES = (
@@ -85,10 +86,10 @@ class Histogram:
 
 @dataclass
 class ReplicaStats:
+    """What the replica's shell counts as tokens reach the responses."""
+
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    prefix_cache_queries_tokens: int = 0
-    prefix_cache_hits_tokens: int = 0
     finished_requests: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0)
     )
@@ -99,15 +100,22 @@ class ReplicaStats:
 
 
 class EngineGauges(NamedTuple):
+    """What the engine core reports at scrape time."""
+
     num_running: int
     num_waiting: int
     kv_cache_usage_perc: float
+    num_preemptions: int
+    prefix_cache_queries_tokens: int
+    prefix_cache_hits_tokens: int
 
 
 @dataclass(frozen=True)
 class CacheInfo:
     block_size_tokens: int
     num_gpu_blocks: int
+    enable_prefix_caching: bool
+    prefix_caching_hash_algo: str
 
 
 class ReplicaCollector(Collector):
@@ -117,42 +125,46 @@ class ReplicaCollector(Collector):
         stats: ReplicaStats,
         read_gauges: Callable[[], EngineGauges],
         cache: CacheInfo,
+        created_s: float,
     ) -> None:
         self._labels = [model, ENGINE_INDEX]
         self._stats = stats
         self._read_gauges = read_gauges
         self._cache = cache
+        self._created_s = created_s
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._gauges()
-        yield from self._counters()
+        engine = self._read_gauges()
+        yield from self._gauges(engine)
+        yield from self._counters(engine)
         yield from self._histograms()
         yield self._cache_config_info()
 
-    def _gauges(self) -> Iterator[Metric]:
-        gauges = self._read_gauges()
-        values = (gauges.num_running, gauges.num_waiting, gauges.kv_cache_usage_perc)
+    def _gauges(self, engine: EngineGauges) -> Iterator[Metric]:
+        values = (engine.num_running, engine.num_waiting, engine.kv_cache_usage_perc)
         for (name, doc), value in zip(_GAUGES, values, strict=True):
             yield self._with_value(GaugeMetricFamily(name, doc, labels=_LABEL_NAMES), value)
 
-    def _counters(self) -> Iterator[Metric]:
+    def _counters(self, engine: EngineGauges) -> Iterator[Metric]:
         stats = self._stats
         values = (
-            stats.prefix_cache_queries_tokens,
-            stats.prefix_cache_hits_tokens,
+            engine.prefix_cache_queries_tokens,
+            engine.prefix_cache_hits_tokens,
             stats.prompt_tokens,
             stats.generation_tokens,
-            0,  # preemptions: the simulator never runs out of KV blocks
+            engine.num_preemptions,
         )
         for (name, doc), value in zip(_COUNTERS, values, strict=True):
-            yield self._with_value(CounterMetricFamily(name, doc, labels=_LABEL_NAMES), value)
+            family = CounterMetricFamily(name, doc, labels=_LABEL_NAMES)
+            family.add_metric(self._labels, value, created=self._created_s)
+            yield family
         success = CounterMetricFamily(
             "vllm:request_success",
             "Count of successfully processed requests.",
             labels=[*_LABEL_NAMES, "finished_reason"],
         )
         for reason, count in stats.finished_requests.items():
-            success.add_metric([*self._labels, reason], count)
+            success.add_metric([*self._labels, reason], count, created=self._created_s)
         yield success
 
     def _histograms(self) -> Iterator[Metric]:
@@ -161,6 +173,8 @@ class ReplicaCollector(Collector):
         for (name, doc), histogram in zip(_HISTOGRAMS, histograms, strict=True):
             family = HistogramMetricFamily(name, doc, labels=_LABEL_NAMES)
             family.add_metric(self._labels, histogram.cumulative_buckets(), histogram.sum)
+            labels = dict(zip(_LABEL_NAMES, self._labels, strict=True))
+            family.samples.append(Sample(f"{name}_created", labels, self._created_s))
             yield family
 
     def _cache_config_info(self) -> Metric:
@@ -168,10 +182,10 @@ class ReplicaCollector(Collector):
         info = {
             "block_size": str(self._cache.block_size_tokens),
             "cache_dtype": "auto",
-            "enable_prefix_caching": "True",
+            "enable_prefix_caching": str(self._cache.enable_prefix_caching),
             "engine": ENGINE_INDEX,
             "num_gpu_blocks": str(self._cache.num_gpu_blocks),
-            "prefix_caching_hash_algo": "sha256",
+            "prefix_caching_hash_algo": self._cache.prefix_caching_hash_algo,
         }
         family = GaugeMetricFamily(
             "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=list(info)
@@ -179,6 +193,6 @@ class ReplicaCollector(Collector):
         family.add_metric(list(info.values()), 1.0)
         return family
 
-    def _with_value(self, family: GaugeMetricFamily | CounterMetricFamily, value: float) -> Metric:
+    def _with_value(self, family: GaugeMetricFamily, value: float) -> Metric:
         family.add_metric(self._labels, value)
         return family
