@@ -79,15 +79,18 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sim"]:
+        # The simulator parses its own flags (argparse's REMAINDER cannot
+        # pass on a leading `--flag`).
+        from loadtests.simulator.__main__ import main as sim_main
+
+        return sim_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
             return cmd_up(args)
-        if args.command == "usage":
-            return cmd_usage(args)
-        from loadtests.simulator.__main__ import main as sim_main
-
-        return sim_main(args.args)
+        return cmd_usage(args)
     except ConfigError as exc:
         print(f"switchyard: {exc.message}", file=sys.stderr)
         return 2
