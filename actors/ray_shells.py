@@ -9,9 +9,11 @@ from typing import Any, Protocol
 
 import ray
 
+from actors.replica_agent import ReplicaAgent
 from actors.scheduler import SchedulerService
 from analytics.metering import MeteringService
 from scheduler.config import config_from_json
+from scheduler.wire import replica_decoder
 
 
 class Service(Protocol):
@@ -50,3 +52,22 @@ class SchedulerActor(_Host):
 class MeteringActor(_Host):
     def __init__(self, config_json: bytes) -> None:
         super().__init__(MeteringService(config_from_json(config_json)))
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class ReplicaAgentActor(_Host):
+    """One per replica; `replica_json` is its ReplicaInfo. The SUB socket binds on
+    the actor's node, so place the actor on the replica's node."""
+
+    def __init__(self, config_json: bytes, replica_json: bytes, kv_topic: str | None = None,
+                 kv_bind_endpoint: str = "tcp://127.0.0.1:*", kv_replay_endpoint: str = "") -> None:
+        self._agent = ReplicaAgent(
+            config_from_json(config_json), replica_decoder.decode(replica_json),
+            kv_topic=kv_topic, kv_bind_endpoint=kv_bind_endpoint,
+            kv_replay_endpoint=kv_replay_endpoint)
+        super().__init__(self._agent)
+
+    async def kv_events_endpoint(self) -> str:
+        """Where the replica's KV-event publisher must connect ("" without a relay)."""
+        await asyncio.shield(self._started)
+        return self._agent.kv_events_endpoint

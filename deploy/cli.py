@@ -1,4 +1,4 @@
-"""The `switchyard` command: `up` (the local stack), `usage`, `sim`."""
+"""The `switchyard` command: `up` (the local stack), `usage`, `replicas`, `sim`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import msgspec
 
+from deploy.replicas_cli import add_parser as add_replicas_parser
 from scheduler.config import Config, ReplicaConfig, load_config
-from scheduler.errors import ConfigError
+from scheduler.errors import ConfigError, YardError
 
 RUN_CONFIG = Path("var/run/config.json")
 
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--config", type=Path,
                        help=f"TOML config (default: {RUN_CONFIG} of a running stack)")
     usage.add_argument("--tenant", help="only this tenant id")
+    add_replicas_parser(sub, f"TOML config (default: {RUN_CONFIG} of a running stack)")
     sim = sub.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
     sim.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -70,12 +72,30 @@ def cmd_up(args: argparse.Namespace) -> int:
         shutdown_ray()
 
 
+def _running_stack_config(args: argparse.Namespace) -> Config:
+    """--config, else the config of the stack running here, else defaults."""
+    path = args.config or (RUN_CONFIG if RUN_CONFIG.exists() else None)
+    return load_config(path, os.environ)
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     from analytics.usage_cli import print_usage
 
-    path = args.config or (RUN_CONFIG if RUN_CONFIG.exists() else None)
-    cfg = load_config(path, os.environ)
-    return asyncio.run(print_usage(cfg, args.tenant, sys.stdout))
+    return asyncio.run(print_usage(_running_stack_config(args), args.tenant, sys.stdout))
+
+
+def cmd_replicas(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from deploy.replicas_cli import run_replicas
+
+    try:
+        return asyncio.run(run_replicas(_running_stack_config(args), args, sys.stdout))
+    except YardError as exc:
+        print(f"switchyard: {exc.message}", file=sys.stderr)
+    except RedisError as exc:
+        print(f"switchyard: Redis unreachable: {exc}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return cmd_up(args)
+        if args.command == "replicas":
+            return cmd_replicas(args)
         return cmd_usage(args)
     except ConfigError as exc:
         print(f"switchyard: {exc.message}", file=sys.stderr)

@@ -57,6 +57,9 @@ class VllmReplicaSpec(msgspec.Struct, frozen=True, kw_only=True):
     block_size_tokens: int = 32
     max_model_len_tokens: int = 1024
     kv_events: KvEventsTarget | None = None
+    # vLLM's own defaults when None.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
 
     @property
     def url(self) -> str:
@@ -84,6 +87,10 @@ def vllm_argv(spec: VllmReplicaSpec) -> list[str]:
     ]
     if spec.kv_events is not None:
         argv += ["--kv-events-config", spec.kv_events.config_json()]
+    if spec.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(spec.max_num_seqs)]
+    if spec.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
     return argv
 
 

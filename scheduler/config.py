@@ -58,12 +58,93 @@ class AuthConfig(_Section):
     key_secret: str = ""
 
 
+class ScorerRef(_Section):
+    name: str
+    # No default: a scorer without a weight is a startup error naming it.
+    weight: float | None = None
+
+
+class ProfileConfig(_Section):
+    """filters -> weighted scorers -> picker; plugin names as in scheduler/registry.py."""
+
+    filters: tuple[str, ...] = ("healthy", "serves-model", "not-draining")
+    scorers: tuple[ScorerRef, ...] = ()
+    picker: str = "max-score"
+
+
+class PrefixApproxParams(_Section):
+    # About one KV block of text (16 tokens of ~4 bytes), so one chunk stands for one block.
+    chunk_bytes: int = 64
+    max_chunks: int = 1_024
+    # How long a replica is assumed to keep a prompt it was sent in its cache.
+    ttl_s: float = 300.0
+
+
+class SessionAffinityParams(_Section):
+    max_sessions: int = 100_000
+
+
+class CostParams(_Section):
+    # Must match the replicas' block size (agent.block_size_tokens).
+    block_size_tokens: int = 16
+    # Relative price of one uncached prefill block against one block of decode load.
+    prefill_weight: float = 1.0
+
+
+class PluginParams(_Section, rename="kebab"):
+    prefix_approx: PrefixApproxParams = PrefixApproxParams()
+    session_affinity: SessionAffinityParams = SessionAffinityParams()
+    cost: CostParams = CostParams()
+
+
+def _default_profile(*scorers: tuple[str, float], picker: str = "max-score") -> ProfileConfig:
+    return ProfileConfig(scorers=tuple(ScorerRef(name=n, weight=w) for n, w in scorers),
+                         picker=picker)
+
+
+DEFAULT_PROFILES: dict[str, ProfileConfig] = {
+    "least-load": _default_profile(("in-flight-requests", 1.0)),
+    "round-robin": _default_profile(picker="round-robin"),
+    "prefix-approx": _default_profile(("prefix-approx", 3.0), ("in-flight-requests", 1.0),
+                                   ("queue-depth", 1.0)),
+    "prefix-precise": _default_profile(("prefix-precise", 3.0), ("in-flight-requests", 1.0),
+                                    ("queue-depth", 1.0)),
+    "cost": _default_profile(("cost", 1.0)),
+}
+
+
 class SchedulerConfig(_Section):
     actors: int = 1
     # A placement with no completion notice is forgotten after this long,
     # so a lost notice cannot pin a replica's load forever.
     placement_ttl_s: float = 900.0
     registry_refresh_s: float = 5.0
+    # The profile placing requests; a name under `profiles`.
+    profile: str = "least-load"
+    # KV capacity assumed of a replica until its agent reports one; bounds its
+    # share of the prefix indexes.
+    replica_capacity_blocks: int = 4_096
+    profiles: dict[str, ProfileConfig] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_PROFILES))
+    plugins: PluginParams = PluginParams()
+
+
+class AgentConfig(_Section):
+    """Replica agents: one per replica, scraping it and relaying its KV events."""
+
+    scrape_interval_s: float = 0.25
+    health_interval_s: float = 1.0
+    # Bounds each GET of /health, /metrics and /kv_event_sources.
+    http_timeout_s: float = 1.0
+    # Bounds one whole replay from a replica's ROUTER socket.
+    replay_timeout_s: float = 1.0
+    # KV-event batches received but not yet relayed; beyond it they are dropped
+    # (counted), which shows up as a gap and is filled from replay.
+    relay_queue_batches: int = 10_000
+    # What precise prefix scoring assumes of every replica; a replica whose
+    # vllm:cache_config_info disagrees gets no precise scoring.
+    block_size_tokens: int = 16
+    prefix_caching_hash_algos: tuple[str, ...] = ("sha256", "sha256_cbor")
 
 
 class ClickHouseConfig(_Section):
@@ -98,6 +179,9 @@ class SimulatorConfig(_Section):
     decode_ms_per_token: float = 10.0
     batch_ms_per_seq: float = 0.1
     prefill_tokens_per_s: float = 20_000.0
+    # Fixed time before the engine sees a request (vLLM's API server: parsing,
+    # tokenization); part of TTFT, not of queue time.
+    request_overhead_ms: float = 0.0
     # Multiplies every simulated duration: below 1 runs faster than the model would.
     time_scale: float = 1.0
     block_size_tokens: int = 16
@@ -137,6 +221,7 @@ class Config(_Section):
     ray: RayConfig = RayConfig()
     auth: AuthConfig = AuthConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    agent: AgentConfig = AgentConfig()
     metering: MeteringConfig = MeteringConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     # Static replicas; when empty `up` starts simulated ones.

@@ -33,6 +33,13 @@ API_QUEUE = "yard-ingress"
 
 # Redis hash holding the replica registry: replica id -> ReplicaInfo JSON.
 REGISTRY_KEY = "sy:replicas"
+# Redis set of replica ids removed by an operator: their agents stop re-registering them.
+REMOVED_KEY = "sy:replicas:removed"
+# Load snapshots of a model's replicas, from their agents, several times a second.
+LOAD_SUBJECT = "yard.replica.load.{model}"
+# A replica's KV-cache events (KvEventsRelay) and resync notices (KvResync), in
+# order on one subject so a scheduler sees a resync exactly where it happened.
+KV_SUBJECT = "yard.kv.{model}.{replica}"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-/:]")
 
@@ -48,6 +55,14 @@ def place_subject(model: str) -> str:
 
 def usage_subject(tenant_id: str) -> str:
     return USAGE_SUBJECT.format(tenant=subject_token(tenant_id))
+
+
+def load_subject(model: str) -> str:
+    return LOAD_SUBJECT.format(model=subject_token(model))
+
+
+def kv_subject(model: str, replica_id: str) -> str:
+    return KV_SUBJECT.format(model=subject_token(model), replica=subject_token(replica_id))
 
 
 class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -108,10 +123,70 @@ class ReplicaInfo(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     url: str
     models: tuple[str, ...]
+    # Set by `switchyard replicas drain`: no new placements, in-flight ones finish.
+    draining: bool = False
 
 
 class RegistryChanged(_Msg, tag="registry_changed"):
     pass
+
+
+# --- replica agents ------------------------------------------------------------
+
+
+class ReplicaCacheConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A replica's KV-cache layout, from the labels of `vllm:cache_config_info`."""
+
+    block_size_tokens: int = 0
+    num_gpu_blocks: int = 0
+    enable_prefix_caching: bool = False
+    prefix_caching_hash_algo: str = ""
+
+
+class LoadSnapshot(_Msg, tag="load"):
+    """One scrape of a replica's /metrics plus its health, from its agent.
+    `precise_error` non-empty: the replica's KV events must not feed a precise
+    prefix index (why, in words: cache-config mismatch, events off); the agent
+    then relays no events and schedulers fall back to approximate for it."""
+
+    replica_id: str
+    model: str
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0  # 0..1
+    prefix_cache_queries_tokens: int = 0
+    prefix_cache_hits_tokens: int = 0
+    healthy: bool = False
+    draining: bool = False
+    cache: ReplicaCacheConfig | None = None
+    precise_error: str = ""
+    taken_at_ms: int = 0
+
+
+class KvEventsRelay(_Msg, tag="kv"):
+    """One vLLM KV-event batch, relayed verbatim: `payload` is the msgpack
+    EventBatch (scheduler.kv_events.decode_batch), so the agent never decodes
+    or re-encodes events; `seq` is the replica publisher's sequence number."""
+
+    replica_id: str
+    model: str
+    seq: int
+    payload: bytes
+    replayed: bool = False
+
+
+class KvResync(_Msg, tag="kv_resync"):
+    """Drop everything known about this replica's KV cache: the events before
+    `next_seq` are lost (`reason`: "agent_start", "restart", "gap",
+    "cache_config")."""
+
+    replica_id: str
+    model: str
+    reason: str
+    next_seq: int = 0
+
+
+KvMessage = KvEventsRelay | KvResync
 
 
 # --- metering ----------------------------------------------------------------
@@ -186,6 +261,8 @@ place_reply_decoder = msgspec.json.Decoder(PlaceReply)
 done_decoder = msgspec.json.Decoder(PlaceDone)
 models_reply_decoder = msgspec.json.Decoder(ModelsReply)
 replica_decoder = msgspec.json.Decoder(ReplicaInfo)
+load_decoder = msgspec.json.Decoder(LoadSnapshot)
+kv_decoder = msgspec.json.Decoder(KvMessage)
 usage_decoder = msgspec.json.Decoder(UsageEvent)
 usage_query_decoder = msgspec.json.Decoder(UsageQuery)
 usage_reply_decoder = msgspec.json.Decoder(UsageReply)

@@ -3,7 +3,6 @@ request validation. Table-driven, with an injected clock and rng."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import msgspec
@@ -13,18 +12,21 @@ from router.requests import parse_request
 from scheduler import apikeys
 from scheduler.config import Config, config_from_json, decode_config, dump_config, load_config
 from scheduler.errors import AuthenticationFailed, ConfigError, InvalidRequest
-from scheduler.placement import PlacementTable
 from scheduler.wire import (
     ApiChunk,
     ApiEnd,
     ApiError,
     ApiResponse,
+    KvEventsRelay,
+    KvResync,
+    LoadSnapshot,
     ModelCard,
     ModelsReply,
     PlaceDone,
     Placement,
     PlaceRejected,
     PlaceRequest,
+    ReplicaCacheConfig,
     ReplicaInfo,
     UsageEvent,
     UsageQuery,
@@ -32,6 +34,10 @@ from scheduler.wire import (
     UsageTotal,
     api_reply_decoder,
     encode,
+    kv_decoder,
+    kv_subject,
+    load_decoder,
+    load_subject,
     place_reply_decoder,
     place_subject,
     replica_decoder,
@@ -82,73 +88,6 @@ def test_config_round_trips_for_child_processes() -> None:
     assert isinstance(cfg, Config)
 
 
-# --- placement ------------------------------------------------------------------
-
-def _table(*replicas: tuple[str, tuple[str, ...]], ttl_s: float = 60.0) -> PlacementTable:
-    table = PlacementTable(random.Random(7), ttl_s)
-    table.set_replicas([ReplicaInfo(id=i, url=f"http://127.0.0.1:{n}", models=m)
-                        for n, (i, m) in enumerate(replicas, start=9000)])
-    return table
-
-
-def _req(request_id: str, model: str = "m") -> PlaceRequest:
-    return PlaceRequest(request_id=request_id, tenant_id="t", model=model)
-
-
-def test_fewest_in_flight_counted_at_decision_time() -> None:
-    table = _table(("a", ("m",)), ("b", ("m",)), ("c", ("m",)))
-    picks = [table.place(_req(f"r{i}"), now_s=0.0).replica_id for i in range(9)]
-    assert sorted(picks.count(r) for r in "abc") == [3, 3, 3]
-
-
-def test_done_releases_and_ties_break_randomly() -> None:
-    table = _table(("a", ("m",)), ("b", ("m",)))
-    seen = set()
-    for i in range(40):
-        seen.add(table.place(_req(f"r{i}"), now_s=0.0).replica_id)
-        table.done(f"r{i}")
-    assert seen == {"a", "b"}
-    assert table.in_flight_count() == 0
-
-
-def test_only_replicas_serving_the_model() -> None:
-    table = _table(("a", ("m",)), ("b", ("other",)))
-    assert {table.place(_req(f"r{i}"), 0.0).replica_id for i in range(5)} == {"a"}
-    rejected = table.place(_req("x", model="missing"), 0.0)
-    assert isinstance(rejected, PlaceRejected) and rejected.code == "model_not_found"
-
-
-def test_a_retried_request_keeps_its_placement() -> None:
-    table = _table(("a", ("m",)), ("b", ("m",)))
-    first = table.place(_req("same"), 0.0)
-    assert table.place(_req("same"), 1.0) == first
-    assert table.in_flight_count() == 1
-
-
-def test_lost_completion_notices_expire() -> None:
-    table = _table(("a", ("m",)), ttl_s=10.0)
-    table.place(_req("r1"), now_s=0.0)
-    table.place(_req("r2"), now_s=5.0)
-    assert table.expire(now_s=11.0) == 1
-    assert table.replicas["a"].in_flight == 1 and table.in_flight_count() == 1
-
-
-def test_registry_changes_keep_load_of_staying_replicas() -> None:
-    table = _table(("a", ("m",)), ("b", ("m",)))
-    placed = table.place(_req("r1"), 0.0)
-    table.set_replicas([table.replicas[placed.replica_id].info])
-    assert table.replicas[placed.replica_id].in_flight == 1
-    assert [c.id for c in table.models()] == ["m"]
-
-
-def test_placement_on_a_removed_replica_is_placed_again() -> None:
-    table = _table(("a", ("m",)), ("b", ("m",)))
-    first = table.place(_req("r1"), 0.0)
-    other = "b" if first.replica_id == "a" else "a"
-    table.set_replicas([table.replicas[other].info])
-    assert table.place(_req("r1"), 1.0).replica_id == other
-
-
 # --- wire messages ------------------------------------------------------------------
 
 WIRE_CASES = [
@@ -167,6 +106,18 @@ WIRE_CASES = [
     (ApiError(status=404, error={"message": "m", "type": "t", "param": None, "code": "c"}),
      api_reply_decoder),
     (ReplicaInfo(id="a", url="http://127.0.0.1:1", models=("m",)), replica_decoder),
+    (ReplicaInfo(id="a", url="http://127.0.0.1:1", models=("m",), draining=True),
+     replica_decoder),
+    (LoadSnapshot(replica_id="a", model="m", running=2, waiting=1, kv_cache_usage=0.5,
+                  prefix_cache_queries_tokens=64, prefix_cache_hits_tokens=32, healthy=True,
+                  cache=ReplicaCacheConfig(block_size_tokens=16, num_gpu_blocks=256,
+                                           enable_prefix_caching=True,
+                                           prefix_caching_hash_algo="sha256"),
+                  precise_error="", taken_at_ms=1_700_000_000_000), load_decoder),
+    (LoadSnapshot(replica_id="a", model="m", precise_error="block size"), load_decoder),
+    (KvEventsRelay(replica_id="a", model="m", seq=7, payload=b"\x93\x00\xff", replayed=True),
+     kv_decoder),
+    (KvResync(replica_id="a", model="m", reason="gap", next_seq=9), kv_decoder),
 ]
 
 
@@ -188,6 +139,13 @@ def test_models_reply_and_subject_escaping() -> None:
     assert msgspec.json.decode(encode(reply), type=ModelsReply) == reply
     assert place_subject("org/llama-3.1") == "yard.sched.place.org/llama-3%2E1"
     assert place_subject("a b*>") == "yard.sched.place.a%20b%2A%3E"
+    assert load_subject("org/llama-3.1") == "yard.replica.load.org/llama-3%2E1"
+    assert kv_subject("m.1", "r.0") == "yard.kv.m%2E1.r%2E0"
+
+
+def test_registry_entries_of_older_peers_are_not_draining() -> None:
+    old = b'{"id":"a","url":"http://127.0.0.1:1","models":["m"]}'
+    assert replica_decoder.decode(old).draining is False
 
 
 # --- API keys ---------------------------------------------------------------------------

@@ -206,6 +206,9 @@ class SimReplica:
             finally:
                 self._count_finish("abort", loop.time() - arrived_at_s)
                 self._end_record(record, "abort")
+        if self.cfg.request_overhead_ms:
+            # The API server's own work before the engine sees the request.
+            await asyncio.sleep(self.cfg.request_overhead_ms * self.cfg.time_scale / 1000)
         request = self.engine.add_request(prompt_ids, limits, arrived_at_s)
         run = Run(request, record, self.tokenizer.detokenizer(prompt_ids),
                   self.faults.stall_after_tokens)

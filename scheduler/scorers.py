@@ -1,0 +1,200 @@
+"""Built-in scorers. Each returns a score in [0, 1] per replica, higher is better.
+
+Load scorers rank the candidates against each other (min-max: the least
+loaded gets 1, the most loaded 0, all equal get 1), as llm-d's queue scorer
+does, so a difference of one request still separates two idle replicas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from itertools import repeat
+from operator import attrgetter, mul, sub, truediv
+
+from scheduler.approx_index import ApproxIndex
+from scheduler.config import CostParams
+from scheduler.framework import ReplicaId, ReplicaView, SchedRequest, Scores
+from scheduler.prefix_index import PrefixIndex
+
+
+def lower_is_better(replicas: list[ReplicaView], values: list[float]) -> Scores:
+    """Min-max scaling that gives the lowest value 1 and the highest 0."""
+    ids = map(_ID, replicas)
+    lo, hi = min(values), max(values)
+    if hi <= lo:
+        return dict.fromkeys(ids, 1.0)
+    # map over operator functions keeps the per-replica arithmetic in C.
+    scaled = map(mul, map(sub, repeat(hi), values), repeat(1.0 / (hi - lo)))
+    return dict(zip(ids, scaled, strict=False))
+
+
+def fractions(overlap: dict[ReplicaId, int], total: int) -> Scores:
+    return dict(zip(overlap, map(truediv, overlap.values(), repeat(total)), strict=False))
+
+
+_ID = attrgetter("id")
+_IN_FLIGHT_REQUESTS = attrgetter("in_flight_requests")
+_IN_FLIGHT_TOKENS = attrgetter("in_flight_tokens")
+
+
+class InFlightRequests:
+    """Prefers fewer requests placed here and not yet done (counted at decision time)."""
+
+    name = "in-flight-requests"
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        return lower_is_better(replicas, list(map(_IN_FLIGHT_REQUESTS, replicas)))
+
+
+class InFlightTokens:
+    """Prefers fewer tokens in flight here: prompt estimates plus max_tokens."""
+
+    name = "in-flight-tokens"
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        return lower_is_better(replicas, list(map(_IN_FLIGHT_TOKENS, replicas)))
+
+
+class QueueDepth:
+    """Prefers a shorter waiting queue: the replica's reported `waiting` plus
+    the requests placed since that report, which it cannot have counted yet."""
+
+    name = "queue-depth"
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        return lower_is_better(replicas, [r.waiting + r.placed_since_report for r in replicas])
+
+
+class KvCacheUsage:
+    """Prefers free KV cache: 1 - the reported usage fraction (absolute, not ranked)."""
+
+    name = "kv-cache-usage"
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        return {r.id: 1.0 - min(1.0, max(0.0, r.kv_cache_usage)) for r in replicas}
+
+
+class SessionTable:
+    """session id -> the replica its last request went to; a bounded LRU."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max(1, max_sessions)
+        self._replica_of: OrderedDict[str, ReplicaId] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._replica_of)
+
+    def get(self, session_id: str) -> ReplicaId | None:
+        return self._replica_of.get(session_id)
+
+    def record(self, session_id: str, replica_id: ReplicaId) -> None:
+        self._replica_of[session_id] = replica_id
+        self._replica_of.move_to_end(session_id)
+        if len(self._replica_of) > self.max_sessions:
+            self._replica_of.popitem(last=False)
+
+
+class SessionAffinity:
+    """1 for the replica this session's previous request went to, else 0.
+    Consumes `session_id` (`x-session-id` or `user`)."""
+
+    name = "session-affinity"
+
+    def __init__(self, sessions: SessionTable) -> None:
+        self.sessions = sessions
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        home = self.sessions.get(req.session_id) if req.session_id else None
+        return {r.id: 1.0 if r.id == home else 0.0 for r in replicas}
+
+    def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
+        if req.session_id:
+            self.sessions.record(req.session_id, replica.id)
+
+
+class PrefixPrecise:
+    """Fraction of the prompt's blocks, from block 0 without a gap, that the
+    replica holds according to its KV events. Consumes `block_hashes`."""
+
+    name = "prefix-precise"
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        blocks = req.block_hashes
+        if not blocks:
+            return dict.fromkeys(map(_ID, replicas), 0.0)
+        overlap = self.index.longest_prefix(blocks, [r.id for r in replicas])
+        return fractions(overlap, len(blocks))
+
+
+class PrefixApprox:
+    """Fraction of the prompt's chunks, from chunk 0, last sent to the replica
+    within the TTL. Consumes `chunk_hashes`; records them where the request goes."""
+
+    name = "prefix-approx"
+
+    def __init__(self, index: ApproxIndex) -> None:
+        self.index = index
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        chunks = req.chunk_hashes
+        if not chunks:
+            return dict.fromkeys(map(_ID, replicas), 0.0)
+        overlap = self.index.longest_prefix(chunks, [r.id for r in replicas], req.now_s)
+        return fractions(overlap, len(chunks))
+
+    def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
+        if req.chunk_hashes:
+            self.index.record(replica.id, req.chunk_hashes, req.now_s)
+
+
+class Cost:
+    """Dynamo-style cost, lower is better, turned into a score by min-max scaling
+    (so with max-score the cheapest replica wins, ties at random):
+
+        cost = prefill_weight * uncached prompt blocks + decode load in blocks
+
+    Uncached blocks use the precise index when the request carries block hashes,
+    else the approximate one. Decode load is the larger of the KV blocks of this
+    scheduler's in-flight requests and the replica's reported KV usage (which
+    also sees other schedulers' work). Parameters: `block_size_tokens`,
+    `prefill_weight`.
+    """
+
+    name = "cost"
+
+    def __init__(self, precise: PrefixIndex, approx: ApproxIndex, params: CostParams) -> None:
+        self.precise = precise
+        self.approx = approx
+        self.block_size_tokens = max(1, params.block_size_tokens)
+        self.prefill_weight = params.prefill_weight
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        cached = self._cached_fraction(req, replicas)
+        prompt_blocks = max(len(req.block_hashes),
+                            math.ceil(req.prompt_tokens / self.block_size_tokens))
+        costs = [
+            self.prefill_weight * prompt_blocks * (1.0 - cached[r.id])
+            + max(r.in_flight_tokens / self.block_size_tokens,
+                  r.kv_cache_usage * r.capacity_blocks)
+            for r in replicas
+        ]
+        return lower_is_better(replicas, costs)
+
+    def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
+        if req.chunk_hashes and not req.block_hashes:
+            self.approx.record(replica.id, req.chunk_hashes, req.now_s)
+
+    def _cached_fraction(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+        ids = [r.id for r in replicas]
+        if req.block_hashes:
+            keys, overlap = req.block_hashes, self.precise.longest_prefix(req.block_hashes, ids)
+        elif req.chunk_hashes:
+            keys = req.chunk_hashes
+            overlap = self.approx.longest_prefix(keys, ids, req.now_s)
+        else:
+            return dict.fromkeys(ids, 0.0)
+        return fractions(overlap, len(keys))

@@ -1,0 +1,140 @@
+"""The scheduler's NATS shell keeps its core current from what replica agents
+publish: load snapshots gate health and draining, relayed KV events fill the
+precise prefix index, a resync empties it. On a private nats-server and
+Redis database, so the session's scheduler actor is not involved."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client as NATS
+
+from actors.control_store import ReplicaRegistry, connect_redis
+from actors.scheduler import SchedulerService
+from deploy.procs import start_nats
+from scheduler.config import Config, NatsConfig, RedisConfig
+from scheduler.kv_events import BlockStored, KVEventBatch, encode_batch
+from scheduler.wire import (
+    KvEventsRelay,
+    KvResync,
+    LoadSnapshot,
+    Placement,
+    PlaceRequest,
+    ReplicaInfo,
+    encode,
+    kv_subject,
+    load_subject,
+    place_reply_decoder,
+    place_subject,
+)
+from tests.harness import wait_until
+
+pytestmark = pytest.mark.integration
+MODEL = "m"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def private_bus(session_dir: Path) -> AsyncIterator[str]:
+    proc, url = await start_nats(session_dir / "sched-nats", session_dir / "logs")
+    yield url
+    await proc.stop()
+
+
+@pytest_asyncio.fixture
+async def service(private_bus: str, redis_url: str) -> AsyncIterator[SchedulerService]:
+    cfg = Config(nats=NatsConfig(url=private_bus),
+                 redis=RedisConfig(url=redis_url.removesuffix("/0") + "/2"))
+    redis = connect_redis(cfg.redis)
+    await redis.flushdb()
+    for rid in ("a", "b"):
+        await ReplicaRegistry(redis).put_replica(
+            ReplicaInfo(id=rid, url=f"http://127.0.0.1:1/{rid}", models=(MODEL,)))
+    await redis.aclose()
+    svc = SchedulerService(cfg, random.Random(3))
+    await svc.start()
+    yield svc
+    await svc.aclose()
+
+
+@pytest_asyncio.fixture
+async def nc(private_bus: str) -> AsyncIterator[NATS]:
+    client = await nats.connect(private_bus)
+    yield client
+    await client.drain()
+
+
+async def _place(nc: NATS, request_id: str) -> str:
+    msg = await nc.request(place_subject(MODEL), encode(PlaceRequest(
+        request_id=request_id, tenant_id="t", model=MODEL)), timeout=2)
+    decision = place_reply_decoder.decode(msg.data)
+    assert isinstance(decision, Placement)
+    return decision.replica_id
+
+
+async def test_unhealthy_and_draining_replicas_get_nothing(
+        service: SchedulerService, nc: NATS) -> None:
+    await nc.publish(load_subject(MODEL), encode(LoadSnapshot(
+        replica_id="a", model=MODEL, healthy=False)))
+    await nc.publish(load_subject(MODEL), encode(LoadSnapshot(
+        replica_id="b", model=MODEL, healthy=True, running=3)))
+
+    async def heard() -> bool:
+        return service.counts["load_reports"] == 2
+
+    await wait_until(heard, timeout_s=5)
+    assert {await _place(nc, f"r{i}") for i in range(6)} == {"b"}
+    await nc.publish(load_subject(MODEL), encode(LoadSnapshot(
+        replica_id="a", model=MODEL, healthy=True)))
+    await nc.publish(load_subject(MODEL), encode(LoadSnapshot(
+        replica_id="b", model=MODEL, healthy=True, draining=True)))
+
+    async def heard_again() -> bool:
+        return service.counts["load_reports"] == 4
+
+    await wait_until(heard_again, timeout_s=5)
+    assert {await _place(nc, f"s{i}") for i in range(6)} == {"a"}
+
+
+async def test_relayed_kv_events_fill_the_index_and_a_resync_empties_it(
+        service: SchedulerService, nc: NATS) -> None:
+    stored = BlockStored(block_hashes=[11, 12, 13], parent_block_hash=None,
+                         token_ids=list(range(96)), block_size=32, lora_id=None,
+                         medium="GPU", lora_name=None)
+    payload = encode_batch(KVEventBatch(ts=0.0, events=[stored]))
+    await nc.publish(kv_subject(MODEL, "a"), encode(KvEventsRelay(
+        replica_id="a", model=MODEL, seq=0, payload=payload)))
+    await nc.publish(kv_subject(MODEL, "ghost"), encode(KvEventsRelay(
+        replica_id="ghost", model=MODEL, seq=0, payload=payload)))
+
+    async def indexed() -> bool:
+        return service.counts["kv_batches"] == 1 and service.counts["unknown_replica"] == 1
+
+    await wait_until(indexed, timeout_s=5)
+    sizes = {k: v for k, v in service.stats().items() if k.startswith("index_")}
+    assert sum(sizes.values()) >= 3, sizes
+    await nc.publish(kv_subject(MODEL, "a"), encode(KvResync(
+        replica_id="a", model=MODEL, reason="restart")))
+
+    async def emptied() -> bool:
+        return service.counts["kv_resyncs"] == 1
+
+    await wait_until(emptied, timeout_s=5)
+    after = {k: v for k, v in service.stats().items() if k.startswith("index_")}
+    assert sum(after.values()) == sum(sizes.values()) - 3, after
+
+
+async def test_garbage_is_counted_not_fatal(service: SchedulerService, nc: NATS) -> None:
+    await nc.publish(load_subject(MODEL), b"{not json")
+    await nc.publish(kv_subject(MODEL, "a"), msgspec.json.encode({"kind": "kv"}))
+
+    async def counted() -> bool:
+        return service.counts["malformed"] == 2
+
+    await wait_until(counted, timeout_s=5)
+    assert await _place(nc, "after-garbage") in {"a", "b"}
