@@ -7,13 +7,14 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
+import msgspec
 import ray
 
 from actors.replica_agent import ReplicaAgent
 from actors.scheduler import SchedulerService
 from analytics.metering import MeteringService
 from scheduler.config import config_from_json
-from scheduler.wire import replica_decoder
+from scheduler.wire import ReplicaInfo
 
 
 class Service(Protocol):
@@ -61,8 +62,10 @@ class ReplicaAgentActor(_Host):
 
     def __init__(self, config_json: bytes, replica_json: bytes, kv_topic: str | None = None,
                  kv_bind_endpoint: str = "tcp://127.0.0.1:*", kv_replay_endpoint: str = "") -> None:
+        # Ray pickles these methods by value, globals included: no Decoder
+        # objects here (they cannot be pickled).
         self._agent = ReplicaAgent(
-            config_from_json(config_json), replica_decoder.decode(replica_json),
+            config_from_json(config_json), msgspec.json.decode(replica_json, type=ReplicaInfo),
             kv_topic=kv_topic, kv_bind_endpoint=kv_bind_endpoint,
             kv_replay_endpoint=kv_replay_endpoint)
         super().__init__(self._agent)

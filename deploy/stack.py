@@ -1,9 +1,10 @@
 """`switchyard up`: the whole stack on this machine, on 127.0.0.1.
 
-Order: nats-server, redis-server, replicas (simulated unless URLs are given),
-the replica registry, Ray actors (metering, schedulers), the ingress. Each
-part is awaited until ready; a part that fails is named with its reason.
-Stopping (SIGINT/SIGTERM, or any child dying) ends every part in reverse.
+Order: nats-server, redis-server, the replicas with their agents (simulated
+unless URLs are given; deploy/replica_fleet.py), the replica registry, Ray
+actors (metering, schedulers), the ingress. Each part is awaited until ready;
+a part that fails is named with its reason. Stopping (SIGINT/SIGTERM, or any
+child dying) ends every part, the ingress first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,12 +22,10 @@ import msgspec
 
 from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
 from deploy.procs import ChildProcess, StartFailed, python_module, start_nats, start_redis
+from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
 from scheduler.config import Config, dump_config
-from scheduler.wire import ReplicaInfo
 
 DEMO_TENANT = "demo"
-ACTOR_READY_TIMEOUT_S = 120.0
-REPLICA_READY_TIMEOUT_S = 60.0
 
 
 def port_of(url: str) -> int:
@@ -61,6 +59,7 @@ class Stack:
         self.logs = self.var / "logs"
         self.children: list[ChildProcess] = []
         self.actors: list[object] = []
+        self.fleet = ReplicaFleet(cfg, self.var, self.logs)
         self.started = False
 
     async def start(self) -> str:
@@ -70,10 +69,14 @@ class Stack:
         redis_proc, _ = await start_redis(self.var / "redis", self.logs,
                                           port_of(self.cfg.redis.url))
         self.children.append(redis_proc)
-        replicas = await self._replicas()
         redis = connect_redis(self.cfg.redis)
         try:
-            await self._register(ReplicaRegistry(redis), replicas)
+            registry = ReplicaRegistry(redis)
+            # `up` owns the registry: replicas of an earlier run are dropped.
+            for stale in await registry.replicas():
+                await registry.remove_replica(stale.id)
+            for info in await self.fleet.start():
+                await registry.put_replica(info)
             await self._start_actors()
             await self._start_ingress()
             tenants = TenantStore(redis, self.cfg.auth.key_secret.encode())
@@ -82,34 +85,6 @@ class Stack:
             await redis.aclose()
         self.started = True
         return issued.plaintext
-
-    async def _replicas(self) -> list[ReplicaInfo]:
-        urls = [r.url.rstrip("/") for r in self.cfg.replicas]
-        if not urls:
-            urls = await self._start_simulator()
-        async with aiohttp.ClientSession() as session:
-            return [await _describe(session, i, url) for i, url in enumerate(urls)]
-
-    async def _start_simulator(self) -> list[str]:
-        sim = self.cfg.simulator
-        config_path = self.var / "run" / "config.json"
-        self._write_config(config_path)
-        proc = ChildProcess("replica simulator", python_module(
-            "loadtests.simulator", "--config", str(config_path)), self.logs / "simulator.log")
-        await proc.start()
-        self.children.append(proc)
-        urls = [f"http://127.0.0.1:{sim.base_port + i}" for i in range(sim.replicas)]
-        async with aiohttp.ClientSession() as session:
-            for url in urls:
-                await proc.wait_ready(lambda u=url: _healthy(session, u), REPLICA_READY_TIMEOUT_S)
-        return urls
-
-    async def _register(self, registry: ReplicaRegistry, replicas: list[ReplicaInfo]) -> None:
-        # `up` owns the registry: replicas of an earlier run are dropped.
-        for stale in await registry.replicas():
-            await registry.remove_replica(stale.id)
-        for info in replicas:
-            await registry.put_replica(info)
 
     async def _start_actors(self) -> None:
         from actors.ray_shells import MeteringActor, SchedulerActor
@@ -135,7 +110,7 @@ class Stack:
         self.children.append(proc)
         url = f"http://127.0.0.1:{self.cfg.ingress.port}/readyz"
         async with aiohttp.ClientSession() as session:
-            await proc.wait_ready(lambda: _healthy(session, url), timeout_s=30)
+            await proc.wait_ready(lambda: healthy(session, url), timeout_s=30)
 
     def _write_config(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,49 +120,23 @@ class Stack:
     async def wait_for_exit(self, stop: asyncio.Event) -> None:
         """Blocks until `stop` is set or a child dies (which it reports)."""
         while not stop.is_set():
-            for child in self.children:
+            for child in self.children + self.fleet.children:
                 if child.exited():
                     raise StartFailed(f"{child.name} exited unexpectedly (log {child.log_path})")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
 
     async def stop(self) -> None:
+        """Ingress first (no new work), then actors, replicas, Redis, NATS."""
+        ingress, servers = self.children[2:], self.children[:2]
+        for child in reversed(ingress):
+            await child.stop()
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(actor.stop.remote(), timeout=10)  # type: ignore[attr-defined]
-        for child in reversed(self.children):
+        await self.fleet.stop()
+        for child in reversed(servers):
             await child.stop()
-
-
-async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
-    if not url.endswith("/readyz"):
-        url = url + "/health"
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-            return resp.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
-async def _describe(session: aiohttp.ClientSession, index: int, url: str) -> ReplicaInfo:
-    """Asks a replica which models it serves (OpenAI /v1/models), waiting for
-    it to come up (a vLLM server takes a while to load)."""
-    deadline = time.monotonic() + REPLICA_READY_TIMEOUT_S
-    while True:
-        try:
-            async with session.get(url + "/v1/models",
-                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                resp.raise_for_status()
-                body = await resp.json()
-            break
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise StartFailed(f"replica {url} failed: GET /v1/models: {exc!r}") from None
-            await asyncio.sleep(0.5)
-    models = tuple(m["id"] for m in body.get("data", []))
-    if not models:
-        raise StartFailed(f"replica {url} serves no model")
-    return ReplicaInfo(id=f"r{index}-{urlsplit(url).port}", url=url, models=models)
 
 
 def print_line(text: str) -> None:

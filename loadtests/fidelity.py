@@ -12,6 +12,10 @@
 3. Runs the same mix on a simulated replica configured with those numbers
    and prints TTFT and decode rates side by side (JSON, then a table).
 
+Times are the replicas' own: the change in their /metrics histograms
+(vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds) over
+each case, which the simulator exports with vLLM's meaning.
+
     python -m loadtests.fidelity [--quick]
 
 To calibrate for another GPU or model, run steps 1-2 against a replica of it
@@ -29,7 +33,6 @@ import json
 import random
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +53,9 @@ KV_BLOCKS = 1024  # 32 prompts of 900 tokens fit: no preemption muddles the timi
 MAX_NUM_SEQS = 128
 MAX_NUM_BATCHED_TOKENS = 2048
 FIRST_TOKEN_ID = 8  # below are the special tokens
+TTFT = "vllm:time_to_first_token_seconds"
+ITL = "vllm:inter_token_latency_seconds"
+ENGINE_SERIES = (TTFT + "_sum", TTFT + "_count", ITL + "_sum", ITL + "_count")
 VOCAB_SIZE = 1024
 
 
@@ -62,8 +68,8 @@ class Case:
 
 @dataclass(frozen=True)
 class Measured:
-    ttft_ms: float  # median over the case's requests
-    decode_tokens_per_s: float  # median per-request rate after the first token
+    ttft_ms: float  # mean over the case's requests, as the replica measured it
+    decode_tokens_per_s: float  # 1 / mean inter-token latency
 
 
 @dataclass(frozen=True)
@@ -80,33 +86,44 @@ def _ids(rng: random.Random, count: int) -> list[int]:
     return [rng.randrange(FIRST_TOKEN_ID, VOCAB_SIZE) for _ in range(count)]
 
 
-async def _stream(session: aiohttp.ClientSession, url: str,
-                  prompt: list[int]) -> tuple[float, float]:
-    """(TTFT ms, decode tokens/s) of one streamed completion."""
+async def _stream(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> None:
     body = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": OUTPUT_TOKENS,
             "min_tokens": OUTPUT_TOKENS, "ignore_eos": True, "stream": True}
-    started = time.perf_counter()
-    stamps: list[float] = []
     async with session.post(url + "/v1/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.content:
-            if line.startswith(b"data: {"):
-                stamps.append(time.perf_counter())
-    ttft_ms = (stamps[0] - started) * 1000
-    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
-    return ttft_ms, rate
+        async for _ in resp.content:
+            pass
+
+
+async def _engine_totals(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """Sums and counts of the replica's own TTFT and inter-token histograms."""
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    totals = dict.fromkeys(ENGINE_SERIES, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 async def run_case(session: aiohttp.ClientSession, url: str, case: Case,
                    rng: random.Random) -> Measured:
+    """Times as the replica's engine measures them (its /metrics histograms):
+    on CPU, vLLM's API server often delivers a whole stream at once, so times
+    seen by the client say little about the engine being imitated."""
     cached = int(case.prompt_tokens * case.cached_fraction)
     prefix = _ids(rng, cached)
     if cached:  # warm the shared prefix first
         await _stream(session, url, prefix)
     prompts = [prefix + _ids(rng, case.prompt_tokens - cached) for _ in range(case.concurrency)]
-    results = await asyncio.gather(*(_stream(session, url, p) for p in prompts))
-    return Measured(statistics.median(r[0] for r in results),
-                    statistics.median(r[1] for r in results))
+    before = await _engine_totals(session, url)
+    await asyncio.gather(*(_stream(session, url, p) for p in prompts))
+    after = await _engine_totals(session, url)
+    delta = {name: after[name] - before[name] for name in ENGINE_SERIES}
+    ttft_ms = 1000 * delta[TTFT + "_sum"] / max(delta[TTFT + "_count"], 1)
+    itl_ms = 1000 * delta[ITL + "_sum"] / max(delta[ITL + "_count"], 1)
+    return Measured(ttft_ms, 1000 / itl_ms if itl_ms else 0.0)
 
 
 async def run_mix(url: str, cases: list[Case], seed: int, rounds: int) -> dict[Case, Measured]:

@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import nats
 import pytest
 
 from deploy.procs import LOOPBACK, free_port
+from scheduler.wire import LOAD_SUBJECT, load_decoder
 from tests.harness import MODEL
 
 pytestmark = pytest.mark.integration
@@ -141,9 +143,24 @@ async def test_up_names_the_part_that_failed(tmp_path: Path) -> None:
     assert not _leftovers(run.proc.pid, tmp_path)
 
 
+async def _agents_report(nats_url: str, replicas: int) -> None:
+    """Each replica's agent publishes load snapshots that say it is healthy."""
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.subscribe(LOAD_SUBJECT.format(model="*"))
+        healthy: set[str] = set()
+        while len(healthy) < replicas:
+            snapshot = load_decoder.decode((await sub.next_msg(timeout=10)).data)
+            if snapshot.healthy and snapshot.cache is not None:
+                healthy.add(snapshot.replica_id)
+    finally:
+        await nc.drain()
+
+
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
 async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -> None:
-    run = await UpRun.start(tmp_path, _config(tmp_path))
+    nats_port = free_port()
+    run = await UpRun.start(tmp_path, _config(tmp_path, nats_port=nats_port))
     proc = run.proc
     try:
         line = await asyncio.wait_for(run.until_up(), UP_TIMEOUT_S)
@@ -161,6 +178,7 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -
                 assert resp.status == 200
                 text = (await resp.read()).decode()
         assert text.rstrip().endswith("data: [DONE]") and text.count("data: ") >= 6
+        await asyncio.wait_for(_agents_report(f"nats://{LOOPBACK}:{nats_port}", replicas=2), 20)
         if stop == "ctrl-c":
             run.ctrl_c()
         else:

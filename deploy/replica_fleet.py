@@ -1,0 +1,131 @@
+"""The replicas of the local stack, each watched by its agent (a Ray actor:
+health, /metrics, load snapshots, KV-event relay).
+
+Simulated replicas run one process each, like vLLM servers, and publish
+their KV-cache events to their agent's SUB socket. Given URLs (real vLLM)
+get agents for health and load only: their KV-event settings are their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+from deploy.procs import LOOPBACK, ChildProcess, StartFailed, python_module
+from scheduler.config import Config, SimulatorConfig, dump_config
+from scheduler.wire import ReplicaInfo, encode
+
+ACTOR_READY_TIMEOUT_S = 120.0
+REPLICA_READY_TIMEOUT_S = 60.0
+SIM_TOPIC = "sim-{index}"
+
+
+def replica_id(index: int, url: str) -> str:
+    return f"r{index}-{urlsplit(url).port}"
+
+
+class ReplicaFleet:
+    def __init__(self, cfg: Config, var: Path, logs: Path) -> None:
+        self.cfg = cfg
+        self.var = var
+        self.logs = logs
+        self.children: list[ChildProcess] = []
+        self.agents: list[object] = []
+
+    async def start(self) -> list[ReplicaInfo]:
+        if self.cfg.replicas:
+            return await self._given()
+        return await self._simulated()
+
+    async def _given(self) -> list[ReplicaInfo]:
+        async with aiohttp.ClientSession() as session:
+            infos = [await describe(session, i, r.url.rstrip("/"))
+                     for i, r in enumerate(self.cfg.replicas)]
+        for info in infos:
+            await self._agent(info, kv_topic=None)
+        return infos
+
+    async def _simulated(self) -> list[ReplicaInfo]:
+        sim = self.cfg.simulator
+        infos = []
+        for index in range(sim.replicas):
+            port = sim.base_port + index
+            url = f"http://{LOOPBACK}:{port}"
+            info = ReplicaInfo(id=replica_id(index, url), url=url, models=(sim.model,))
+            topic = SIM_TOPIC.format(index=index)
+            endpoint = await self._agent(info, kv_topic=topic)
+            await self._start_simulator(index, msgspec.structs.replace(
+                sim, replicas=1, base_port=port, kv_events_endpoint=endpoint,
+                kv_events_topic=topic, kv_events_replay_endpoint=f"tcp://{LOOPBACK}:0"))
+            infos.append(info)
+        async with aiohttp.ClientSession() as session:
+            for proc, info in zip(self.children, infos, strict=True):
+                await proc.wait_ready(lambda u=info.url: healthy(session, u + "/health"),
+                                      REPLICA_READY_TIMEOUT_S)
+        return infos
+
+    async def _agent(self, info: ReplicaInfo, kv_topic: str | None) -> str:
+        """Starts the replica's agent; returns where its KV events must go."""
+        from actors.ray_shells import ReplicaAgentActor
+
+        agent = ReplicaAgentActor.options(name=f"switchyard-agent-{info.id}").remote(
+            dump_config(self.cfg), encode(info), kv_topic=kv_topic)
+        self.agents.append(agent)
+        try:
+            return await asyncio.wait_for(agent.kv_events_endpoint.remote(),
+                                          ACTOR_READY_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - reported with the part's name
+            raise StartFailed(f"agent of replica {info.id} failed to start: {exc}") from None
+
+    async def _start_simulator(self, index: int, sim: SimulatorConfig) -> None:
+        config_path = self.var / "run" / f"simulator-{index}.json"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_bytes(dump_config(msgspec.structs.replace(self.cfg, simulator=sim)))
+        config_path.chmod(0o600)  # it holds the key secret
+        proc = ChildProcess(f"simulated replica {index}", python_module(
+            "loadtests.simulator", "--config", str(config_path)),
+            self.logs / f"simulator-{index}.log")
+        await proc.start()
+        self.children.append(proc)
+
+    async def stop(self) -> None:
+        for agent in self.agents:
+            with contextlib.suppress(Exception):  # stopping anyway
+                await asyncio.wait_for(agent.stop.remote(), timeout=10)  # type: ignore[attr-defined]
+        for child in reversed(self.children):
+            await child.stop()
+
+
+async def healthy(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def describe(session: aiohttp.ClientSession, index: int, url: str) -> ReplicaInfo:
+    """Asks a replica which models it serves (OpenAI /v1/models), waiting for
+    it to come up (a vLLM server takes a while to load)."""
+    deadline = time.monotonic() + REPLICA_READY_TIMEOUT_S
+    while True:
+        try:
+            async with session.get(url + "/v1/models",
+                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                resp.raise_for_status()
+                body = await resp.json()
+            break
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise StartFailed(f"replica {url} failed: GET /v1/models: {exc!r}") from None
+            await asyncio.sleep(0.5)
+    models = tuple(m["id"] for m in body.get("data", []))
+    if not models:
+        raise StartFailed(f"replica {url} serves no model")
+    return ReplicaInfo(id=replica_id(index, url), url=url, models=models)
