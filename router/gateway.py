@@ -16,6 +16,7 @@ from router.metrics import Metrics
 from router.outbox import Outbox
 from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
+from scheduler.approx_index import chunk_hashes
 from scheduler.config import Config
 from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, YardError
 from scheduler.wire import (
@@ -31,6 +32,10 @@ from scheduler.wire import (
     place_reply_decoder,
     place_subject,
 )
+
+# Requests of one conversation share it (or the OpenAI `user` field), for
+# the session-affinity scorer.
+SESSION_HEADER = "x-session-id"
 
 
 def new_request_id() -> str:
@@ -56,18 +61,23 @@ class Gateway:
         self._replicas = replicas
         self._outbox = outbox
         self._metrics = metrics
+        sched = cfg.scheduler
+        # Chunk hashes cost time per prompt byte: only when a scorer reads them.
+        self._chunking = any(s.name == "prefix-approx"
+                             for s in sched.profiles[sched.profile].scorers)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return await self._auth.authenticate(authorization)
 
     async def admit(self, request_id: str, route: str, body: bytes,
-                    authorization: str | None) -> RequestContext:
+                    authorization: str | None, session_id: str | None = None) -> RequestContext:
         started_at_s = time.monotonic()
         principal = await self._auth.authenticate(authorization)
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
         parsed = parse_request(route, body)
-        placement = await self._place(request_id, principal, parsed)
+        placement = await self._place(request_id, principal, parsed,
+                                      session_id or parsed.user)
         return RequestContext(request_id, principal, parsed, placement, started_at_s,
                               int(time.time() * 1000))
 
@@ -107,11 +117,12 @@ class Gateway:
         reply = await self._request(MODELS_SUBJECT, encode(ModelsQuery()))
         return models_reply_decoder.decode(reply).models
 
-    async def _place(self, request_id: str, principal: Principal,
-                     parsed: ParsedRequest) -> Placement:
+    async def _place(self, request_id: str, principal: Principal, parsed: ParsedRequest,
+                     session_id: str) -> Placement:
         req = PlaceRequest(request_id=request_id, tenant_id=principal.tenant_id,
                            model=parsed.model, prompt_tokens=parsed.prompt_tokens_est,
-                           max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens)
+                           max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens,
+                           chunk_hashes=self._chunk_hashes(parsed), session_id=session_id)
         started_s = time.perf_counter()
         reply = await self._request(place_subject(parsed.model), encode(req))
         self._metrics.placement.observe(time.perf_counter() - started_s)
@@ -121,6 +132,12 @@ class Gateway:
         error_type: type[YardError] = PLACEMENT_ERRORS.get(decision.code, NoCapacity)
         raise error_type(decision.message, param="model" if decision.code == "model_not_found"
                          else None, retry_after_s=decision.retry_after_s)
+
+    def _chunk_hashes(self, parsed: ParsedRequest) -> tuple[int, ...]:
+        if not self._chunking:
+            return ()
+        params = self.cfg.scheduler.plugins.prefix_approx
+        return chunk_hashes(parsed.prompt_bytes, params.chunk_bytes, params.max_chunks)
 
     async def _request(self, subject: str, payload: bytes) -> bytes:
         try:

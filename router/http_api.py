@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, sse_error_event
-from router.gateway import Gateway, RequestContext, new_request_id
+from router.gateway import SESSION_HEADER, Gateway, RequestContext, new_request_id
 from router.upstream import CLIENT_CLOSED, DONE, UpstreamCall
 from scheduler.errors import YardError
 
@@ -29,7 +29,8 @@ async def _serve(request: web.Request, route: str) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     request_id = request[REQUEST_ID] = new_request_id()
     body = await request.read()
-    ctx = await gateway.admit(request_id, route, body, request.headers.get("Authorization"))
+    ctx = await gateway.admit(request_id, route, body, request.headers.get("Authorization"),
+                              request.headers.get(SESSION_HEADER))
     call = gateway.call(ctx)
     status, error_code = CLIENT_CLOSED, "client_closed"
     try:

@@ -38,6 +38,7 @@ class ChatBody(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
+    user: str | None = None
 
 
 class CompletionBody(msgspec.Struct, frozen=True):
@@ -47,6 +48,7 @@ class CompletionBody(msgspec.Struct, frozen=True):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
+    user: str | None = None
 
 
 _decoders = {
@@ -64,6 +66,10 @@ class ParsedRequest:
     max_tokens: int | None
     prompt_tokens_est: int
     upstream_body: bytes
+    # The prompt as bytes in a canonical form, for prefix hashing: a longer
+    # conversation starts with the bytes of a shorter one.
+    prompt_bytes: bytes
+    user: str
 
 
 def parse_request(route: str, body: bytes) -> ParsedRequest:
@@ -87,7 +93,8 @@ def parse_request(route: str, body: bytes) -> ParsedRequest:
     return ParsedRequest(route=route, model=parsed.model, stream=stream,
                          include_usage=include_usage, max_tokens=max_tokens,
                          prompt_tokens_est=_estimate_tokens(parsed),
-                         upstream_body=_upstream_body(body, stream, include_usage))
+                         upstream_body=_upstream_body(body, stream, include_usage),
+                         prompt_bytes=_prompt_bytes(parsed), user=parsed.user or "")
 
 
 def _upstream_body(body: bytes, stream: bool, include_usage: bool) -> bytes:
@@ -115,6 +122,19 @@ def _estimate_tokens(parsed: ChatBody | CompletionBody) -> int:
         elif message.content:
             chars += sum(len(part.text or "") for part in message.content)
     return chars // CHARS_PER_TOKEN + len(parsed.messages)
+
+
+def _prompt_bytes(parsed: ChatBody | CompletionBody) -> bytes:
+    if isinstance(parsed, CompletionBody):
+        prompt = parsed.prompt
+        return prompt.encode() if isinstance(prompt, str) else msgspec.json.encode(prompt)
+    parts = []
+    for message in parsed.messages:
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(part.text or "" for part in content)
+        parts.append(f"{message.role}\x00{content or ''}\x00")
+    return "".join(parts).encode()
 
 
 def _item_tokens(item: str | int | list[int]) -> int:

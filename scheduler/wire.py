@@ -78,6 +78,12 @@ class PlaceRequest(_Msg, tag="place"):
     model: str
     prompt_tokens: int = 0
     max_tokens: int = 0
+    # Routing features computed by the ingress (the prompt itself never
+    # travels): vLLM block hashes (low 64 bits) when it tokenized the prompt,
+    # chained hashes of the prompt's byte chunks, the client's session.
+    block_hashes: tuple[int, ...] = ()
+    chunk_hashes: tuple[int, ...] = ()
+    session_id: str = ""
 
 
 class Placement(_Msg, tag="placement"):

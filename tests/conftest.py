@@ -21,6 +21,9 @@ pytest_plugins = ["tests.fixtures_vllm"]
 # Longest the event loop may go without turning; ample for a loaded 2-core
 # machine, far below what a blocking call (ray.get, time.sleep, sync I/O) costs.
 MAX_LOOP_STALL_S = 0.5
+# Real vLLM's engine spins on both cores while it works and can starve this
+# process that long; a blocking call in our code still shows up above it.
+MAX_LOOP_STALL_WITH_VLLM_S = 2.0
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -148,7 +151,8 @@ async def loop_guard(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     leaked = await _pending_tasks(before, only_ours=True, grace_s=2.0)
     assert not leaked, f"test leaked tasks: {leaked}"
     if "allow_loop_stall" not in request.keywords:
-        assert watch.worst_stall_s < MAX_LOOP_STALL_S, (
+        limit_s = MAX_LOOP_STALL_WITH_VLLM_S if "vllm" in request.keywords else MAX_LOOP_STALL_S
+        assert watch.worst_stall_s < limit_s, (
             f"event loop blocked for {watch.worst_stall_s:.3f} s")
 
 @pytest_asyncio.fixture(scope="session")

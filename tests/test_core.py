@@ -93,6 +93,8 @@ def test_config_round_trips_for_child_processes() -> None:
 WIRE_CASES = [
     (PlaceRequest(request_id="r", tenant_id="t", model="m", prompt_tokens=3, max_tokens=4),
      sched_decoder),
+    (PlaceRequest(request_id="r", tenant_id="t", model="m", block_hashes=(2**64 - 1, 7),
+                  chunk_hashes=(1, 2), session_id="s"), sched_decoder),
     (PlaceDone(request_id="r", replica_id="a", model="m"), sched_decoder),
     (Placement(request_id="r", replica_id="a", url="http://127.0.0.1:1"), place_reply_decoder),
     (PlaceRejected(request_id="r", code="no_capacity", message="x", retry_after_s=1.5),
@@ -209,3 +211,13 @@ def test_bad_requests_are_400_with_the_param(route: str, body: bytes, param: str
 def test_example_config_documents_the_defaults() -> None:
     example = Path(__file__).resolve().parent.parent / "deploy" / "switchyard.example.toml"
     assert load_config(example, {}) == decode_config({}, {})
+
+
+def test_prompt_bytes_of_a_longer_conversation_start_with_the_shorter() -> None:
+    turn = [{"role": "system", "content": "rules"}, {"role": "user", "content": "hi"}]
+    longer = [*turn, {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]
+    short = parse_request("chat", msgspec.json.encode({"model": "m", "messages": turn}))
+    long = parse_request("chat", msgspec.json.encode({"model": "m", "messages": longer,
+                                                      "user": "u1"}))
+    assert long.prompt_bytes.startswith(short.prompt_bytes) and long.user == "u1"
+    assert parse_request("completions", b'{"model":"m","prompt":"abc"}').prompt_bytes == b"abc"
