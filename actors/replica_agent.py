@@ -123,6 +123,11 @@ class ReplicaAgent:
                 # Redis or NATS away for a while: keep checking, they come back.
                 self.counters["step_failures"] += 1
                 log.warning("replica %s: %s failed: %r", self.replica.id, step.__name__, exc)
+            except Exception:
+                # Anything else (a garbled answer) must not end the agent
+                # silently while its last snapshot says "healthy".
+                self.counters["step_failures"] += 1
+                log.exception("replica %s: %s failed", self.replica.id, step.__name__)
             await asyncio.sleep(max(0.0, interval_s - (loop.time() - started_s)))
 
     async def _check_health(self) -> None:

@@ -93,10 +93,7 @@ class SchedulerService:
         # Backstop for a missed "registry changed" notice.
         while True:
             await asyncio.sleep(self.cfg.scheduler.registry_refresh_s)
-            try:
-                await self.reload_registry()
-            except Exception:
-                log.warning("registry reload failed", exc_info=True)
+            await self._reload_or_keep()
 
     async def _on_place(self, msg: Msg) -> None:
         try:
@@ -149,4 +146,12 @@ class SchedulerService:
         await msg.respond(encode(ModelsReply(models=self.core.models())))
 
     async def _on_registry_changed(self, msg: Msg) -> None:
-        await self.reload_registry()
+        await self._reload_or_keep()
+
+    async def _reload_or_keep(self) -> None:
+        try:
+            await self.reload_registry()
+        except Exception:
+            # Keep serving with the last registry; the next change notice or
+            # the periodic refresh tries again.
+            log.warning("registry reload failed", exc_info=True)

@@ -45,7 +45,7 @@ class ReplicaFleet:
 
     async def _given(self) -> list[ReplicaInfo]:
         async with aiohttp.ClientSession() as session:
-            infos = [await describe(session, i, r.url.rstrip("/"))
+            infos = [await describe(session, r.id or replica_id(i, r.url), r.url.rstrip("/"))
                      for i, r in enumerate(self.cfg.replicas)]
         for info in infos:
             await self._agent(info, kv_topic=None)
@@ -110,7 +110,7 @@ async def healthy(session: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
-async def describe(session: aiohttp.ClientSession, index: int, url: str) -> ReplicaInfo:
+async def describe(session: aiohttp.ClientSession, rid: str, url: str) -> ReplicaInfo:
     """Asks a replica which models it serves (OpenAI /v1/models), waiting for
     it to come up (a vLLM server takes a while to load)."""
     deadline = time.monotonic() + REPLICA_READY_TIMEOUT_S
@@ -128,4 +128,4 @@ async def describe(session: aiohttp.ClientSession, index: int, url: str) -> Repl
     models = tuple(m["id"] for m in body.get("data", []))
     if not models:
         raise StartFailed(f"replica {url} serves no model")
-    return ReplicaInfo(id=replica_id(index, url), url=url, models=models)
+    return ReplicaInfo(id=rid, url=url, models=models)

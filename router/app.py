@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
 from aiohttp import web
+from redis.asyncio import Redis
 
 from actors.bus import connect_bus
 from actors.control_store import TenantStore, connect_redis
@@ -55,7 +56,7 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         nats_api = NatsApi(nc, gateway)
         await nats_api.start()
         app[GATEWAY] = gateway
-        app[READINESS] = _readiness(nc, redis)
+        app[READINESS] = _readiness(nc, redis, cfg.redis.timeout_s)
         try:
             yield
         finally:
@@ -69,13 +70,14 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     return services
 
 
-def _readiness(nc: nats.NATS, redis) -> Callable[[], Awaitable[list[str]]]:
+def _readiness(nc: nats.NATS, redis: Redis,
+               timeout_s: float) -> Callable[[], Awaitable[list[str]]]:
     async def problems() -> list[str]:
         found = []
         if not nc.is_connected:
             found.append("nats: not connected")
         try:
-            await asyncio.wait_for(redis.ping(), timeout=1.0)
+            await asyncio.wait_for(redis.ping(), timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             found.append(f"redis: {type(exc).__name__}")
         return found

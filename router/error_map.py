@@ -9,6 +9,7 @@ import logging
 import math
 import time
 
+import msgspec
 from aiohttp import web
 
 from router.metrics import Metrics
@@ -62,8 +63,10 @@ def sse_error_event(exc: BaseException) -> bytes:
 
 
 def nats_error_reply(exc: BaseException) -> bytes:
+    """The same error object as over HTTP (a replica's own, when it refused)."""
     err = as_yard_error(exc)
-    return encode(ApiError(status=err.status, error=err.body()["error"]))
+    error = msgspec.json.decode(err.payload()).get("error", err.body()["error"])
+    return encode(ApiError(status=err.status, error=error))
 
 
 def _route_label(request: web.Request) -> str:

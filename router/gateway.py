@@ -36,6 +36,8 @@ from scheduler.wire import (
 # Requests of one conversation share it (or the OpenAI `user` field), for
 # the session-affinity scorer.
 SESSION_HEADER = "x-session-id"
+# The scorers that read a request's chunk hashes.
+CHUNK_HASH_SCORERS = frozenset({"prefix-approx", "cost"})
 
 
 def new_request_id() -> str:
@@ -63,7 +65,7 @@ class Gateway:
         self._metrics = metrics
         sched = cfg.scheduler
         # Chunk hashes cost time per prompt byte: only when a scorer reads them.
-        self._chunking = any(s.name == "prefix-approx"
+        self._chunking = any(s.name in CHUNK_HASH_SCORERS
                              for s in sched.profiles[sched.profile].scorers)
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -124,7 +126,14 @@ class Gateway:
                            max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens,
                            chunk_hashes=self._chunk_hashes(parsed), session_id=session_id)
         started_s = time.perf_counter()
-        reply = await self._request(place_subject(parsed.model), encode(req))
+        try:
+            reply = await self._request(place_subject(parsed.model), encode(req))
+        except BaseException:
+            # The scheduler may have counted it before the answer was lost (or
+            # the client left): release it, or it pins the load until its TTL.
+            self._outbox.placement_done(PlaceDone(request_id=request_id, replica_id="",
+                                                  model=parsed.model))
+            raise
         self._metrics.placement.observe(time.perf_counter() - started_s)
         decision = place_reply_decoder.decode(reply)
         if isinstance(decision, Placement):

@@ -56,8 +56,11 @@ async def _relay_body(request: web.Request, ctx: RequestContext,
     response = web.Response(body=body, content_type="application/json", headers=_headers(ctx))
     # Sent here, not after the handler returns, so the outcome is known when
     # `finish` records it.
-    await response.prepare(request)
-    await response.write_eof()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:
+        call.record.client_gone = True
     return response
 
 

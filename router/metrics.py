@@ -3,7 +3,7 @@ run several ingresses in one process)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FAST_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
@@ -25,8 +25,6 @@ class Metrics:
         self.placement = Histogram(
             "switchyard_placement_duration_seconds", "Placement round trip over NATS.",
             buckets=FAST_BUCKETS_S, registry=r)
-        self.in_flight = Gauge(
-            "switchyard_requests_in_flight", "Requests being served.", registry=r)
         self.upstream_errors = Counter(
             "switchyard_upstream_errors", "Replica failures, by replica.",
             ["replica"], registry=r)

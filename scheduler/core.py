@@ -21,6 +21,8 @@ from scheduler.kv_events import KVCacheEvent
 from scheduler.registry import PluginState, build_profiles
 from scheduler.wire import ModelCard, Placement, PlaceRejected, PlaceRequest, ReplicaInfo
 
+# What a client is told to wait when no replica can take its request now.
+NO_CAPACITY_RETRY_AFTER_S = 1.0
 
 @dataclass(slots=True)
 class _InFlight:
@@ -64,6 +66,9 @@ class SchedulerCore:
                                    capacity_blocks=self.replica_capacity_blocks)
             else:
                 view.url, view.models = info.url, info.models
+            # The operator's flag (`switchyard replicas drain`), also for
+            # replicas without an agent.
+            view.draining = info.draining
             self.replicas[rid] = view
         for rid in old.keys() - self.replicas.keys():
             self.state.precise.drop(rid)
@@ -175,7 +180,8 @@ class SchedulerCore:
             return PlaceRejected(request_id=req.request_id, code="model_not_found",
                                  message=f"The model `{req.model}` does not exist.")
         return PlaceRejected(request_id=req.request_id, code="no_capacity",
-                             message=f"No replica of `{req.model}` can take the request now.")
+                             message=f"No replica of `{req.model}` can take the request now.",
+                             retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 
     def _placement(self, request_id: str, replica_id: ReplicaId) -> Placement:
         return Placement(request_id=request_id, replica_id=replica_id,

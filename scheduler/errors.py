@@ -64,12 +64,6 @@ class AuthenticationFailed(YardError):
     code = "invalid_api_key"
 
 
-class PermissionDenied(YardError):
-    status = 403
-    type = "permission_error"
-    code = "permission_denied"
-
-
 class ModelNotFound(YardError):
     status = 404
     type = "invalid_request_error"

@@ -52,7 +52,7 @@ class PluginState:
         )
 
     def index_sizes(self) -> dict[str, int]:
-        """Entries per index, for the switchyard_scheduler_index_size metric."""
+        """Entries per index (the scheduler actor reports them in its stats)."""
         return {"prefix-precise": self.precise.size_blocks(),
                 "prefix-approx": self.approx.size_blocks(),
                 "session-affinity": len(self.sessions)}

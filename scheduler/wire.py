@@ -153,7 +153,7 @@ class LoadSnapshot(_Msg, tag="load"):
     """One scrape of a replica's /metrics plus its health, from its agent.
     `precise_error` non-empty: the replica's KV events must not feed a precise
     prefix index (why, in words: cache-config mismatch, events off); the agent
-    then relays no events and schedulers fall back to approximate for it."""
+    then relays no events, so the precise index holds nothing for it."""
 
     replica_id: str
     model: str

@@ -14,10 +14,11 @@ from pathlib import Path
 import aiohttp
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from deploy.procs import LOOPBACK, free_port
-from scheduler.wire import LOAD_SUBJECT, load_decoder
-from tests.harness import MODEL
+from scheduler.wire import KV_SUBJECT, LOAD_SUBJECT, KvEventsRelay, kv_decoder, load_decoder
+from tests.harness import MODEL, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -143,18 +144,40 @@ async def test_up_names_the_part_that_failed(tmp_path: Path) -> None:
     assert not _leftovers(run.proc.pid, tmp_path)
 
 
-async def _agents_report(nats_url: str, replicas: int) -> None:
-    """Each replica's agent publishes load snapshots that say it is healthy."""
-    nc = await nats.connect(nats_url)
-    try:
-        sub = await nc.subscribe(LOAD_SUBJECT.format(model="*"))
-        healthy: set[str] = set()
-        while len(healthy) < replicas:
-            snapshot = load_decoder.decode((await sub.next_msg(timeout=10)).data)
-            if snapshot.healthy and snapshot.cache is not None:
-                healthy.add(snapshot.replica_id)
-    finally:
-        await nc.drain()
+class AgentWatch:
+    """Listens to what the replica agents publish: load snapshots and
+    relayed KV-cache events."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+        self.healthy: set[str] = set()
+        self.kv_batches = 0
+
+    @classmethod
+    async def start(cls, nats_url: str) -> AgentWatch:
+        watch = cls(await nats.connect(nats_url))
+        await watch.nc.subscribe(LOAD_SUBJECT.format(model="*"), cb=watch._on_load)
+        await watch.nc.subscribe(KV_SUBJECT.format(model="*", replica="*"), cb=watch._on_kv)
+        await watch.nc.flush()
+        return watch
+
+    async def _on_load(self, msg: Msg) -> None:
+        snapshot = load_decoder.decode(msg.data)
+        if snapshot.healthy and snapshot.cache is not None and not snapshot.precise_error:
+            self.healthy.add(snapshot.replica_id)
+
+    async def _on_kv(self, msg: Msg) -> None:
+        if isinstance(kv_decoder.decode(msg.data), KvEventsRelay):
+            self.kv_batches += 1
+
+    async def until(self, replicas: int, timeout_s: float) -> None:
+        async def seen() -> bool:
+            return len(self.healthy) >= replicas and self.kv_batches > 0
+
+        await wait_until(seen, timeout_s)
+
+    async def aclose(self) -> None:
+        await self.nc.drain()
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
@@ -170,15 +193,20 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -
         children = _descendants(proc.pid)
         assert len(children) >= 4  # nats, redis, simulator, ingress, Ray's
         assert len(_leftovers(proc.pid, tmp_path)) >= 4  # the check can see them
+        watch = await AgentWatch.start(f"nats://{LOOPBACK}:{nats_port}")
+        # Long enough to fill KV blocks: the replica announces them.
         body = {"model": MODEL, "stream": True, "max_tokens": 5,
-                "messages": [{"role": "user", "content": "hi"}]}
+                "messages": [{"role": "user", "content": "hi there, " * 40}]}
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{api}/chat/completions", json=body,
                                     headers={"Authorization": f"Bearer {key}"}) as resp:
                 assert resp.status == 200
                 text = (await resp.read()).decode()
         assert text.rstrip().endswith("data: [DONE]") and text.count("data: ") >= 6
-        await asyncio.wait_for(_agents_report(f"nats://{LOOPBACK}:{nats_port}", replicas=2), 20)
+        try:
+            await watch.until(replicas=2, timeout_s=20)
+        finally:
+            await watch.aclose()
         if stop == "ctrl-c":
             run.ctrl_c()
         else:
