@@ -7,7 +7,6 @@ tested on its own."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -54,7 +53,7 @@ class SchedulerService:
                                      "unknown_replica", "malformed"), 0)
         self._nc: NATS | None = None
         self._registry: ReplicaRegistry | None = None
-        self._refresher: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         self._nc = await connect_bus(self.cfg.nats, "switchyard-scheduler")
@@ -69,13 +68,14 @@ class SchedulerService:
         await nc.subscribe(LOAD_SUBJECT.format(model="*"), cb=self._on_load)
         await nc.subscribe(KV_SUBJECT.format(model="*", replica="*"), cb=self._on_kv)
         await nc.flush()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="registry-refresh")
+        self._timers = [
+            asyncio.create_task(self._refresh_forever(), name="registry-refresh"),
+            asyncio.create_task(self._staleness_forever(), name="load-staleness")]
 
     async def aclose(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for timer in self._timers:
+            timer.cancel()
+        await asyncio.gather(*self._timers, return_exceptions=True)
         if self._nc is not None:
             await self._nc.drain()
         if self._registry is not None:
@@ -88,6 +88,14 @@ class SchedulerService:
     def stats(self) -> dict[str, int]:
         return {"replicas": len(self.core.replicas), "in_flight": self.core.in_flight_count(),
                 **self.counts, **{f"index_{k}": v for k, v in self.core.index_sizes().items()}}
+
+    async def _staleness_forever(self) -> None:
+        stale_s = self.cfg.scheduler.load_stale_s
+        while True:
+            await asyncio.sleep(stale_s / 2)
+            for replica_id in self.core.mark_stale(self.clock_s(), stale_s):
+                log.warning("replica %s: no load report for %.1f s, taken as unhealthy",
+                            replica_id, stale_s)
 
     async def _refresh_forever(self) -> None:
         # Backstop for a missed "registry changed" notice.

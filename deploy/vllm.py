@@ -17,6 +17,7 @@ import aiohttp
 import msgspec
 
 from deploy.procs import LOOPBACK, ChildProcess, StartFailed, child_env
+from deploy.replica_fleet import healthy
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = PROJECT_DIR / "var" / "vllm" / "venv" / "bin" / "python"
@@ -124,15 +125,7 @@ class VllmReplica:
         await self.proc.start()
         health_url = self.spec.url + "/health"
         async with aiohttp.ClientSession() as session:
-
-            async def healthy() -> bool:
-                try:
-                    async with session.get(health_url) as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await self.proc.wait_ready(healthy, STARTUP_TIMEOUT_S)
+            await self.proc.wait_ready(lambda: healthy(session, health_url), STARTUP_TIMEOUT_S)
 
     async def stop(self) -> None:
         await self.proc.stop(timeout_s=STOP_TIMEOUT_S)

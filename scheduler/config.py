@@ -119,6 +119,9 @@ class SchedulerConfig(_Section):
     # so a lost notice cannot pin a replica's load forever.
     placement_ttl_s: float = 900.0
     registry_refresh_s: float = 5.0
+    # A replica whose agent has reported before but not for this long is
+    # taken as unhealthy (the agent died, or cannot reach it).
+    load_stale_s: float = 2.0
     # The profile placing requests; a name under `profiles`.
     profile: str = "least-load"
     # KV capacity assumed of a replica until its agent reports one; bounds its

@@ -109,6 +109,16 @@ class SchedulerCore:
             view.draining = draining
         return True
 
+    def mark_stale(self, now_s: float, stale_s: float) -> list[str]:
+        """Takes replicas whose agent went quiet as unhealthy; returns their ids.
+        Replicas no agent ever reported on are left as they are."""
+        stale = [view for view in self.replicas.values()
+                 if view.healthy and view.load_reported_at_s is not None
+                 and now_s - view.load_reported_at_s > stale_s]
+        for view in stale:
+            view.healthy = False
+        return [view.id for view in stale]
+
     def models(self) -> tuple[ModelCard, ...]:
         counts: dict[str, int] = {}
         for view in self.replicas.values():

@@ -138,3 +138,18 @@ async def test_garbage_is_counted_not_fatal(service: SchedulerService, nc: NATS)
 
     await wait_until(counted, timeout_s=5)
     assert await _place(nc, "after-garbage") in {"a", "b"}
+
+
+async def test_a_replica_whose_agent_goes_quiet_is_taken_as_unhealthy(
+        service: SchedulerService, nc: NATS) -> None:
+    await nc.publish(load_subject(MODEL), encode(LoadSnapshot(
+        replica_id="a", model=MODEL, healthy=True)))
+
+    async def heard() -> bool:
+        return service.counts["load_reports"] == 1
+
+    await wait_until(heard, timeout_s=5)
+    # "b" has no agent at all: left as it is. "a" stops reporting.
+    stale_s = service.cfg.scheduler.load_stale_s
+    assert service.core.mark_stale(service.clock_s() + stale_s + 1, stale_s) == ["a"]
+    assert {await _place(nc, f"q{i}") for i in range(6)} == {"b"}
