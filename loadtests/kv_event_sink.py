@@ -18,9 +18,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-SEQ_BYTES = 8
-END_SEQ = -1
+from scheduler.kv_events import END_SEQ, decode_seq, encode_seq
 
+# The sequence number of the frame that ends a replay.
+REPLAY_END_SEQ = decode_seq(END_SEQ)
 
 class KvMessage(msgspec.Struct, frozen=True):
     """One message as sent: topic, sequence number, msgpack payload."""
@@ -32,7 +33,7 @@ class KvMessage(msgspec.Struct, frozen=True):
 
 def _message(frames: list[bytes]) -> KvMessage:
     topic, seq, payload = frames
-    return KvMessage(topic.decode(), int.from_bytes(seq, "big", signed=True), payload)
+    return KvMessage(topic.decode(), decode_seq(seq), payload)
 
 
 class KvEventSink:
@@ -99,10 +100,10 @@ async def replay(endpoint: str, start_seq: int, timeout_s: float) -> list[KvMess
     sock = ctx.socket(zmq.DEALER)
     try:
         sock.connect(endpoint)
-        await sock.send_multipart([b"", start_seq.to_bytes(SEQ_BYTES, "big")])
+        await sock.send_multipart([b"", encode_seq(start_seq)])
         batches: list[KvMessage] = []
         async with asyncio.timeout(timeout_s):
-            while (message := _message((await sock.recv_multipart())[1:])).seq != END_SEQ:
+            while (message := _message((await sock.recv_multipart())[1:])).seq != REPLAY_END_SEQ:
                 batches.append(message)
         return batches
     finally:
