@@ -36,7 +36,8 @@ def request_view(req: PlaceRequest, now_s: float) -> SchedRequest:
     return SchedRequest(request_id=req.request_id, tenant_id=req.tenant_id, model=req.model,
                         now_s=now_s, prompt_tokens=req.prompt_tokens,
                         max_tokens=req.max_tokens, block_hashes=req.block_hashes,
-                        chunk_hashes=req.chunk_hashes, session_id=req.session_id)
+                        chunk_hashes=req.chunk_hashes, session_id=req.session_id,
+                        priority=req.priority, exclude=frozenset(req.exclude))
 
 
 class SchedulerCore:

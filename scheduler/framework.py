@@ -37,6 +37,10 @@ class SchedRequest:
     chunk_hashes: tuple[int, ...] = ()
     # `x-session-id` header or the OpenAI `user` field; empty: none.
     session_id: str = ""
+    # Higher first under saturation; negative: sheddable.
+    priority: int = 0
+    # Replicas that already failed this request.
+    exclude: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True, kw_only=True)

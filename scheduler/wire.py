@@ -17,6 +17,12 @@ PLACE_QUEUE = "yard-sched"
 DONE_SUBJECT = "yard.sched.done"
 # "Which models can be served?", answered by any scheduler actor.
 MODELS_SUBJECT = "yard.sched.models"
+# Placements made by one scheduler actor, heard by its peers so that every
+# actor counts every in-flight request (and learns the same prefixes).
+PEER_PLACED_SUBJECT = "yard.sched.placed"
+# An ingress saw a replica fail before the first byte: every scheduler actor
+# ejects it for a while.
+REPLICA_FAILED_SUBJECT = "yard.replica.failed"
 # Replica registry changed: scheduler actors reload it from Redis.
 REGISTRY_CHANGED_SUBJECT = "yard.registry.changed"
 # Usage events (JetStream); the tenant id is the last token.
@@ -84,6 +90,45 @@ class PlaceRequest(_Msg, tag="place"):
     block_hashes: tuple[int, ...] = ()
     chunk_hashes: tuple[int, ...] = ()
     session_id: str = ""
+    # Higher is served first when every replica is saturated; negative is
+    # sheddable. Already bounded by what the tenant may use.
+    priority: int = 0
+    # How long the request may wait in a fair queue for a replica; 0: not at all.
+    max_queue_s: float = 0.0
+    # Replicas that already failed this request (retries before the first byte).
+    exclude: tuple[str, ...] = ()
+    attempt: int = 1
+
+
+class PlaceQueued(_Msg, tag="place_queued"):
+    """Interim answer: the request waits in a fair queue (every replica is
+    saturated); the final Placement or PlaceRejected follows on the same
+    reply subject within `max_queue_s`."""
+
+    request_id: str
+
+
+class PeerPlaced(_Msg, tag="peer_placed"):
+    """A placement made by scheduler actor `actor_id`, broadcast to its peers."""
+
+    actor_id: str
+    request_id: str
+    tenant_id: str
+    model: str
+    replica_id: str
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    chunk_hashes: tuple[int, ...] = ()
+    session_id: str = ""
+
+
+class ReplicaFailed(_Msg, tag="replica_failed"):
+    """A replica failed a request before its first byte (connection refused,
+    reset, 5xx, timeout); `reason` in words."""
+
+    replica_id: str
+    request_id: str
+    reason: str
 
 
 class Placement(_Msg, tag="placement"):
@@ -118,7 +163,7 @@ class ModelsReply(_Msg, tag="models"):
     models: tuple[ModelCard, ...] = ()
 
 
-PlaceReply = Placement | PlaceRejected
+PlaceReply = Placement | PlaceRejected | PlaceQueued
 SchedMessage = PlaceRequest | PlaceDone | ModelsQuery
 
 
@@ -266,6 +311,8 @@ place_request_decoder = msgspec.json.Decoder(PlaceRequest)
 place_reply_decoder = msgspec.json.Decoder(PlaceReply)
 done_decoder = msgspec.json.Decoder(PlaceDone)
 models_reply_decoder = msgspec.json.Decoder(ModelsReply)
+peer_placed_decoder = msgspec.json.Decoder(PeerPlaced)
+replica_failed_decoder = msgspec.json.Decoder(ReplicaFailed)
 replica_decoder = msgspec.json.Decoder(ReplicaInfo)
 load_decoder = msgspec.json.Decoder(LoadSnapshot)
 kv_decoder = msgspec.json.Decoder(KvMessage)
