@@ -25,6 +25,9 @@ class IngressConfig(_Section):
     port: int = 8080
     max_body_bytes: int = 1 << 20
     placement_timeout_s: float = 2.0
+    # How long a placement may wait in the schedulers' fair queue when every
+    # replica is saturated (PlaceRequest.max_queue_s); 0: never queue, answer 503.
+    max_queue_s: float = 10.0
     upstream_connect_timeout_s: float = 5.0
     # Bounds a whole upstream request; generation of long answers is slow.
     upstream_total_timeout_s: float = 600.0
@@ -113,6 +116,24 @@ DEFAULT_PROFILES: dict[str, ProfileConfig] = {
 }
 
 
+class SaturationConfig(_Section):
+    """When a replica counts as saturated, and the fair queue placements wait
+    in while every candidate is (scheduler/saturation.py, waiting_room.py)."""
+
+    # llm-d's detector defaults: a queue of 5 means the batch is full and work
+    # piles up; above 80 % KV usage vLLM is close to preempting running requests.
+    waiting_requests: int = 5
+    kv_cache_usage: float = 0.8
+    # The replicas' --max-num-seqs (vLLM's default): requests in flight beyond
+    # it are taken as waiting before any load report says so.
+    max_num_seqs: int = 256
+    # Queued placements per model, and per tenant within it.
+    queue_cap_requests: int = 1_000
+    tenant_queue_cap_requests: int = 100
+    # Retry-After of a placement shed, timed out or refused by the queue.
+    retry_after_s: float = 1.0
+
+
 class SchedulerConfig(_Section):
     actors: int = 1
     # A placement with no completion notice is forgotten after this long,
@@ -130,6 +151,7 @@ class SchedulerConfig(_Section):
     profiles: dict[str, ProfileConfig] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_PROFILES))
     plugins: PluginParams = PluginParams()
+    saturation: SaturationConfig = SaturationConfig()
 
 
 class AgentConfig(_Section):

@@ -19,6 +19,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.framework import Decision, ReplicaId, ReplicaView, SchedRequest
 from scheduler.kv_events import KVCacheEvent
 from scheduler.registry import PluginState, build_profiles
+from scheduler.saturation import all_saturated
 from scheduler.wire import ModelCard, Placement, PlaceRejected, PlaceRequest, ReplicaInfo
 
 # What a client is told to wait when no replica can take its request now.
@@ -45,6 +46,7 @@ class SchedulerCore:
         self.rng = rng
         self.placement_ttl_s = cfg.placement_ttl_s
         self.replica_capacity_blocks = cfg.replica_capacity_blocks
+        self.saturation = cfg.saturation
         self.state = PluginState.from_config(cfg)
         self.profiles = build_profiles(cfg, self.state)
         self.profile = self.profiles[cfg.profile]
@@ -132,7 +134,9 @@ class SchedulerCore:
     def place(self, req: PlaceRequest, now_s: float) -> Placement | PlaceRejected:
         return self.place_view(request_view(req, now_s))
 
-    def place_view(self, req: SchedRequest) -> Placement | PlaceRejected:
+    def place_view(self, req: SchedRequest, *,
+                   unless_saturated: bool = False) -> Placement | PlaceRejected | None:
+        """None: `unless_saturated` and every candidate is saturated; nothing placed."""
         self.expire(req.now_s)
         prior = self._in_flight.get(req.request_id)
         if prior is not None and prior.replica_id in self.replicas:
@@ -144,6 +148,9 @@ class SchedulerCore:
         self.last_decision = decision
         if decision.chosen is None:
             return self._rejection(req)
+        if unless_saturated and all_saturated(
+                map(self.replicas.__getitem__, decision.candidates), self.saturation):
+            return None
         chosen = self.replicas[decision.chosen]
         tokens = req.prompt_tokens + req.max_tokens
         chosen.in_flight_requests += 1

@@ -117,6 +117,21 @@ class NoCapacity(YardError):
     code = "no_capacity"
 
 
+class QueueTimeout(NoCapacity):
+    """Every replica stayed saturated for as long as the request may wait."""
+
+    code = "queue_timeout"
+
+
+class QueueFull(YardError):
+    """The fair queue refused the request: its tenant holds its share of the
+    queue already, or it was pushed out by higher-priority work."""
+
+    status = 429
+    type = "overloaded_error"
+    code = "queue_full"
+
+
 class ServiceUnavailable(YardError):
     """A dependency switchyard needs (Redis, NATS) cannot be reached."""
 
@@ -135,4 +150,6 @@ class InternalError(YardError):
 PLACEMENT_ERRORS: dict[str, type[YardError]] = {
     "model_not_found": ModelNotFound,
     "no_capacity": NoCapacity,
+    "queue_timeout": QueueTimeout,
+    "queue_full": QueueFull,
 }
