@@ -7,6 +7,7 @@ tested on its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from actors.control_store import ReplicaRegistry, connect_redis
 from scheduler.config import Config
 from scheduler.core import SchedulerCore
 from scheduler.kv_events import AllBlocksCleared, decode_batch
+from scheduler.waiting_room import Reply, WaitingRoom
 from scheduler.wire import (
     DONE_SUBJECT,
     KV_SUBJECT,
@@ -31,6 +33,7 @@ from scheduler.wire import (
     REGISTRY_CHANGED_SUBJECT,
     KvResync,
     ModelsReply,
+    PlaceQueued,
     done_decoder,
     encode,
     kv_decoder,
@@ -49,6 +52,9 @@ class SchedulerService:
         self.cfg = cfg
         self.clock_s = clock_s
         self.core = SchedulerCore(cfg.scheduler, rng or random.Random())
+        self.room = WaitingRoom(self.core, cfg.scheduler.saturation)
+        # Set when a placement starts waiting: its deadline may be the next one.
+        self._queued = asyncio.Event()
         self.counts = dict.fromkeys(("placed", "load_reports", "kv_batches", "kv_resyncs",
                                      "unknown_replica", "malformed"), 0)
         self._nc: NATS | None = None
@@ -70,7 +76,8 @@ class SchedulerService:
         await nc.flush()
         self._timers = [
             asyncio.create_task(self._refresh_forever(), name="registry-refresh"),
-            asyncio.create_task(self._staleness_forever(), name="load-staleness")]
+            asyncio.create_task(self._staleness_forever(), name="load-staleness"),
+            asyncio.create_task(self._deadlines_forever(), name="queue-deadlines")]
 
     async def aclose(self) -> None:
         for timer in self._timers:
@@ -87,7 +94,30 @@ class SchedulerService:
 
     def stats(self) -> dict[str, int]:
         return {"replicas": len(self.core.replicas), "in_flight": self.core.in_flight_count(),
-                **self.counts, **{f"index_{k}": v for k, v in self.core.index_sizes().items()}}
+                **self.counts, **self.room.stats(),
+                **{f"index_{k}": v for k, v in self.core.index_sizes().items()}}
+
+    async def _deadlines_forever(self) -> None:
+        # One timer for every waiting placement: sleeps until the earliest
+        # deadline, or until a new placement starts waiting.
+        while True:
+            self._queued.clear()
+            deadline_s = self.room.next_deadline_s()
+            wait_s = None if deadline_s is None else max(0.0, deadline_s - self.clock_s())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._queued.wait()
+            await self._send(self.room.expire(self.clock_s()))
+
+    async def _dispatch(self) -> None:
+        """Capacity may have freed: places waiting requests that now fit."""
+        await self._send(self.room.dispatch(self.clock_s()))
+
+    async def _send(self, replies: list[Reply]) -> None:
+        assert self._nc is not None
+        for reply in replies:
+            if reply.subject:
+                await self._nc.publish(reply.subject, encode(reply.message))
 
     async def _staleness_forever(self) -> None:
         stale_s = self.cfg.scheduler.load_stale_s
@@ -109,17 +139,24 @@ class SchedulerService:
         except msgspec.DecodeError:
             self._malformed("placement request")
             return
-        decision = self.core.place(req, self.clock_s())
+        replies = self.room.place(req, msg.reply, self.clock_s())
         self.counts["placed"] += 1
         if self.counts["placed"] % EXPLAIN_EVERY == 1:
             log.info("placement %s", msgspec.json.encode(self.core.explain_last()).decode())
-        await msg.respond(encode(decision))
+        if any(isinstance(reply.message, PlaceQueued) for reply in replies):
+            self._queued.set()
+        await self._send(replies)
 
     async def _on_done(self, msg: Msg) -> None:
         try:
-            self.core.done(done_decoder.decode(msg.data).request_id)
+            done = done_decoder.decode(msg.data)
         except msgspec.DecodeError:
             self._malformed("completion notice")
+            return
+        self.core.done(done.request_id)
+        # A notice for a request still waiting: its client left.
+        self.room.cancel(done.model, done.request_id)
+        await self._dispatch()
 
     async def _on_load(self, msg: Msg) -> None:
         try:
@@ -132,6 +169,7 @@ class SchedulerService:
                                      snap.kv_cache_usage, self.clock_s(), capacity)
         self.core.set_health(snap.replica_id, healthy=snap.healthy, draining=snap.draining)
         self.counts["load_reports" if known else "unknown_replica"] += 1
+        await self._dispatch()
 
     async def _on_kv(self, msg: Msg) -> None:
         try:
@@ -163,3 +201,5 @@ class SchedulerService:
             # Keep serving with the last registry; the next change notice or
             # the periodic refresh tries again.
             log.warning("registry reload failed", exc_info=True)
+            return
+        await self._dispatch()
