@@ -13,6 +13,7 @@ import redis.exceptions
 from actors.control_store import KeyRecord, TenantStore
 from scheduler import apikeys
 from scheduler.errors import AuthenticationFailed, ServiceUnavailable
+from scheduler.priority import PriorityRange
 
 MAX_CACHED_KEYS = 100_000
 
@@ -21,6 +22,8 @@ MAX_CACHED_KEYS = 100_000
 class Principal:
     tenant_id: str
     key_id: str
+    # The tenant's default placement priority and what `x-priority` may choose.
+    priority: PriorityRange
 
 
 class Authenticator:
@@ -44,7 +47,8 @@ class Authenticator:
         if (record is None or record.status != "active"
                 or not apikeys.matches(self._store.server_secret, parsed, record.digest)):
             raise AuthenticationFailed("Incorrect API key provided.")
-        return Principal(tenant_id=record.tenant_id, key_id=record.key_id)
+        return Principal(tenant_id=record.tenant_id, key_id=record.key_id,
+                         priority=record.priority)
 
     async def _record(self, key_id: str) -> KeyRecord | None:
         now_s = self._clock_s()

@@ -72,14 +72,17 @@ class Gateway:
         return await self._auth.authenticate(authorization)
 
     async def admit(self, request_id: str, route: str, body: bytes,
-                    authorization: str | None, session_id: str | None = None) -> RequestContext:
+                    authorization: str | None, session_id: str | None = None,
+                    priority: str | None = None) -> RequestContext:
+        """`priority`: the `x-priority` header, bounded by the tenant's range."""
         started_at_s = time.monotonic()
         principal = await self._auth.authenticate(authorization)
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
         parsed = parse_request(route, body)
         placement = await self._place(request_id, principal, parsed,
-                                      session_id or parsed.user)
+                                      session_id or parsed.user,
+                                      principal.priority.resolve(priority))
         return RequestContext(request_id, principal, parsed, placement, started_at_s,
                               int(time.time() * 1000))
 
@@ -120,11 +123,12 @@ class Gateway:
         return models_reply_decoder.decode(reply).models
 
     async def _place(self, request_id: str, principal: Principal, parsed: ParsedRequest,
-                     session_id: str) -> Placement:
+                     session_id: str, priority: int) -> Placement:
         req = PlaceRequest(request_id=request_id, tenant_id=principal.tenant_id,
                            model=parsed.model, prompt_tokens=parsed.prompt_tokens_est,
                            max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens,
-                           chunk_hashes=self._chunk_hashes(parsed), session_id=session_id)
+                           chunk_hashes=self._chunk_hashes(parsed), session_id=session_id,
+                           priority=priority, max_queue_s=self.cfg.ingress.max_queue_s)
         started_s = time.perf_counter()
         try:
             reply = await self._request(place_subject(parsed.model), encode(req))

@@ -11,6 +11,7 @@ from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, sse_error_e
 from router.gateway import SESSION_HEADER, Gateway, RequestContext, new_request_id
 from router.upstream import CLIENT_CLOSED, DONE, UpstreamCall
 from scheduler.errors import YardError
+from scheduler.priority import PRIORITY_HEADER
 
 GATEWAY = web.AppKey("gateway", Gateway)
 READINESS = web.AppKey("readiness", object)
@@ -30,7 +31,8 @@ async def _serve(request: web.Request, route: str) -> web.StreamResponse:
     request_id = request[REQUEST_ID] = new_request_id()
     body = await request.read()
     ctx = await gateway.admit(request_id, route, body, request.headers.get("Authorization"),
-                              request.headers.get(SESSION_HEADER))
+                              request.headers.get(SESSION_HEADER),
+                              request.headers.get(PRIORITY_HEADER))
     call = gateway.call(ctx)
     status, error_code = CLIENT_CLOSED, "client_closed"
     try:

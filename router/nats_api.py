@@ -22,6 +22,7 @@ from router.error_map import nats_error_reply
 from router.gateway import SESSION_HEADER, Gateway, new_request_id
 from router.upstream import CLIENT_CLOSED, DONE, UpstreamCall
 from scheduler.errors import NoCapacity, YardError
+from scheduler.priority import PRIORITY_HEADER
 from scheduler.wire import API_QUEUE, API_SUBJECTS, ApiChunk, ApiEnd, ApiResponse, encode
 
 log = logging.getLogger("switchyard.nats_api")
@@ -70,7 +71,8 @@ class NatsApi:
     async def _answer(self, route: str, msg: Msg) -> None:
         headers = msg.headers or {}
         ctx = await self._gateway.admit(new_request_id(), route, msg.data,
-                                        headers.get("Authorization"), headers.get(SESSION_HEADER))
+                                        headers.get("Authorization"), headers.get(SESSION_HEADER),
+                                        headers.get(PRIORITY_HEADER))
         call = self._gateway.call(ctx)
         status, error_code = CLIENT_CLOSED, "client_closed"
         try:
