@@ -11,6 +11,10 @@ a burst saturates the fleet before any report arrives:
   batch slots (`max_num_seqs` - running) and wait only beyond them;
 - requests in flight here beyond `max_num_seqs` wait whatever any report
   said (this covers replicas without an agent, which never report).
+
+Placements since the report count only while in flight: a completion notice
+frees its slot at once, and a replica that never reports (no agent, so
+`placed_since_report` only grows) is not saturated forever.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from scheduler.framework import ReplicaView
 
 def waiting_estimate(replica: ReplicaView, max_num_seqs: int) -> int:
     """Requests waiting at `replica` now, as best known at decision time."""
-    since = replica.placed_since_report
+    since = min(replica.placed_since_report, replica.in_flight_requests)
     if replica.waiting > 0:
         reported = replica.waiting + since
     else:
