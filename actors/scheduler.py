@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -56,7 +57,7 @@ class SchedulerService:
         # Set when a placement starts waiting: its deadline may be the next one.
         self._queued = asyncio.Event()
         self.counts = dict.fromkeys(("placed", "load_reports", "kv_batches", "kv_resyncs",
-                                     "unknown_replica", "malformed"), 0)
+                                     "unknown_replica", "malformed", "reply_errors"), 0)
         self._nc: NATS | None = None
         self._registry: ReplicaRegistry | None = None
         self._timers: list[asyncio.Task[None]] = []
@@ -116,8 +117,15 @@ class SchedulerService:
     async def _send(self, replies: list[Reply]) -> None:
         assert self._nc is not None
         for reply in replies:
-            if reply.subject:
+            if not reply.subject:
+                continue
+            try:
                 await self._nc.publish(reply.subject, encode(reply.message))
+            except nats.errors.Error:
+                # The ingress waits for this answer with a timeout and releases
+                # a placement it never heard of; the deadline timer must live on.
+                self.counts["reply_errors"] += 1
+                log.warning("placement answer to %s lost", reply.subject, exc_info=True)
 
     async def _staleness_forever(self) -> None:
         stale_s = self.cfg.scheduler.load_stale_s
