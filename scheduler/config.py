@@ -25,6 +25,9 @@ class IngressConfig(_Section):
     port: int = 8080
     max_body_bytes: int = 1 << 20
     placement_timeout_s: float = 2.0
+    # A scheduler actor that has not answered a placement in this long is taken
+    # as lost and the placement goes to another actor (answers take < 1 ms).
+    placement_attempt_timeout_s: float = 0.3
     upstream_connect_timeout_s: float = 5.0
     # Bounds a whole upstream request; generation of long answers is slow.
     upstream_total_timeout_s: float = 600.0
