@@ -1,12 +1,16 @@
 """Several scheduler actors (real Ray actors in one queue group) behind one
 ingress: their in-flight views agree because each counts its peers'
-placements, and killing one under load fails no request."""
+placements, and an actor that hangs and is then killed under load fails no
+request."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import os
+import re
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -99,21 +103,35 @@ async def _load(session: aiohttp.ClientSession, url: str, until_s: float,
             statuses[resp.status] += 1
 
 
-async def test_killing_an_actor_under_load_fails_no_request(yard: Switchyard) -> None:
+async def _placement_retries(yard: Switchyard, session: aiohttp.ClientSession) -> float:
+    async with session.get(yard.base_url.removesuffix("/v1") + "/metrics") as resp:
+        text = await resp.text()
+    found = re.search(r"^switchyard_placement_retries_total (\S+)$", text, re.MULTILINE)
+    assert found is not None
+    return float(found.group(1))
+
+
+async def test_a_hung_then_killed_actor_under_load_fails_no_request(yard: Switchyard) -> None:
     import ray
 
     statuses: collections.Counter[int] = collections.Counter()
     url = yard.base_url + "/chat/completions"
+    name, victim = next(iter(yard.schedulers.items()))
+    pid = await victim.__ray_call__.remote(lambda self: os.getpid())
     async with aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {yard.api_key}"}) as session:
-        until_s = time.monotonic() + 3.0
-        clients = [asyncio.create_task(_load(session, url, until_s, statuses))
+        retries_before = await _placement_retries(yard, session)
+        clients = [asyncio.create_task(_load(session, url, time.monotonic() + 3.0, statuses))
                    for _ in range(8)]
         try:
+            await asyncio.sleep(0.7)
+            # Hung: still subscribed, so the queue group keeps handing it
+            # placements, which the ingress must take elsewhere.
+            os.kill(pid, signal.SIGSTOP)
             await asyncio.sleep(1.0)
             served_before_kill = sum(statuses.values())
-            name, victim = next(iter(yard.schedulers.items()))
             ray.kill(victim, no_restart=True)
+            os.kill(pid, signal.SIGKILL)
             del yard.schedulers[name]
             yard.actors.remove(victim)
             await asyncio.gather(*clients)
@@ -122,6 +140,7 @@ async def test_killing_an_actor_under_load_fails_no_request(yard: Switchyard) ->
                 client.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*clients, return_exceptions=True)
+        assert await _placement_retries(yard, session) > retries_before
     assert served_before_kill > 0 and sum(statuses.values()) > served_before_kill
     assert set(statuses) == {200}, statuses
     survivors: list[Any] = list(yard.schedulers.values())
