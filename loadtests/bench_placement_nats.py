@@ -1,7 +1,8 @@
-"""Placement round trip over NATS: the ingress placement client (router/placer.py)
-asking scheduler actors (SchedulerService, in this process) on a real
-nats-server, sequential requests; beside it a bare nats-py request to the
-same actors, and the pure core's decision time, so the cost of each layer
+"""Placement round trip over NATS: requests to scheduler actors
+(SchedulerService, in this process) on a real nats-server, sequential, with
+nats-py's request (one wildcard reply subscription and a future per request:
+the mechanism of the ingress's router/placer.py, which loadtests may not
+import), beside the pure core's decision time, so the cost of each layer
 shows. Each placement is followed by its completion notice, as in service.
 
 Starts nats-server and redis-server on free loopback ports (8 replicas in the
@@ -30,8 +31,6 @@ from nats.aio.client import Client as NATS
 from actors.control_store import ReplicaRegistry, connect_redis
 from actors.scheduler import SchedulerService
 from deploy.procs import start_nats, start_redis
-from router.metrics import Metrics
-from router.placer import Placer
 from scheduler.config import Config, NatsConfig, RedisConfig
 from scheduler.wire import (
     DONE_SUBJECT,
@@ -53,17 +52,7 @@ def _request() -> PlaceRequest:
                         prompt_tokens=200, max_tokens=100)
 
 
-async def _placer_once(nc: NATS, placer: Placer) -> float:
-    req = _request()
-    started_ns = time.perf_counter_ns()
-    await placer.place(place_subject(MODEL), req)
-    elapsed_ns = time.perf_counter_ns() - started_ns
-    await nc.publish(DONE_SUBJECT, encode(PlaceDone(request_id=req.request_id,
-                                                    replica_id="", model=MODEL)))
-    return elapsed_ns / 1e3
-
-
-async def _bare_once(nc: NATS, placer: Placer) -> float:
+async def _nats_once(nc: NATS) -> float:
     req = _request()
     started_ns = time.perf_counter_ns()
     msg = await nc.request(place_subject(MODEL), encode(req), timeout=2)
@@ -94,22 +83,17 @@ async def _measure(cfg: Config, actors: int, rounds: int, requests: int) -> dict
     for service in services:
         await service.start()
     nc = await nats.connect(cfg.nats.url)
-    placer = Placer(nc, cfg.ingress.placement_timeout_s,
-                    cfg.ingress.placement_attempt_timeout_s, Metrics())
-    await placer.start()
-    ways = {"placer": _placer_once, "bare_request": _bare_once}
-    per_round: dict[str, list[tuple[float, float]]] = {"core": [], **{w: [] for w in ways}}
+    per_round: dict[str, list[tuple[float, float]]] = {"nats_round_trip": [], "core": []}
     try:
         for _ in range(requests // 10):  # warm-up
-            await _placer_once(nc, placer)
+            await _nats_once(nc)
         for _ in range(rounds):
-            for way, once in ways.items():
-                samples = [await once(nc, placer) for _ in range(requests)]
-                per_round[way].append((_quantile(samples, 0.5), _quantile(samples, 0.99)))
+            samples = [await _nats_once(nc) for _ in range(requests)]
+            per_round["nats_round_trip"].append((_quantile(samples, 0.5),
+                                                 _quantile(samples, 0.99)))
             samples = [_core_once(services[0]) for _ in range(requests)]
             per_round["core"].append((_quantile(samples, 0.5), _quantile(samples, 0.99)))
     finally:
-        await placer.aclose()
         await nc.drain()
         for service in services:
             await service.aclose()
@@ -144,10 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     results = uvloop.run(_main(args.rounds, args.requests))
     print(json.dumps({"replicas": REPLICAS, "rounds": args.rounds,
                       "requests_per_round": args.requests, "results": results}))
-    print(f"{'actors':<8}{'way':<14}{'p50 µs':>9}{'p99 µs':>9}", file=sys.stderr)
+    print(f"{'actors':<8}{'what':<17}{'p50 µs':>9}{'p99 µs':>9}", file=sys.stderr)
     for actors, ways in results.items():
         for way, r in ways.items():
-            print(f"{actors.removeprefix('actors_'):<8}{way:<14}{r['p50_us']:>9}{r['p99_us']:>9}",
+            print(f"{actors.removeprefix('actors_'):<8}{way:<17}{r['p50_us']:>9}{r['p99_us']:>9}",
                   file=sys.stderr)
 
 
