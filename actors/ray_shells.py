@@ -45,8 +45,11 @@ class _Host:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class SchedulerActor(_Host):
-    def __init__(self, config_json: bytes) -> None:
-        super().__init__(SchedulerService(config_from_json(config_json)))
+    """One of `scheduler.actors`; `actor_id` (its Ray name) tells its placement
+    broadcasts from its peers'."""
+
+    def __init__(self, config_json: bytes, actor_id: str = "") -> None:
+        super().__init__(SchedulerService(config_from_json(config_json), actor_id=actor_id))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)

@@ -2,7 +2,12 @@
 requests over NATS, and keeps the core's view of the replicas current from
 the registry, the agents' load snapshots and their relayed KV-cache events.
 Hosted by a Ray actor (actors/ray_shells.py); plain asyncio here so it can be
-tested on its own."""
+tested on its own.
+
+Several actors serve one queue group. Each broadcasts the placements it makes
+(PEER_PLACED_SUBJECT) and counts the ones its peers make, and all hear the
+same load reports, KV events and completion notices, so their views agree;
+when one dies, the others already count its requests."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable
 
 import msgspec
@@ -21,7 +27,7 @@ from nats.aio.msg import Msg
 from actors.bus import connect_bus
 from actors.control_store import ReplicaRegistry, connect_redis
 from scheduler.config import Config
-from scheduler.core import SchedulerCore
+from scheduler.core import SchedulerCore, peer_placed
 from scheduler.kv_events import AllBlocksCleared, decode_batch
 from scheduler.waiting_room import Reply, WaitingRoom
 from scheduler.wire import (
@@ -29,16 +35,20 @@ from scheduler.wire import (
     KV_SUBJECT,
     LOAD_SUBJECT,
     MODELS_SUBJECT,
+    PEER_PLACED_SUBJECT,
     PLACE_QUEUE,
     PLACE_SUBJECT,
     REGISTRY_CHANGED_SUBJECT,
     KvResync,
     ModelsReply,
+    Placement,
     PlaceQueued,
+    PlaceRequest,
     done_decoder,
     encode,
     kv_decoder,
     load_decoder,
+    peer_placed_decoder,
     place_request_decoder,
 )
 
@@ -49,27 +59,31 @@ EXPLAIN_EVERY = 100
 
 class SchedulerService:
     def __init__(self, cfg: Config, rng: random.Random | None = None,
-                 clock_s: Callable[[], float] = time.monotonic) -> None:
+                 clock_s: Callable[[], float] = time.monotonic, actor_id: str = "") -> None:
         self.cfg = cfg
         self.clock_s = clock_s
+        # Tells this actor's own broadcasts from its peers'.
+        self.actor_id = actor_id or "scheduler-" + uuid.uuid4().hex[:12]
         self.core = SchedulerCore(cfg.scheduler, rng or random.Random())
         self.room = WaitingRoom(self.core, cfg.scheduler.saturation)
         # Set when a placement starts waiting: its deadline may be the next one.
         self._queued = asyncio.Event()
         self.counts = dict.fromkeys(("placed", "load_reports", "kv_batches", "kv_resyncs",
-                                     "unknown_replica", "malformed", "reply_errors"), 0)
+                                     "unknown_replica", "malformed", "reply_errors",
+                                     "peer_placed", "peer_stale"), 0)
         self._nc: NATS | None = None
         self._registry: ReplicaRegistry | None = None
         self._timers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._nc = await connect_bus(self.cfg.nats, "switchyard-scheduler")
+        self._nc = await connect_bus(self.cfg.nats, self.actor_id)
         self._registry = ReplicaRegistry(connect_redis(self.cfg.redis))
         await self.reload_registry()
         nc = self._nc
         await nc.subscribe(PLACE_SUBJECT.format(model="*"), queue=PLACE_QUEUE, cb=self._on_place)
         await nc.subscribe(MODELS_SUBJECT, queue=PLACE_QUEUE, cb=self._on_models)
         await nc.subscribe(DONE_SUBJECT, cb=self._on_done)
+        await nc.subscribe(PEER_PLACED_SUBJECT, cb=self._on_peer_placed)
         await nc.subscribe(REGISTRY_CHANGED_SUBJECT, cb=self._on_registry_changed)
         # Every scheduler actor hears every replica: their views stay alike.
         await nc.subscribe(LOAD_SUBJECT.format(model="*"), cb=self._on_load)
@@ -95,6 +109,7 @@ class SchedulerService:
 
     def stats(self) -> dict[str, int]:
         return {"replicas": len(self.core.replicas), "in_flight": self.core.in_flight_count(),
+                **{f"in_flight@{rid}": n for rid, n in self.core.in_flight_by_replica().items()},
                 **self.counts, **self.room.stats(),
                 **{f"index_{k}": v for k, v in self.core.index_sizes().items()}}
 
@@ -117,10 +132,11 @@ class SchedulerService:
     async def _send(self, replies: list[Reply]) -> None:
         assert self._nc is not None
         for reply in replies:
-            if not reply.subject:
-                continue
             try:
-                await self._nc.publish(reply.subject, encode(reply.message))
+                if isinstance(reply.message, Placement):
+                    await self.announce(reply.req, reply.message)
+                if reply.subject:
+                    await self._nc.publish(reply.subject, encode(reply.message))
             except nats.errors.Error:
                 # The ingress waits for this answer with a timeout and releases
                 # a placement it never heard of; the deadline timer must live on.
@@ -154,6 +170,25 @@ class SchedulerService:
         if any(isinstance(reply.message, PlaceQueued) for reply in replies):
             self._queued.set()
         await self._send(replies)
+
+    async def announce(self, req: PlaceRequest, placement: Placement) -> None:
+        """Tells the peers about a placement. Sent before the answer on the same
+        connection, so through one server a peer hears it before the request can
+        have finished (elsewhere the core's memory of done requests covers it)."""
+        assert self._nc is not None
+        await self._nc.publish(PEER_PLACED_SUBJECT,
+                               encode(peer_placed(self.actor_id, req, placement)))
+
+    async def _on_peer_placed(self, msg: Msg) -> None:
+        try:
+            placed = peer_placed_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            self._malformed("peer placement")
+            return
+        if placed.actor_id == self.actor_id:
+            return
+        fresh = self.core.apply_peer(placed, self.clock_s())
+        self.counts["peer_placed" if fresh else "peer_stale"] += 1
 
     async def _on_done(self, msg: Msg) -> None:
         try:

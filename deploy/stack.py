@@ -91,8 +91,9 @@ class Stack:
 
         config_json = dump_config(self.cfg)
         metering = MeteringActor.options(name="switchyard-metering").remote(config_json)
-        schedulers = [SchedulerActor.options(name=f"switchyard-scheduler-{i}").remote(config_json)
-                      for i in range(self.cfg.scheduler.actors)]
+        names = [f"switchyard-scheduler-{i}" for i in range(self.cfg.scheduler.actors)]
+        schedulers = [SchedulerActor.options(name=name).remote(config_json, name)
+                      for name in names]
         self.actors = [metering, *schedulers]
         for name, actor in [("metering actor", metering)] + [
                 (f"scheduler actor {i}", a) for i, a in enumerate(schedulers)]:

@@ -20,6 +20,7 @@ from router.http_api import GATEWAY, READINESS, add_routes
 from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
+from router.placer import Placer
 from router.upstream import ReplicaClient
 from scheduler.config import Config
 from scheduler.errors import ConfigError
@@ -52,7 +53,10 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         outbox.start()
         auth = Authenticator(TenantStore(redis, cfg.auth.key_secret.encode()),
                              cfg.ingress.key_cache_ttl_s)
-        gateway = Gateway(cfg, auth, nc, replicas, outbox, metrics)
+        placer = Placer(nc, cfg.ingress.placement_timeout_s,
+                        cfg.ingress.placement_attempt_timeout_s, metrics)
+        await placer.start()
+        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics)
         nats_api = NatsApi(nc, gateway)
         await nats_api.start()
         app[GATEWAY] = gateway
@@ -61,6 +65,7 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             yield
         finally:
             await nats_api.aclose()
+            await placer.aclose()
             await outbox.aclose()
             await replicas.aclose()
             with contextlib.suppress(Exception):

@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from router.auth import Authenticator, Principal
 from router.metrics import Metrics
 from router.outbox import Outbox
+from router.placer import Placer
 from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
@@ -29,7 +30,6 @@ from scheduler.wire import (
     UsageEvent,
     encode,
     models_reply_decoder,
-    place_reply_decoder,
     place_subject,
 )
 
@@ -55,11 +55,12 @@ class RequestContext:
 
 
 class Gateway:
-    def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, replicas: ReplicaClient,
-                 outbox: Outbox, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, placer: Placer,
+                 replicas: ReplicaClient, outbox: Outbox, metrics: Metrics) -> None:
         self.cfg = cfg
         self._auth = auth
         self._nc = nc
+        self._placer = placer
         self._replicas = replicas
         self._outbox = outbox
         self._metrics = metrics
@@ -131,7 +132,7 @@ class Gateway:
                            priority=priority, max_queue_s=self.cfg.ingress.max_queue_s)
         started_s = time.perf_counter()
         try:
-            reply = await self._request(place_subject(parsed.model), encode(req))
+            decision = await self._placer.place(place_subject(parsed.model), req)
         except BaseException:
             # The scheduler may have counted it before the answer was lost (or
             # the client left): release it, or it pins the load until its TTL.
@@ -139,7 +140,6 @@ class Gateway:
                                                   model=parsed.model))
             raise
         self._metrics.placement.observe(time.perf_counter() - started_s)
-        decision = place_reply_decoder.decode(reply)
         if isinstance(decision, Placement):
             return decision
         error_type: type[YardError] = PLACEMENT_ERRORS.get(decision.code, NoCapacity)

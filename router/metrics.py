@@ -25,6 +25,9 @@ class Metrics:
         self.placement = Histogram(
             "switchyard_placement_duration_seconds", "Placement round trip over NATS.",
             buckets=FAST_BUCKETS_S, registry=r)
+        self.placement_retries = Counter(
+            "switchyard_placement_retries", "Placements sent again: a scheduler actor did "
+            "not answer in time, or none was serving.", registry=r)
         self.upstream_errors = Counter(
             "switchyard_upstream_errors", "Replica failures, by replica.",
             ["replica"], registry=r)

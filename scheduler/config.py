@@ -28,6 +28,9 @@ class IngressConfig(_Section):
     # How long a placement may wait in the schedulers' fair queue when every
     # replica is saturated (PlaceRequest.max_queue_s); 0: never queue, answer 503.
     max_queue_s: float = 10.0
+    # A scheduler actor that has not answered a placement in this long is taken
+    # as lost and the placement goes to another actor (answers take < 1 ms).
+    placement_attempt_timeout_s: float = 0.3
     upstream_connect_timeout_s: float = 5.0
     # Bounds a whole upstream request; generation of long answers is slow.
     upstream_total_timeout_s: float = 600.0

@@ -6,6 +6,10 @@ requests. Load is counted at decision time (in-flight requests and tokens,
 placements since the last report), so a burst spreads before any replica
 reports it. Every placement is forgotten after `placement_ttl_s` even if its
 completion notice is lost, so the in-flight table stays bounded.
+
+Several cores (one per scheduler actor) stay consistent: each applies the
+placements the others broadcast (`apply_peer`) as if it had made them, and
+every core hears every completion notice.
 """
 
 from __future__ import annotations
@@ -20,10 +24,21 @@ from scheduler.framework import Decision, ReplicaId, ReplicaView, SchedRequest
 from scheduler.kv_events import KVCacheEvent
 from scheduler.registry import PluginState, build_profiles
 from scheduler.saturation import all_saturated
-from scheduler.wire import ModelCard, Placement, PlaceRejected, PlaceRequest, ReplicaInfo
+from scheduler.wire import (
+    ModelCard,
+    PeerPlaced,
+    Placement,
+    PlaceRejected,
+    PlaceRequest,
+    ReplicaInfo,
+)
 
 # What a client is told to wait when no replica can take its request now.
 NO_CAPACITY_RETRY_AFTER_S = 1.0
+# Completion notices remembered, so a peer's placement heard after its request
+# was done (the notice overtook it, or a slow peer answered an abandoned
+# attempt) is not counted as in flight until the TTL.
+DONE_MEMORY_IDS = 65_536
 
 @dataclass(slots=True)
 class _InFlight:
@@ -41,6 +56,14 @@ def request_view(req: PlaceRequest, now_s: float) -> SchedRequest:
                         priority=req.priority, exclude=frozenset(req.exclude))
 
 
+def peer_placed(actor_id: str, req: PlaceRequest, placement: Placement) -> PeerPlaced:
+    """The broadcast telling the other scheduler actors about one placement."""
+    return PeerPlaced(actor_id=actor_id, request_id=req.request_id, tenant_id=req.tenant_id,
+                      model=req.model, replica_id=placement.replica_id,
+                      prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens,
+                      chunk_hashes=req.chunk_hashes, session_id=req.session_id)
+
+
 class SchedulerCore:
     def __init__(self, cfg: SchedulerConfig, rng: random.Random) -> None:
         self.rng = rng
@@ -53,6 +76,8 @@ class SchedulerCore:
         self.replicas: dict[ReplicaId, ReplicaView] = {}
         # request id -> placement, oldest first (insertion order == time order).
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
+        # Recently done request ids, oldest first (a bounded FIFO).
+        self._done_ids: OrderedDict[str, None] = OrderedDict()
         self.last_decision: Decision | None = None
 
     # --- registry and reports ------------------------------------------------
@@ -143,7 +168,7 @@ class SchedulerCore:
             # A retried request (same id) keeps its first decision.
             return self._placement(req.request_id, prior.replica_id)
         if prior is not None:
-            self.done(req.request_id)
+            self._forget(req.request_id)
         decision = self.profile.decide(req, list(self.replicas.values()), self.rng)
         self.last_decision = decision
         if decision.chosen is None:
@@ -151,20 +176,45 @@ class SchedulerCore:
         if unless_saturated and all_saturated(
                 map(self.replicas.__getitem__, decision.candidates), self.saturation):
             return None
-        chosen = self.replicas[decision.chosen]
+        self._count(req, self.replicas[decision.chosen])
+        return self._placement(req.request_id, decision.chosen)
+
+    def apply_peer(self, placed: PeerPlaced, now_s: float) -> bool:
+        """Counts a placement another scheduler actor made, and lets the learning
+        plugins observe it; False when it is stale (already counted here, done,
+        or on a replica not registered here)."""
+        self.expire(now_s)
+        view = self.replicas.get(ReplicaId(placed.replica_id))
+        if (view is None or placed.request_id in self._in_flight
+                or placed.request_id in self._done_ids):
+            return False
+        self._count(SchedRequest(
+            request_id=placed.request_id, tenant_id=placed.tenant_id, model=placed.model,
+            now_s=now_s, prompt_tokens=placed.prompt_tokens, max_tokens=placed.max_tokens,
+            chunk_hashes=placed.chunk_hashes, session_id=placed.session_id), view)
+        return True
+
+    def _count(self, req: SchedRequest, chosen: ReplicaView) -> None:
         tokens = req.prompt_tokens + req.max_tokens
         chosen.in_flight_requests += 1
         chosen.in_flight_tokens += tokens
         chosen.placed_since_report += 1
         self._in_flight[req.request_id] = _InFlight(chosen.id, req.now_s, tokens)
         self.profile.observe(req, chosen)
-        return self._placement(req.request_id, chosen.id)
 
     def explain_last(self) -> dict[str, object] | None:
         """The last decision with each candidate's scores, for a sampled log line."""
         return None if self.last_decision is None else self.last_decision.explain()
 
     def done(self, request_id: str) -> None:
+        """A completion notice: releases the request wherever it was counted."""
+        self._forget(request_id)
+        self._done_ids[request_id] = None
+        self._done_ids.move_to_end(request_id)
+        if len(self._done_ids) > DONE_MEMORY_IDS:
+            self._done_ids.popitem(last=False)
+
+    def _forget(self, request_id: str) -> None:
         entry = self._in_flight.pop(request_id, None)
         if entry is not None:
             self._release(entry)
@@ -183,6 +233,10 @@ class SchedulerCore:
 
     def in_flight_count(self) -> int:
         return len(self._in_flight)
+
+    def in_flight_by_replica(self) -> dict[str, int]:
+        """Requests counted in flight on each registered replica."""
+        return {rid: view.in_flight_requests for rid, view in self.replicas.items()}
 
     def index_sizes(self) -> dict[str, int]:
         return self.state.index_sizes()

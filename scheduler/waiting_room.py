@@ -29,10 +29,12 @@ PlaceAnswer = Placement | PlaceRejected | PlaceQueued
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An answer to publish on `subject` (the request's reply inbox)."""
+    """An answer to publish on `subject` (the request's reply inbox), for `req`
+    (the shell tells its peers about placements)."""
 
     subject: str
     message: PlaceAnswer
+    req: PlaceRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +62,13 @@ class WaitingRoom:
         if not queue:
             decision = self.core.place_view(request_view(req, now_s), unless_saturated=True)
             if decision is not None:
-                return [Reply(reply, decision)]
+                return [Reply(reply, decision, req)]
         if req.priority < 0 or req.max_queue_s <= 0 or not reply:
             self.counts["shed"] += 1
             why = "sheddable requests are not queued" if req.priority < 0 else "not queued"
             return [Reply(reply, self._refusal(req, "no_capacity",
                                                f"Every replica of `{req.model}` is saturated; "
-                                               f"{why}."))]
+                                               f"{why}."), req)]
         if queue is None:
             queue = self._queues[req.model] = FairQueue(self.cfg.queue_cap_requests,
                                                         self.cfg.tenant_queue_cap_requests)
@@ -76,7 +78,7 @@ class WaitingRoom:
         replies = [self._full(entry) for entry in refused]
         if all(entry.key != req.request_id for entry in refused):
             self.counts["enqueued"] += 1
-            replies.insert(0, Reply(reply, PlaceQueued(request_id=req.request_id)))
+            replies.insert(0, Reply(reply, PlaceQueued(request_id=req.request_id), req))
         return replies
 
     def dispatch(self, now_s: float) -> list[Reply]:
@@ -90,7 +92,7 @@ class WaitingRoom:
                     break
                 queue.pop()
                 self.counts["dequeued"] += 1
-                replies.append(Reply(entry.item.reply, decision))
+                replies.append(Reply(entry.item.reply, decision, entry.item.req))
         return replies
 
     def expire(self, now_s: float) -> list[Reply]:
@@ -102,7 +104,8 @@ class WaitingRoom:
                 req = entry.item.req
                 replies.append(Reply(entry.item.reply, self._refusal(
                     req, "queue_timeout",
-                    f"Every replica of `{model}` stayed saturated for {req.max_queue_s:g} s.")))
+                    f"Every replica of `{model}` stayed saturated for {req.max_queue_s:g} s."),
+                    req))
         return replies
 
     def cancel(self, model: str, request_id: str) -> bool:
@@ -130,7 +133,8 @@ class WaitingRoom:
         self.counts["queue_full"] += 1
         return Reply(entry.item.reply, self._refusal(
             entry.item.req, "queue_full",
-            f"The queue for `{entry.item.req.model}` is full for this tenant or priority."))
+            f"The queue for `{entry.item.req.model}` is full for this tenant or priority."),
+            entry.item.req)
 
     def _refusal(self, req: PlaceRequest, code: str, message: str) -> PlaceRejected:
         return PlaceRejected(request_id=req.request_id, code=code, message=message,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class Switchyard:
     tenant_id: str
     actors: list[Any]
     runner: web.AppRunner
+    # The scheduler actors (also in `actors`), by their actor id.
+    schedulers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -112,10 +114,14 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
     finally:
         await redis.aclose()
     config_json = dump_config(cfg)
-    actors = [MeteringActor.remote(config_json), SchedulerActor.remote(config_json)]
+    # Named apart from other stacks' in the same Ray namespace.
+    names = [f"switchyard-scheduler-{cfg.ingress.port}-{i}" for i in range(cfg.scheduler.actors)]
+    schedulers = {name: SchedulerActor.options(name=name).remote(config_json, name)
+                  for name in names}
+    actors = [MeteringActor.remote(config_json), *schedulers.values()]
     await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 120) for a in actors))
     runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
-    return Switchyard(cfg, fleet, key.plaintext, tenant_id, actors, runner)
+    return Switchyard(cfg, fleet, key.plaintext, tenant_id, actors, runner, schedulers)
 

@@ -80,6 +80,8 @@ url = "redis://127.0.0.1:{free_port()}/0"
 base_port = {free_port()}
 replicas = 2
 decode_ms_per_token = 2.0
+[scheduler]
+actors = 2
 """)
     return path
 

@@ -1,0 +1,146 @@
+"""The ingress side of placement over NATS.
+
+One wildcard reply subscription per ingress (its own inbox prefix); each
+placement in flight has its own reply subject under it and a small queue of
+the answers heard there. A scheduler actor answers with the final Placement
+or PlaceRejected, or first with PlaceQueued when the request waits in its
+fair queue (then the wait extends to the request's `max_queue_s` plus the
+placement timeout). An actor that does not answer within the per-attempt
+timeout (it died, or hangs), or no actor at all, gets the same request again
+(same request id), which the queue group hands to another actor; all attempts
+share the reply subject, so the first answer wins. An actor that counted an
+abandoned attempt is released by the request's completion notice, as ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from router.metrics import Metrics
+from scheduler.errors import NoCapacity
+from scheduler.wire import (
+    Placement,
+    PlaceQueued,
+    PlaceRejected,
+    PlaceRequest,
+    encode,
+    place_reply_decoder,
+)
+
+log = logging.getLogger("switchyard.placer")
+# The status NATS sends on a request's reply subject when nobody subscribes.
+NO_RESPONDERS_STATUS = "503"
+# With no actor subscribed at all, look again this often (one may be restarting).
+NO_RESPONDERS_BACKOFF_S = 0.05
+# Answers one placement can get: a final one and a PlaceQueued per attempt.
+ANSWERS_PER_PLACEMENT = 16
+NO_SCHEDULER = "No scheduler is serving placements right now."
+
+# What a placement's queue holds: an answer, or None for "no responders".
+_Answer = Placement | PlaceRejected | PlaceQueued | None
+
+
+class Placer:
+    def __init__(self, nc: NATS, timeout_s: float, attempt_timeout_s: float,
+                 metrics: Metrics) -> None:
+        self._nc = nc
+        self._timeout_s = timeout_s
+        self._attempt_timeout_s = attempt_timeout_s
+        self._metrics = metrics
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._tokens = itertools.count()
+        self._pending: dict[str, asyncio.Queue[_Answer]] = {}
+
+    async def start(self) -> None:
+        self._prefix = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_answer)
+
+    async def aclose(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+
+    async def place(self, subject: str, req: PlaceRequest) -> Placement | PlaceRejected:
+        """The scheduler's final answer; NoCapacity when none came in time."""
+        token = str(next(self._tokens))
+        answers: asyncio.Queue[_Answer] = asyncio.Queue(ANSWERS_PER_PLACEMENT)
+        self._pending[token] = answers
+        try:
+            return await self._attempts(subject, encode(req), f"{self._prefix}.{token}",
+                                        answers, req.max_queue_s)
+        finally:
+            del self._pending[token]
+
+    async def _attempts(self, subject: str, payload: bytes, reply_to: str,
+                        answers: asyncio.Queue[_Answer],
+                        max_queue_s: float) -> Placement | PlaceRejected:
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + self._timeout_s
+        queued = False
+        await self._send(subject, payload, reply_to)
+        while True:
+            left_s = deadline_s - loop.time()
+            try:
+                # Once queued, the actor holding the request answers; no resend.
+                answer = await asyncio.wait_for(
+                    answers.get(), max(0.0, left_s if queued
+                                       else min(left_s, self._attempt_timeout_s)))
+            except TimeoutError:
+                if queued or loop.time() >= deadline_s:
+                    raise self._failed("Placement timed out.") from None
+                await self._resend(subject, payload, reply_to)
+                continue
+            if answer is None:
+                if loop.time() + NO_RESPONDERS_BACKOFF_S >= deadline_s:
+                    raise self._failed(NO_SCHEDULER)
+                await asyncio.sleep(NO_RESPONDERS_BACKOFF_S)
+                await self._resend(subject, payload, reply_to)
+            elif isinstance(answer, PlaceQueued):
+                if not queued:
+                    queued = True
+                    deadline_s = max(deadline_s, loop.time() + max_queue_s + self._timeout_s)
+            else:
+                return answer
+
+    async def _resend(self, subject: str, payload: bytes, reply_to: str) -> None:
+        self._metrics.placement_retries.inc()
+        await self._send(subject, payload, reply_to)
+
+    async def _send(self, subject: str, payload: bytes, reply_to: str) -> None:
+        try:
+            await self._nc.publish(subject, payload, reply=reply_to)
+        except nats.errors.Error as exc:
+            raise self._failed(f"Placement failed: {type(exc).__name__}.") from None
+
+    def _failed(self, message: str) -> NoCapacity:
+        self._metrics.nats_errors.inc()
+        return NoCapacity(message, retry_after_s=1.0)
+
+    async def _on_answer(self, msg: Msg) -> None:
+        answers = self._pending.get(msg.subject.rpartition(".")[2])
+        if answers is None:
+            return  # a late answer to a placement already decided or given up
+        answer: _Answer
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+            answer = None
+        else:
+            try:
+                answer = place_reply_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                self._metrics.nats_errors.inc()
+                log.warning("malformed placement answer dropped")
+                return
+        try:
+            answers.put_nowait(answer)
+        except asyncio.QueueFull:
+            self._metrics.nats_errors.inc()

@@ -1,0 +1,167 @@
+"""The ingress placement client against a real nats-server, with scripted
+scheduler stand-ins in the placement queue group: a lost actor is retried on
+another, no actor at all is waited for within the timeout, a queued request
+waits for its final answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from deploy.procs import start_nats
+from router.metrics import Metrics
+from router.placer import Placer
+from scheduler.errors import NoCapacity
+from scheduler.wire import (
+    PLACE_QUEUE,
+    Placement,
+    PlaceQueued,
+    PlaceRequest,
+    encode,
+    place_request_decoder,
+    place_subject,
+)
+
+pytestmark = pytest.mark.integration
+SUBJECT = place_subject("m")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def bus_url(session_dir: Path) -> AsyncIterator[str]:
+    proc, url = await start_nats(session_dir / "placer-nats", session_dir / "logs")
+    yield url
+    await proc.stop()
+
+
+@pytest_asyncio.fixture
+async def nc(bus_url: str) -> AsyncIterator[NATS]:
+    client = await nats.connect(bus_url)
+    yield client
+    await client.drain()
+
+
+def _placer(nc: NATS, timeout_s: float = 2.0) -> tuple[Placer, Metrics]:
+    metrics = Metrics()
+    return Placer(nc, timeout_s, attempt_timeout_s=0.2, metrics=metrics), metrics
+
+
+def _req(max_queue_s: float = 0.0) -> PlaceRequest:
+    return PlaceRequest(request_id="req-1", tenant_id="t", model="m", max_queue_s=max_queue_s)
+
+
+def _placement(msg: Msg) -> bytes:
+    req = place_request_decoder.decode(msg.data)
+    return encode(Placement(request_id=req.request_id, replica_id="r", url="http://r"))
+
+
+async def _actor(nc: NATS, on_request: Callable[[Msg], Awaitable[None]]) -> None:
+    await nc.subscribe(SUBJECT, queue=PLACE_QUEUE, cb=on_request)
+    await nc.flush()
+
+
+def _retries(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("switchyard_placement_retries_total") or 0.0
+
+
+async def test_a_lost_actor_is_retried_on_another(nc: NATS, bus_url: str) -> None:
+    placer, metrics = _placer(nc)
+    await placer.start()
+    actors = [await nats.connect(bus_url) for _ in range(2)]
+    lost = asyncio.Event()
+
+    async def answering(msg: Msg) -> None:
+        await msg.respond(_placement(msg))
+
+    async def silent(msg: Msg) -> None:
+        lost.set()
+
+    async def replace_the_lost_actor() -> None:
+        # It dies with the request; another one joins the group.
+        await lost.wait()
+        await actors[0].close()
+        await _actor(actors[1], answering)
+
+    await _actor(actors[0], silent)
+    replacing = asyncio.create_task(replace_the_lost_actor())
+    started_s = time.monotonic()
+    placement = await placer.place(SUBJECT, _req())
+    await replacing
+    assert isinstance(placement, Placement) and placement.request_id == "req-1"
+    assert _retries(metrics) == 1
+    assert time.monotonic() - started_s < 1.0
+    await placer.aclose()
+    await actors[1].drain()
+
+
+async def test_no_actor_is_waited_for_within_the_timeout(nc: NATS, bus_url: str) -> None:
+    placer, metrics = _placer(nc)
+    await placer.start()
+    late = await nats.connect(bus_url)
+
+    async def answering(msg: Msg) -> None:
+        await msg.respond(_placement(msg))
+
+    async def join_later() -> None:
+        await asyncio.sleep(0.3)
+        await _actor(late, answering)
+
+    joiner = asyncio.create_task(join_later())
+    assert isinstance(await placer.place(SUBJECT, _req()), Placement)
+    assert _retries(metrics) >= 2
+    await joiner
+    await late.drain()
+    await placer.aclose()
+
+
+async def test_without_any_actor_it_is_no_capacity(nc: NATS) -> None:
+    placer, metrics = _placer(nc, timeout_s=0.3)
+    await placer.start()
+    started_s = time.monotonic()
+    with pytest.raises(NoCapacity) as failure:
+        await placer.place(SUBJECT, _req())
+    assert failure.value.retry_after_s == 1.0
+    assert 0.25 < time.monotonic() - started_s < 1.0
+    assert _retries(metrics) >= 2  # it kept looking for an actor until the deadline
+    await placer.aclose()
+
+
+@pytest.mark.parametrize(("answer_after_s", "placed"), [(0.5, True), (None, False)])
+async def test_a_queued_request_waits_for_its_final_answer(
+        nc: NATS, bus_url: str, answer_after_s: float | None, placed: bool) -> None:
+    placer, metrics = _placer(nc, timeout_s=0.3)
+    await placer.start()
+    actor = await nats.connect(bus_url)
+    received: list[Msg] = []
+    answers: list[asyncio.Task[None]] = []
+
+    async def answer_later(msg: Msg, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await msg.respond(_placement(msg))
+
+    async def queueing(msg: Msg) -> None:
+        received.append(msg)
+        await actor.publish(msg.reply, encode(PlaceQueued(request_id="req-1")))
+        if answer_after_s is not None:
+            answers.append(asyncio.create_task(answer_later(msg, answer_after_s)))
+
+    await _actor(actor, queueing)
+    started_s = time.monotonic()
+    if placed:
+        # Longer than the attempt and the placement timeouts, within max_queue_s.
+        assert isinstance(await placer.place(SUBJECT, _req(max_queue_s=1.0)), Placement)
+    else:
+        with pytest.raises(NoCapacity):
+            await placer.place(SUBJECT, _req(max_queue_s=0.4))
+        assert time.monotonic() - started_s >= 0.7
+    assert len(received) == 1 and _retries(metrics) == 0
+    await asyncio.gather(*answers)
+    await actor.drain()
+    await placer.aclose()
