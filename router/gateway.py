@@ -44,6 +44,15 @@ BLOCK_HASH_SCORERS = frozenset({"prefix-precise", "cost"})
 CHUNK_HASH_SCORERS = frozenset({"prefix-approx"})
 
 
+def _profile_scorers(cfg: Config) -> set[str]:
+    return {s.name for s in cfg.scheduler.profiles[cfg.scheduler.profile].scorers}
+
+
+def reads_block_hashes(cfg: Config) -> bool:
+    """Whether the active profile reads block hashes (so prompts are tokenized)."""
+    return bool(_profile_scorers(cfg) & BLOCK_HASH_SCORERS)
+
+
 def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex
 
@@ -60,18 +69,16 @@ class RequestContext:
 
 class Gateway:
     def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, replicas: ReplicaClient,
-                 outbox: Outbox, metrics: Metrics, hasher: PromptHasher) -> None:
+                 outbox: Outbox, metrics: Metrics, hasher: PromptHasher | None) -> None:
         self.cfg = cfg
         self._auth = auth
         self._nc = nc
         self._replicas = replicas
         self._outbox = outbox
         self._metrics = metrics
-        sched = cfg.scheduler
-        scorers = {s.name for s in sched.profiles[sched.profile].scorers}
         # Both kinds of hash cost time per prompt byte: only when a scorer reads them.
-        self._chunking = bool(scorers & CHUNK_HASH_SCORERS)
-        self._hasher = hasher if scorers & BLOCK_HASH_SCORERS else None
+        self._chunking = bool(_profile_scorers(cfg) & CHUNK_HASH_SCORERS)
+        self._hasher = hasher
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return await self._auth.authenticate(authorization)

@@ -105,9 +105,14 @@ class PromptHasher:
         """Loads every configured tokenizer (off the event loop: large ones take
         a while) and says which models fall back to approximate prefix scoring."""
         loop = asyncio.get_running_loop()
-        for name, settings in self._settings.items():
-            self._tokenizers[name] = await loop.run_in_executor(
-                self._pool, load_tokenizer, settings.tokenizer_dir)
+        try:
+            for name, settings in self._settings.items():
+                self._tokenizers[name] = await loop.run_in_executor(
+                    self._pool, load_tokenizer, settings.tokenizer_dir)
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+            self.aclose()
+            raise ConfigError(f"models.{name}.tokenizer_dir: cannot load a tokenizer from "
+                              f"{settings.tokenizer_dir}: {exc}") from None
         for name in self._untokenized:
             log.warning("model %s has no tokenizer_dir: prefix-precise scores it by the "
                         "approximate index", name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -159,6 +160,12 @@ async def test_large_prompts_are_hashed_on_the_pool_and_shed_when_it_is_full() -
 def test_unusable_model_settings_are_startup_errors(settings: ModelConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _hasher({"m": settings})
+
+
+async def test_a_tokenizer_that_cannot_be_loaded_is_a_startup_error(tmp_path: Path) -> None:
+    hasher, _ = _hasher({"m": ModelConfig(tokenizer_dir=str(tmp_path))})
+    with pytest.raises(ConfigError, match=r"models\.m\.tokenizer_dir"):
+        await hasher.start()
 
 
 def test_simulator_defaults_agree_with_a_models_defaults() -> None:
