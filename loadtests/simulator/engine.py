@@ -283,7 +283,7 @@ class EngineCore:
     def _cache_blocks(self, request: EngineRequest, num_tokens: int) -> None:
         num_full = min(num_tokens, request.num_tokens) // self.block_size
         self.pool.cache_full_blocks(request.blocks, request.digests, request.token_ids,
-                                    request.num_cached_blocks, num_full)
+                                    request.num_cached_blocks, num_full, request.cache_salt)
         request.num_cached_blocks = max(request.num_cached_blocks, num_full)
 
     def _extend_digests(self, request: EngineRequest) -> None:
