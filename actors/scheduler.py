@@ -64,7 +64,7 @@ class SchedulerService:
         self.clock_s = clock_s
         # Tells this actor's own broadcasts from its peers'.
         self.actor_id = actor_id or "scheduler-" + uuid.uuid4().hex[:12]
-        self.core = SchedulerCore(cfg.scheduler, rng or random.Random())
+        self.core = SchedulerCore(cfg.scheduler, rng or random.Random(), cfg.models)
         self.room = WaitingRoom(self.core, cfg.scheduler.saturation)
         # Set when a placement starts waiting: its deadline may be the next one.
         self._queued = asyncio.Event()

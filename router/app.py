@@ -15,12 +15,13 @@ from actors.bus import connect_bus
 from actors.control_store import TenantStore, connect_redis
 from router.auth import Authenticator
 from router.error_map import METRICS, error_middleware
-from router.gateway import Gateway
+from router.gateway import Gateway, reads_block_hashes
 from router.http_api import GATEWAY, READINESS, add_routes
 from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
 from router.placer import Placer
+from router.prompt_blocks import PromptHasher
 from router.upstream import ReplicaClient
 from scheduler.config import Config
 from scheduler.errors import ConfigError
@@ -43,6 +44,12 @@ def create_app(cfg: Config) -> web.Application:
 def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def services(app: web.Application) -> AsyncIterator[None]:
         metrics = app[METRICS]
+        # First: a model's tokenizer that cannot be loaded stops the start before anything runs.
+        hasher = None
+        if reads_block_hashes(cfg):
+            hasher = PromptHasher(cfg.models, cfg.ingress.tokenizer_threads,
+                                  cfg.ingress.tokenize_inline_max_bytes, metrics.prompt_hashing)
+            await hasher.start()
         nc = await connect_bus(cfg.nats, "switchyard-ingress")
         redis = connect_redis(cfg.redis)
         replicas = ReplicaClient(cfg.ingress.upstream_connect_timeout_s,
@@ -56,7 +63,7 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         placer = Placer(nc, cfg.ingress.placement_timeout_s,
                         cfg.ingress.placement_attempt_timeout_s, metrics)
         await placer.start()
-        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics)
+        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics, hasher)
         nats_api = NatsApi(nc, gateway)
         await nats_api.start()
         app[GATEWAY] = gateway
@@ -68,6 +75,8 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             await placer.aclose()
             await outbox.aclose()
             await replicas.aclose()
+            if hasher is not None:
+                hasher.aclose()
             with contextlib.suppress(Exception):
                 await nc.drain()
             await redis.aclose()

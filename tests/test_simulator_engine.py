@@ -6,16 +6,18 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from deploy.tiny_model import TINY_MODEL_DIR
+from loadtests.simulator.detokenizer import IncrementalDetokenizer
 from loadtests.simulator.engine import EngineCore, EngineRequest
 from loadtests.simulator.kv_cache import BlockPool
 from loadtests.simulator.sampling import SamplingLimits, Vocabulary
-from loadtests.simulator.tokenizer import load_tokenizer
-from scheduler.block_hash import block_hashes, low64
+from router.prompt_tokens import load_tokenizer
+from scheduler.block_hash import block_hashes, low64, prompt_block_hashes
 from scheduler.config import SimulatorConfig
 from scheduler.errors import ConfigError
 from scheduler.kv_events import BlockRemoved, BlockStored
 
-TOKENIZER = load_tokenizer()
+TOKENIZER = load_tokenizer(str(TINY_MODEL_DIR))
 VOCAB = Vocabulary.of(TOKENIZER.vocab_size, TOKENIZER.eos_token_id, TOKENIZER.special_ids)
 CFG = SimulatorConfig(block_size_tokens=4, cache_blocks=64, max_model_len=128,
                       max_num_batched_tokens=64, decode_ms_per_token=10.0, batch_ms_per_seq=1.0,
@@ -70,11 +72,11 @@ def test_chat_template_keeps_the_conversation_prefix() -> None:
 def test_detokenizer_holds_back_incomplete_characters() -> None:
     text = "Signal 🚦 and naïve café"
     ids = TOKENIZER.encode(text)
-    detokenizer = TOKENIZER.detokenizer([])
+    detokenizer = IncrementalDetokenizer(TOKENIZER.tokenizer, [])
     deltas = [detokenizer.step(token) for token in ids]
     assert "".join(deltas) == text
     assert "" in deltas  # the emoji's bytes span several byte-level tokens
-    assert TOKENIZER.detokenizer([]).step(TOKENIZER.eos_token_id) == ""
+    assert IncrementalDetokenizer(TOKENIZER.tokenizer, []).step(TOKENIZER.eos_token_id) == ""
 
 
 # --- block pool -----------------------------------------------------------------
@@ -186,6 +188,22 @@ def test_kv_events_name_every_full_block_once() -> None:
     again = core.add_request(prompt, limits(1), now_s)
     result = core.step(now_s)
     assert again.cached_tokens == 8 and not result.events  # hits are not re-announced
+
+
+def test_a_cache_salt_isolates_the_prefix_and_shows_in_the_first_event() -> None:
+    core = engine()
+    prompt = list(range(500, 512))
+    plain = core.add_request(prompt, limits(1), 0.0)
+    now_s = drain(core)
+    salted = core.add_request(prompt, limits(1), now_s, cache_salt="tenant-a")
+    stored: list[BlockStored] = []
+    while (result := core.step(now_s)) is not None:
+        now_s += result.duration_s
+        stored += [event for event in result.events if isinstance(event, BlockStored)]
+    assert plain.cached_tokens == 0 and salted.cached_tokens == 0  # no shared blocks
+    digests = prompt_block_hashes(prompt, 4, "sha256", cache_salt="tenant-a")
+    assert [h for event in stored for h in event.block_hashes] == [low64(d) for d in digests]
+    assert stored[0].extra_keys == [("tenant-a",), None, None]
 
 
 def test_generation_is_deterministic_and_honours_limits() -> None:

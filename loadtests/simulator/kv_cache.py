@@ -125,6 +125,7 @@ class BlockPool:
         token_ids: Sequence[int],
         first: int,
         end: int,
+        cache_salt: str | None = None,
     ) -> None:
         """Makes blocks[first:end] findable by their digests and announces them.
 
@@ -149,8 +150,10 @@ class BlockPool:
             lora_id=None,
             medium=MEDIUM_GPU,
             lora_name=None,
-            # vLLM lists one extra-keys entry per block, None for plain text.
-            extra_keys=[None] * (end - first),
+            # vLLM lists one extra-keys entry per block, None for plain text;
+            # a request's cache_salt, untagged, in its first block's.
+            extra_keys=[(cache_salt,) if index == 0 and cache_salt else None
+                        for index in range(first, end)],
             group_idx=GROUP_IDX,
             kv_cache_spec_kind=FULL_ATTENTION,
         ))
