@@ -29,6 +29,7 @@ from scheduler.wire import (
     PLACE_QUEUE,
     PLACE_SUBJECT,
     REGISTRY_CHANGED_SUBJECT,
+    REPLICA_FAILED_SUBJECT,
     KvResync,
     ModelsReply,
     done_decoder,
@@ -36,6 +37,7 @@ from scheduler.wire import (
     kv_decoder,
     load_decoder,
     place_request_decoder,
+    replica_failed_decoder,
 )
 
 log = logging.getLogger("switchyard.scheduler")
@@ -50,7 +52,7 @@ class SchedulerService:
         self.clock_s = clock_s
         self.core = SchedulerCore(cfg.scheduler, rng or random.Random())
         self.counts = dict.fromkeys(("placed", "load_reports", "kv_batches", "kv_resyncs",
-                                     "unknown_replica", "malformed"), 0)
+                                     "unknown_replica", "malformed", "ejections"), 0)
         self._nc: NATS | None = None
         self._registry: ReplicaRegistry | None = None
         self._timers: list[asyncio.Task[None]] = []
@@ -63,6 +65,7 @@ class SchedulerService:
         await nc.subscribe(PLACE_SUBJECT.format(model="*"), queue=PLACE_QUEUE, cb=self._on_place)
         await nc.subscribe(MODELS_SUBJECT, queue=PLACE_QUEUE, cb=self._on_models)
         await nc.subscribe(DONE_SUBJECT, cb=self._on_done)
+        await nc.subscribe(REPLICA_FAILED_SUBJECT, cb=self._on_replica_failed)
         await nc.subscribe(REGISTRY_CHANGED_SUBJECT, cb=self._on_registry_changed)
         # Every scheduler actor hears every replica: their views stay alike.
         await nc.subscribe(LOAD_SUBJECT.format(model="*"), cb=self._on_load)
@@ -117,9 +120,22 @@ class SchedulerService:
 
     async def _on_done(self, msg: Msg) -> None:
         try:
-            self.core.done(done_decoder.decode(msg.data).request_id)
+            notice = done_decoder.decode(msg.data)
+            self.core.done(notice.request_id, notice.replica_id)
         except msgspec.DecodeError:
             self._malformed("completion notice")
+
+    async def _on_replica_failed(self, msg: Msg) -> None:
+        try:
+            report = replica_failed_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            self._malformed("replica failure report")
+            return
+        period_s = self.core.replica_failed(report.replica_id, self.clock_s())
+        if period_s is not None:
+            self.counts["ejections"] += 1
+            log.warning("replica %s ejected for %.1f s: %s", report.replica_id, period_s,
+                        report.reason)
 
     async def _on_load(self, msg: Msg) -> None:
         try:
@@ -130,7 +146,8 @@ class SchedulerService:
         capacity = snap.cache.num_gpu_blocks if snap.cache else None
         known = self.core.apply_load(snap.replica_id, snap.running, snap.waiting,
                                      snap.kv_cache_usage, self.clock_s(), capacity)
-        self.core.set_health(snap.replica_id, healthy=snap.healthy, draining=snap.draining)
+        self.core.set_health(snap.replica_id, healthy=snap.healthy, draining=snap.draining,
+                             now_s=self.clock_s())
         self.counts["load_reports" if known else "unknown_replica"] += 1
 
     async def _on_kv(self, msg: Msg) -> None:

@@ -33,6 +33,20 @@ class IngressConfig(_Section):
     usage_queue_size: int = 10_000
 
 
+class RetriesConfig(_Section):
+    """The ingress asks for another replica when the placed one fails before
+    the client got a byte (connect error, 5xx, stream dying before its first
+    chunk); never after, never on a 4xx."""
+
+    # Attempts per request, the first included.
+    max_attempts: int = 2
+    # Retry budget, per ingress process: retries in the last window_s may be
+    # at most budget_ratio of the requests in it, but min_retries are always allowed.
+    budget_ratio: float = 0.2
+    budget_min_retries: int = 3
+    budget_window_s: float = 10.0
+
+
 class NatsConfig(_Section):
     url: str = "nats://127.0.0.1:4222"
     usage_stream: str = "YARD_USAGE"
@@ -67,7 +81,7 @@ class ScorerRef(_Section):
 class ProfileConfig(_Section):
     """filters -> weighted scorers -> picker; plugin names as in scheduler/registry.py."""
 
-    filters: tuple[str, ...] = ("healthy", "serves-model", "not-draining")
+    filters: tuple[str, ...] = ("healthy", "serves-model", "not-draining", "not-excluded")
     scorers: tuple[ScorerRef, ...] = ()
     picker: str = "max-score"
 
@@ -113,6 +127,16 @@ DEFAULT_PROFILES: dict[str, ProfileConfig] = {
 }
 
 
+class EjectionConfig(_Section):
+    """A replica an ingress saw fail before the first byte gets no placements
+    for base_s × (its recent ejections), at most max_s, and then only after
+    its agent reports it healthy again (a replica without an agent: after the
+    period alone)."""
+
+    base_s: float = 2.0
+    max_s: float = 30.0
+
+
 class SchedulerConfig(_Section):
     actors: int = 1
     # A placement with no completion notice is forgotten after this long,
@@ -130,6 +154,7 @@ class SchedulerConfig(_Section):
     profiles: dict[str, ProfileConfig] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_PROFILES))
     plugins: PluginParams = PluginParams()
+    ejection: EjectionConfig = EjectionConfig()
 
 
 class AgentConfig(_Section):
@@ -219,6 +244,7 @@ class ReplicaConfig(_Section):
 class Config(_Section):
     var_dir: str = "var"
     ingress: IngressConfig = IngressConfig()
+    retries: RetriesConfig = RetriesConfig()
     nats: NatsConfig = NatsConfig()
     redis: RedisConfig = RedisConfig()
     ray: RayConfig = RayConfig()

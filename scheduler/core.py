@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from scheduler.config import SchedulerConfig
+from scheduler.ejection import Ejections
 from scheduler.framework import Decision, ReplicaId, ReplicaView, SchedRequest
 from scheduler.kv_events import KVCacheEvent
 from scheduler.registry import PluginState, build_profiles
@@ -48,6 +49,7 @@ class SchedulerCore:
         self.state = PluginState.from_config(cfg)
         self.profiles = build_profiles(cfg, self.state)
         self.profile = self.profiles[cfg.profile]
+        self.ejections = Ejections(cfg.ejection)
         self.replicas: dict[ReplicaId, ReplicaView] = {}
         # request id -> placement, oldest first (insertion order == time order).
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
@@ -74,6 +76,7 @@ class SchedulerCore:
         for rid in old.keys() - self.replicas.keys():
             self.state.precise.drop(rid)
             self.state.approx.drop(rid)
+            self.ejections.forget(rid)
 
     def apply_load(self, replica_id: str, running: int, waiting: int, kv_cache_usage: float,
                    now_s: float, capacity_blocks: int | None = None) -> bool:
@@ -100,15 +103,30 @@ class SchedulerCore:
         return True
 
     def set_health(self, replica_id: str, *, healthy: bool | None = None,
-                   draining: bool | None = None) -> bool:
+                   draining: bool | None = None, now_s: float | None = None) -> bool:
+        """An ejected replica stays unhealthy until a healthy report at `now_s`
+        comes after its ejection period."""
         view = self.replicas.get(ReplicaId(replica_id))
         if view is None:
             return False
         if healthy is not None:
+            if healthy and self.ejections.is_ejected(view.id):
+                healthy = now_s is not None and self.ejections.healthy_report(view.id, now_s)
             view.healthy = healthy
         if draining is not None:
             view.draining = draining
         return True
+
+    def replica_failed(self, replica_id: str, now_s: float) -> float | None:
+        """An ingress saw the replica fail: ejects it; returns the period, or
+        None when it is unknown or already ejected."""
+        view = self.replicas.get(ReplicaId(replica_id))
+        if view is None:
+            return None
+        period_s = self.ejections.eject(view.id, now_s)
+        if period_s is not None:
+            view.healthy = False
+        return period_s
 
     def mark_stale(self, now_s: float, stale_s: float) -> list[str]:
         """Takes replicas whose agent went quiet as unhealthy; returns their ids.
@@ -134,9 +152,12 @@ class SchedulerCore:
 
     def place_view(self, req: SchedRequest) -> Placement | PlaceRejected:
         self.expire(req.now_s)
+        self._readmit_agentless(req.now_s)
         prior = self._in_flight.get(req.request_id)
-        if prior is not None and prior.replica_id in self.replicas:
-            # A retried request (same id) keeps its first decision.
+        if (prior is not None and prior.replica_id in self.replicas
+                and prior.replica_id not in req.exclude):
+            # A repeated request (same id) keeps its first decision, unless
+            # that replica failed it: then it is decided again without it.
             return self._placement(req.request_id, prior.replica_id)
         if prior is not None:
             self.done(req.request_id)
@@ -157,10 +178,15 @@ class SchedulerCore:
         """The last decision with each candidate's scores, for a sampled log line."""
         return None if self.last_decision is None else self.last_decision.explain()
 
-    def done(self, request_id: str) -> None:
-        entry = self._in_flight.pop(request_id, None)
-        if entry is not None:
-            self._release(entry)
+    def done(self, request_id: str, replica_id: str = "") -> None:
+        """Releases the request's placement; with `replica_id`, only if it is
+        still on that replica (a failed attempt's notice may arrive after the
+        retry was placed elsewhere)."""
+        entry = self._in_flight.get(request_id)
+        if entry is None or (replica_id and entry.replica_id != replica_id):
+            return
+        del self._in_flight[request_id]
+        self._release(entry)
 
     def expire(self, now_s: float) -> int:
         """Forgets placements older than the TTL; returns how many."""
@@ -179,6 +205,14 @@ class SchedulerCore:
 
     def index_sizes(self) -> dict[str, int]:
         return self.state.index_sizes()
+
+    def _readmit_agentless(self, now_s: float) -> None:
+        """Replicas no agent reports on come back when their period is over."""
+        for rid in self.ejections.ejected_ids():
+            view = self.replicas.get(ReplicaId(rid))
+            if (view is not None and view.load_reported_at_s is None
+                    and self.ejections.healthy_report(rid, now_s)):
+                view.healthy = True
 
     def _release(self, entry: _InFlight) -> None:
         view = self.replicas.get(entry.replica_id)
