@@ -1,11 +1,14 @@
 """The path of one request, shared by the HTTP and NATS front ends:
 authenticate, validate, place (NATS round trip to a scheduler actor), call
-the replica, and at the end hand usage and a completion notice to the outbox."""
+the replica (retried on another one while the client has no byte yet), and
+at the end hand usage and a completion notice to the outbox."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.errors
@@ -18,14 +21,17 @@ from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
 from scheduler.config import Config
-from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, YardError
+from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, UpstreamFailed, YardError
+from scheduler.retry_budget import RetryBudget
 from scheduler.wire import (
     MODELS_SUBJECT,
+    REPLICA_FAILED_SUBJECT,
     ModelCard,
     ModelsQuery,
     PlaceDone,
     Placement,
     PlaceRequest,
+    ReplicaFailed,
     UsageEvent,
     encode,
     models_reply_decoder,
@@ -50,8 +56,14 @@ class RequestContext:
     principal: Principal
     parsed: ParsedRequest
     placement: Placement
+    # The call to the placed replica (the current attempt's).
+    call: UpstreamCall
+    session_id: str
     started_at_s: float
     started_at_ms: int
+    attempt: int = 1
+    # Replicas that failed this request before its first byte.
+    failed_replicas: tuple[str, ...] = ()
 
 
 class Gateway:
@@ -67,6 +79,9 @@ class Gateway:
         # Chunk hashes cost time per prompt byte: only when a scorer reads them.
         self._chunking = any(s.name in CHUNK_HASH_SCORERS
                              for s in sched.profiles[sched.profile].scorers)
+        retries = cfg.retries
+        self._budget = RetryBudget(retries.budget_ratio, retries.budget_min_retries,
+                                   retries.budget_window_s)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return await self._auth.authenticate(authorization)
@@ -78,22 +93,50 @@ class Gateway:
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
         parsed = parse_request(route, body)
-        placement = await self._place(request_id, principal, parsed,
-                                      session_id or parsed.user)
-        return RequestContext(request_id, principal, parsed, placement, started_at_s,
-                              int(time.time() * 1000))
+        session_id = session_id or parsed.user
+        placement = await self._place(request_id, principal, parsed, session_id)
+        self._budget.note_request(started_at_s)
+        return RequestContext(request_id, principal, parsed, placement,
+                              self._call(parsed, request_id, placement), session_id,
+                              started_at_s, int(time.time() * 1000))
 
-    def call(self, ctx: RequestContext) -> UpstreamCall:
-        return self._replicas.call(ctx.placement.url, ctx.parsed.route,
-                                   ctx.parsed.upstream_body, ctx.request_id,
-                                   ctx.placement.replica_id)
+    @contextlib.asynccontextmanager
+    async def upstream(self, ctx: RequestContext) -> AsyncIterator[bytes]:
+        """Calls the placed replica and yields the first piece of its answer:
+        the whole body, or the stream's first payload (`ctx.call.rest()` has
+        the others). Until then nothing reached the client, so a failed call
+        (connect error, 5xx, stream dying) is retried on another replica,
+        within `retries.max_attempts` and the retry budget; a 4xx is not."""
+        while True:
+            call = ctx.call
+            try:
+                await call.open()
+                if ctx.parsed.stream:
+                    first = await call.first_event(keep_usage_chunk=ctx.parsed.include_usage)
+                else:
+                    first = await call.read_body()
+            except UpstreamFailed as exc:
+                call.close(failed=True)
+                if not await self._retry(ctx, exc):
+                    raise
+                continue
+            except BaseException:
+                call.close(failed=True)
+                raise
+            break
+        try:
+            yield first
+        except BaseException:
+            call.close(failed=True)
+            raise
+        call.close(failed=False)
 
-    def finish(self, ctx: RequestContext, call: UpstreamCall, status: int,
-               error_code: str = "") -> None:
-        """Records the outcome. Synchronous and non-blocking, so it can run
-        in the `finally` of a handler cancelled by a client disconnect."""
+    def finish(self, ctx: RequestContext, status: int, error_code: str = "") -> None:
+        """Records the outcome of the attempt that reached the client (the
+        only one metered). Synchronous and non-blocking, so it can run in
+        the `finally` of a handler cancelled by a client disconnect."""
         now_s = time.monotonic()
-        record = call.record
+        record = ctx.call.record
         usage = record.usage
         ttft_s = (record.first_byte_at_s - ctx.started_at_s) if record.first_byte_at_s else 0.0
         if record.first_byte_at_s:
@@ -115,16 +158,50 @@ class Gateway:
                          model=ctx.parsed.model)
         self._outbox.request_done(done, event)
 
+    async def _retry(self, ctx: RequestContext, exc: UpstreamFailed) -> bool:
+        """Reports the failed replica and places the request again without
+        it; False when it may not or cannot be (then the failure stands)."""
+        failed = ctx.placement.replica_id
+        with contextlib.suppress(nats.errors.Error):
+            await self._nc.publish(REPLICA_FAILED_SUBJECT, encode(ReplicaFailed(
+                replica_id=failed, request_id=ctx.request_id, reason=exc.message)))
+        if ctx.attempt >= self.cfg.retries.max_attempts:
+            return False
+        if not self._budget.try_retry(time.monotonic()):
+            self._metrics.retry_budget_exhausted.inc()
+            return False
+        exclude = (*ctx.failed_replicas, failed)
+        try:
+            placement = await self._place(ctx.request_id, ctx.principal, ctx.parsed,
+                                          ctx.session_id, exclude, ctx.attempt + 1)
+        except YardError:
+            return False  # no other replica: the client gets the replica's failure
+        self._metrics.upstream_errors.labels(failed).inc()
+        self._metrics.retries.inc()
+        # The failed attempt is not metered (the usage event is the serving
+        # attempt's, under the same request id); its placement is released.
+        self._outbox.placement_done(PlaceDone(request_id=ctx.request_id, replica_id=failed,
+                                              model=ctx.parsed.model))
+        ctx.placement, ctx.attempt, ctx.failed_replicas = placement, ctx.attempt + 1, exclude
+        ctx.call = self._call(ctx.parsed, ctx.request_id, placement)
+        return True
+
+    def _call(self, parsed: ParsedRequest, request_id: str, placement: Placement) -> UpstreamCall:
+        return self._replicas.call(placement.url, parsed.route, parsed.upstream_body,
+                                   request_id, placement.replica_id)
+
     async def models(self) -> tuple[ModelCard, ...]:
         reply = await self._request(MODELS_SUBJECT, encode(ModelsQuery()))
         return models_reply_decoder.decode(reply).models
 
     async def _place(self, request_id: str, principal: Principal, parsed: ParsedRequest,
-                     session_id: str) -> Placement:
+                     session_id: str, exclude: tuple[str, ...] = (),
+                     attempt: int = 1) -> Placement:
         req = PlaceRequest(request_id=request_id, tenant_id=principal.tenant_id,
                            model=parsed.model, prompt_tokens=parsed.prompt_tokens_est,
                            max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens,
-                           chunk_hashes=self._chunk_hashes(parsed), session_id=session_id)
+                           chunk_hashes=self._chunk_hashes(parsed), session_id=session_id,
+                           exclude=exclude, attempt=attempt)
         started_s = time.perf_counter()
         try:
             reply = await self._request(place_subject(parsed.model), encode(req))
