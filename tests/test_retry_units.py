@@ -14,7 +14,16 @@ from scheduler.ejection import Ejections
 from scheduler.filters import NotExcluded
 from scheduler.framework import ReplicaId, ReplicaView, SchedRequest
 from scheduler.retry_budget import RetryBudget
-from scheduler.wire import Placement, PlaceRejected, PlaceRequest, ReplicaInfo
+from scheduler.wire import (
+    Placement,
+    PlaceRejected,
+    PlaceRequest,
+    ReplicaFailed,
+    ReplicaInfo,
+    encode,
+    place_request_decoder,
+    replica_failed_decoder,
+)
 
 # --- retry budget ------------------------------------------------------------------
 
@@ -190,3 +199,13 @@ def test_only_an_ejected_fleet_is_no_capacity() -> None:
     core.replica_failed("b", now_s=0.0)
     reply = core.place(PlaceRequest(request_id="r", tenant_id="t", model="m"), 1.0)
     assert isinstance(reply, PlaceRejected) and reply.code == "no_capacity"
+
+
+# --- wire ------------------------------------------------------------------------------
+
+
+def test_retry_messages_round_trip() -> None:
+    retry = PlaceRequest(request_id="r", tenant_id="t", model="m", exclude=("a",), attempt=2)
+    assert place_request_decoder.decode(encode(retry)) == retry
+    failed = ReplicaFailed(replica_id="a", request_id="r", reason="answered 500")
+    assert replica_failed_decoder.decode(encode(failed)) == failed
