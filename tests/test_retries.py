@@ -33,11 +33,15 @@ from scheduler.wire import (
     REGISTRY_CHANGED_SUBJECT,
     REPLICA_FAILED_SUBJECT,
     USAGE_QUERY_SUBJECT,
+    ApiChunk,
+    ApiEnd,
+    ApiResponse,
     ModelsQuery,
     RegistryChanged,
     ReplicaInfo,
     UsageEvent,
     UsageQuery,
+    api_reply_decoder,
     encode,
     models_reply_decoder,
     replica_failed_decoder,
@@ -277,3 +281,32 @@ def body_replica(body: dict, pair: Pair) -> str:
     """The replica named in an upstream failure's message."""
     message = body["error"]["message"]
     return next(rid for rid in pair.ids if f"replica {rid} " in message)
+
+
+async def test_the_nats_api_fails_over_too(switchyard: Switchyard, pair: Pair) -> None:
+    """On the session's ingress, with the default budget (4 requests, about 2 retries)."""
+    await pair.faults(0, error_status=503)
+    headers = {"Authorization": f"Bearer {switchyard.api_key}"}
+
+    async def one(stream: bool) -> list[object]:
+        inbox = pair.nc.new_inbox()
+        sub = await pair.nc.subscribe(inbox)
+        body = {"model": pair.model, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3, "stream": stream}
+        await pair.nc.publish("yard.v1.chat.completions", msgspec.json.encode(body),
+                              reply=inbox, headers=headers)
+        replies: list[object] = []
+        while not replies or isinstance(replies[-1], ApiChunk):
+            replies.append(api_reply_decoder.decode((await sub.next_msg(timeout=10)).data))
+        await sub.unsubscribe()
+        return replies
+
+    async with listening(pair.nc) as heard:
+        answers = await asyncio.gather(*(one(stream) for stream in (True, False, True, False)))
+        await pair.nc.flush()
+    assert {replica for replica, _ in heard.failed} == {pair.ids[0]}  # it did fail some
+    for stream, replies in zip((True, False, True, False), answers, strict=True):
+        if stream:
+            assert isinstance(replies[-1], ApiEnd) and len(replies) > 1, replies
+        else:
+            assert [type(r) for r in replies] == [ApiResponse], replies
