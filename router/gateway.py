@@ -175,7 +175,9 @@ class Gateway:
             placement = await self._place(ctx.request_id, ctx.principal, ctx.parsed,
                                           ctx.session_id, exclude, ctx.attempt + 1)
         except YardError:
-            return False  # no other replica: the client gets the replica's failure
+            # No other replica: the client gets the replica's failure.
+            self._budget.refund(time.monotonic())
+            return False
         self._metrics.upstream_errors.labels(failed).inc()
         self._metrics.retries.inc()
         # The failed attempt is not metered (the usage event is the serving

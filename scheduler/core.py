@@ -119,9 +119,11 @@ class SchedulerCore:
 
     def replica_failed(self, replica_id: str, now_s: float) -> float | None:
         """An ingress saw the replica fail: ejects it; returns the period, or
-        None when it is unknown or already ejected."""
+        None when it is unknown, already ejected, or the last replica that
+        could serve one of its models (as Envoy caps ejections: one request
+        that fails everywhere must not take a whole model down)."""
         view = self.replicas.get(ReplicaId(replica_id))
-        if view is None:
+        if view is None or not all(self._served_without(view, m) for m in view.models):
             return None
         period_s = self.ejections.eject(view.id, now_s)
         if period_s is not None:
@@ -205,6 +207,10 @@ class SchedulerCore:
 
     def index_sizes(self) -> dict[str, int]:
         return self.state.index_sizes()
+
+    def _served_without(self, view: ReplicaView, model: str) -> bool:
+        return any(other is not view and other.healthy and not other.draining
+                   and model in other.models for other in self.replicas.values())
 
     def _readmit_agentless(self, now_s: float) -> None:
         """Replicas no agent reports on come back when their period is over."""

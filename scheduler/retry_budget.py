@@ -40,6 +40,12 @@ class RetryBudget:
         self._retries[slot] += 1
         return True
 
+    def refund(self, now_s: float) -> None:
+        """Takes back a retry that could not happen (no replica to go to)."""
+        slot = self._advance(now_s)
+        if self._retries[slot]:
+            self._retries[slot] -= 1
+
     def _advance(self, now_s: float) -> int:
         """Clears the buckets the window slid past; returns the slot for now."""
         index = int(now_s // self._bucket_s)

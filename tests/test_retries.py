@@ -179,43 +179,43 @@ async def test_a_failing_replica_fails_no_request_and_is_ejected_then_readmitted
         switchyard: Switchyard, pair: Pair, fault: dict[str, object]) -> None:
     tenant_id, key = await switchyard.new_tenant(f"retries-{pair.model}")
     bad, good = pair.ids
+    served_by: dict[str, str] = {}  # request id -> replica, of every answer
+
+    async def send(session: aiohttp.ClientSession) -> str:
+        status, headers, _ = await chat(session, url, key, pair.model)
+        assert status == 200
+        served_by[headers["x-request-id"]] = headers["x-switchyard-replica"]
+        return headers["x-switchyard-replica"]
+
     await pair.faults(0, **fault)
     async with ingress(switchyard, AMPLE) as url, listening(pair.nc) as heard, \
             aiohttp.ClientSession() as session:
         # Placed at once, so half go to the failing replica before any report.
-        burst = await asyncio.gather(*(chat(session, url, key, pair.model) for _ in range(6)))
-        assert [status for status, _, _ in burst] == [200] * 6
-        assert {headers["x-switchyard-replica"] for _, headers, _ in burst} == {good}
+        assert set(await asyncio.gather(*(send(session) for _ in range(6)))) == {good}
         failed_ids = {rid for _, rid in heard.failed}
         assert {replica for replica, _ in heard.failed} == {bad} and failed_ids
         assert await metric(url, "switchyard_upstream_retries_total") == len(failed_ids)
         # Ejected: everything goes to the good replica while the period lasts.
-        for _ in range(3):
-            status, headers, _ = await chat(session, url, key, pair.model)
-            assert status == 200 and headers["x-switchyard-replica"] == good
+        assert [await send(session) for _ in range(3)] == [good] * 3
         if "error_status" in fault:
             await pair.faults(0)  # cleared; a refusal ends by itself
 
         async def readmitted() -> bool:
-            status, headers, _ = await chat(session, url, key, pair.model)
-            return status == 200 and headers["x-switchyard-replica"] == bad
+            return await send(session) == bad
 
         await wait_until(readmitted, timeout_s=10)
-        request_ids = {headers["x-request-id"]: headers["x-switchyard-replica"]
-                       for _, headers, _ in burst}
 
         async def all_metered() -> bool:
-            return request_ids.keys() <= {e.request_id for e in heard.usage}
+            return served_by.keys() <= {e.request_id for e in heard.usage}
 
         await wait_until(all_metered)
     # One usage event per request, the serving attempt's; none for failed attempts.
-    mine = [e for e in heard.usage if e.request_id in request_ids]
-    assert sorted(e.request_id for e in mine) == sorted(request_ids)
-    assert all(e.replica_id == request_ids[e.request_id] and e.status == 200 for e in mine)
-    served = len({e.request_id for e in heard.usage if e.tenant_id == tenant_id})
+    mine = [e for e in heard.usage if e.tenant_id == tenant_id]
+    assert sorted(e.request_id for e in mine) == sorted(served_by)
+    assert all(e.replica_id == served_by[e.request_id] and e.status == 200 for e in mine)
 
     async def in_clickhouse() -> bool:
-        return await clickhouse_requests(pair.nc, tenant_id) == served
+        return await clickhouse_requests(pair.nc, tenant_id) == len(served_by)
 
     await wait_until(in_clickhouse, timeout_s=15)
 

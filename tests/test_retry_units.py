@@ -16,7 +16,6 @@ from scheduler.framework import ReplicaId, ReplicaView, SchedRequest
 from scheduler.retry_budget import RetryBudget
 from scheduler.wire import (
     Placement,
-    PlaceRejected,
     PlaceRequest,
     ReplicaFailed,
     ReplicaInfo,
@@ -27,7 +26,8 @@ from scheduler.wire import (
 
 # --- retry budget ------------------------------------------------------------------
 
-# Each step: ("req", now_s) counts a request; ("retry", now_s, allowed) asks for a retry.
+# Each step: ("req", now_s) counts a request; ("retry", now_s, allowed) asks for a
+# retry; ("refund", now_s) takes one back.
 BUDGET_CASES = {
     "the floor allows retries without traffic": [
         ("retry", 0.0, True), ("retry", 0.1, True), ("retry", 0.2, True), ("retry", 0.3, False)],
@@ -41,6 +41,8 @@ BUDGET_CASES = {
         *[("req", 0.0)] * 30, *[("retry", 5.0, True)] * 6, ("retry", 12.0, False)],
     "a long pause forgets everything": [
         *[("retry", 0.0, True)] * 3, ("retry", 100.0, True)],
+    "a refunded retry frees its place": [
+        *[("retry", 0.0, True)] * 3, ("refund", 0.5), ("retry", 0.5, True), ("retry", 0.5, False)],
     "a clock reading behind counts in the newest bucket": [
         *[("retry", 5.0, True)] * 3, ("retry", 4.0, False)],
 }
@@ -52,6 +54,8 @@ def test_retry_budget(steps: list[tuple]) -> None:
     for step in steps:
         if step[0] == "req":
             budget.note_request(step[1])
+        elif step[0] == "refund":
+            budget.refund(step[1])
         else:
             assert budget.try_retry(step[1]) is step[2], step
 
@@ -193,12 +197,12 @@ def test_unknown_replicas_and_removed_ones_are_not_ejected() -> None:
     assert core.ejections.ejected_ids() == []
 
 
-def test_only_an_ejected_fleet_is_no_capacity() -> None:
-    core = _core()
-    core.replica_failed("a", now_s=0.0)
-    core.replica_failed("b", now_s=0.0)
-    reply = core.place(PlaceRequest(request_id="r", tenant_id="t", model="m"), 1.0)
-    assert isinstance(reply, PlaceRejected) and reply.code == "no_capacity"
+def test_the_last_replica_that_can_serve_a_model_is_not_ejected() -> None:
+    core = _core(3)
+    core.set_health("c", draining=True)
+    assert core.replica_failed("a", now_s=0.0) == 2.0
+    assert core.replica_failed("b", now_s=0.0) is None  # c drains: b is the last
+    assert _place(core, "r", now_s=0.5) == "b"
 
 
 # --- wire ------------------------------------------------------------------------------
