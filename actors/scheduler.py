@@ -39,6 +39,7 @@ from scheduler.wire import (
     PLACE_QUEUE,
     PLACE_SUBJECT,
     REGISTRY_CHANGED_SUBJECT,
+    REPLICA_FAILED_SUBJECT,
     KvResync,
     ModelsReply,
     Placement,
@@ -50,6 +51,7 @@ from scheduler.wire import (
     load_decoder,
     peer_placed_decoder,
     place_request_decoder,
+    replica_failed_decoder,
 )
 
 log = logging.getLogger("switchyard.scheduler")
@@ -70,7 +72,7 @@ class SchedulerService:
         self._queued = asyncio.Event()
         self.counts = dict.fromkeys(("placed", "load_reports", "kv_batches", "kv_resyncs",
                                      "unknown_replica", "malformed", "reply_errors",
-                                     "peer_placed", "peer_stale"), 0)
+                                     "peer_placed", "peer_stale", "ejections"), 0)
         self._nc: NATS | None = None
         self._registry: ReplicaRegistry | None = None
         self._timers: list[asyncio.Task[None]] = []
@@ -84,6 +86,7 @@ class SchedulerService:
         await nc.subscribe(MODELS_SUBJECT, queue=PLACE_QUEUE, cb=self._on_models)
         await nc.subscribe(DONE_SUBJECT, cb=self._on_done)
         await nc.subscribe(PEER_PLACED_SUBJECT, cb=self._on_peer_placed)
+        await nc.subscribe(REPLICA_FAILED_SUBJECT, cb=self._on_replica_failed)
         await nc.subscribe(REGISTRY_CHANGED_SUBJECT, cb=self._on_registry_changed)
         # Every scheduler actor hears every replica: their views stay alike.
         await nc.subscribe(LOAD_SUBJECT.format(model="*"), cb=self._on_load)
@@ -201,6 +204,18 @@ class SchedulerService:
         self.room.cancel(done.model, done.request_id)
         await self._dispatch()
 
+    async def _on_replica_failed(self, msg: Msg) -> None:
+        try:
+            report = replica_failed_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            self._malformed("replica failure report")
+            return
+        period_s = self.core.replica_failed(report.replica_id, self.clock_s())
+        if period_s is not None:
+            self.counts["ejections"] += 1
+            log.warning("replica %s ejected for %.1f s: %s", report.replica_id, period_s,
+                        report.reason)
+
     async def _on_load(self, msg: Msg) -> None:
         try:
             snap = load_decoder.decode(msg.data)
@@ -210,7 +225,8 @@ class SchedulerService:
         capacity = snap.cache.num_gpu_blocks if snap.cache else None
         known = self.core.apply_load(snap.replica_id, snap.running, snap.waiting,
                                      snap.kv_cache_usage, self.clock_s(), capacity)
-        self.core.set_health(snap.replica_id, healthy=snap.healthy, draining=snap.draining)
+        self.core.set_health(snap.replica_id, healthy=snap.healthy, draining=snap.draining,
+                             now_s=self.clock_s())
         self.counts["load_reports" if known else "unknown_replica"] += 1
         await self._dispatch()
 

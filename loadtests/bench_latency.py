@@ -50,7 +50,10 @@ async def _timed(session: aiohttp.ClientSession, url: str, headers: dict[str, st
     return latencies_ms
 
 
-async def _start_stack(workdir: Path) -> tuple[asyncio.subprocess.Process, str, str, str]:
+async def start_stack(workdir: Path,
+                      replicas: int = 1) -> tuple[asyncio.subprocess.Process, str, str, str]:
+    """`switchyard up` with simulated replicas: (process, ingress chat URL, the
+    first replica's chat URL (the others follow on the next ports), demo key)."""
     api_port, sim_port = free_port(), free_port()
     config = workdir / "bench.toml"
     config.write_text(f"""
@@ -62,7 +65,7 @@ url = "nats://127.0.0.1:{free_port()}"
 url = "redis://127.0.0.1:{free_port()}/0"
 [simulator]
 base_port = {sim_port}
-replicas = 1
+replicas = {replicas}
 """)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "deploy.cli", "up", "--config", str(config), cwd=workdir,
@@ -78,7 +81,7 @@ replicas = 1
 
 async def bench(rounds: int, requests: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="switchyard-bench-") as tmp:
-        proc, via_url, direct_url, key = await _start_stack(Path(tmp))
+        proc, via_url, direct_url, key = await start_stack(Path(tmp))
         try:
             auth = {"Authorization": f"Bearer {key}"}
             per_round = []

@@ -1,13 +1,17 @@
 """The path of one request, shared by the HTTP and NATS front ends:
 authenticate, validate, place (NATS round trip to a scheduler actor), call
-the replica, and at the end hand usage and a completion notice to the outbox."""
+the replica (retried on another one while the client has no byte yet), and
+at the end hand usage and a completion notice to the outbox."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
@@ -20,14 +24,17 @@ from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
 from scheduler.config import Config
-from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, YardError
+from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, UpstreamFailed, YardError
+from scheduler.retry_budget import RetryBudget
 from scheduler.wire import (
     MODELS_SUBJECT,
+    REPLICA_FAILED_SUBJECT,
     ModelCard,
     ModelsQuery,
     PlaceDone,
     Placement,
     PlaceRequest,
+    ReplicaFailed,
     UsageEvent,
     encode,
     models_reply_decoder,
@@ -62,7 +69,12 @@ class RequestContext:
     request_id: str
     principal: Principal
     parsed: ParsedRequest
+    # What the scheduler was asked (routing features computed once; a retry
+    # asks again with the failed replicas excluded).
+    place_req: PlaceRequest
     placement: Placement
+    # The call to the placed replica (the current attempt's).
+    call: UpstreamCall
     started_at_s: float
     started_at_ms: int
 
@@ -81,6 +93,9 @@ class Gateway:
         # Both kinds of hash cost time per prompt byte: only when a scorer reads them.
         self._chunking = bool(_profile_scorers(cfg) & CHUNK_HASH_SCORERS)
         self._hasher = hasher
+        retries = cfg.retries
+        self._budget = RetryBudget(retries.budget_ratio, retries.budget_min_retries,
+                                   retries.budget_window_s)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return await self._auth.authenticate(authorization)
@@ -94,23 +109,52 @@ class Gateway:
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
         parsed = parse_request(route, body)
-        placement = await self._place(request_id, principal, parsed,
-                                      session_id or parsed.user,
-                                      principal.priority.resolve(priority))
-        return RequestContext(request_id, principal, parsed, placement, started_at_s,
-                              int(time.time() * 1000))
+        place_req = await self._place_request(request_id, principal, parsed,
+                                              session_id or parsed.user,
+                                              principal.priority.resolve(priority))
+        placement = await self._place(place_req)
+        self._budget.note_request(started_at_s)
+        return RequestContext(request_id, principal, parsed, place_req, placement,
+                              self._call(parsed, request_id, placement),
+                              started_at_s, int(time.time() * 1000))
 
-    def call(self, ctx: RequestContext) -> UpstreamCall:
-        return self._replicas.call(ctx.placement.url, ctx.parsed.route,
-                                   ctx.parsed.upstream_body, ctx.request_id,
-                                   ctx.placement.replica_id)
+    @contextlib.asynccontextmanager
+    async def upstream(self, ctx: RequestContext) -> AsyncIterator[bytes]:
+        """Calls the placed replica and yields the first piece of its answer:
+        the whole body, or the stream's first payload (`ctx.call.rest()` has
+        the others). Until then nothing reached the client, so a failed call
+        (connect error, 5xx, stream dying) is retried on another replica,
+        within `retries.max_attempts` and the retry budget; a 4xx is not."""
+        while True:
+            call = ctx.call
+            try:
+                await call.open()
+                if ctx.parsed.stream:
+                    first = await call.first_event(keep_usage_chunk=ctx.parsed.include_usage)
+                else:
+                    first = await call.read_body()
+            except UpstreamFailed as exc:
+                call.close(failed=True)
+                if not await self._retry(ctx, exc):
+                    raise
+                continue
+            except BaseException:
+                call.close(failed=True)
+                raise
+            break
+        try:
+            yield first
+        except BaseException:
+            call.close(failed=True)
+            raise
+        call.close(failed=False)
 
-    def finish(self, ctx: RequestContext, call: UpstreamCall, status: int,
-               error_code: str = "") -> None:
-        """Records the outcome. Synchronous and non-blocking, so it can run
-        in the `finally` of a handler cancelled by a client disconnect."""
+    def finish(self, ctx: RequestContext, status: int, error_code: str = "") -> None:
+        """Records the outcome of the attempt that reached the client (the
+        only one metered). Synchronous and non-blocking, so it can run in
+        the `finally` of a handler cancelled by a client disconnect."""
         now_s = time.monotonic()
-        record = call.record
+        record = ctx.call.record
         usage = record.usage
         ttft_s = (record.first_byte_at_s - ctx.started_at_s) if record.first_byte_at_s else 0.0
         if record.first_byte_at_s:
@@ -132,29 +176,68 @@ class Gateway:
                          model=ctx.parsed.model)
         self._outbox.request_done(done, event)
 
+    async def _retry(self, ctx: RequestContext, exc: UpstreamFailed) -> bool:
+        """Reports the failed replica and places the request again without
+        it; False when it may not or cannot be (then the failure stands)."""
+        failed = ctx.placement.replica_id
+        with contextlib.suppress(nats.errors.Error):
+            await self._nc.publish(REPLICA_FAILED_SUBJECT, encode(ReplicaFailed(
+                replica_id=failed, request_id=ctx.request_id, reason=exc.message)))
+        if ctx.place_req.attempt >= self.cfg.retries.max_attempts:
+            return False
+        if not self._budget.try_retry(time.monotonic()):
+            self._metrics.retry_budget_exhausted.inc()
+            return False
+        retry_req = msgspec.structs.replace(
+            ctx.place_req, exclude=(*ctx.place_req.exclude, failed),
+            attempt=ctx.place_req.attempt + 1)
+        try:
+            placement = await self._place(retry_req)
+        except YardError:
+            # No other replica: the client gets the replica's failure.
+            self._budget.refund(time.monotonic())
+            return False
+        self._metrics.upstream_errors.labels(failed).inc()
+        self._metrics.retries.inc()
+        # The failed attempt is not metered: the usage event is the serving
+        # attempt's, under the same request id. Its load moved with the retry
+        # (the scheduler released it when placing again, and its peers when
+        # they hear the placement of attempt 2); the final completion notice
+        # releases whatever is left.
+        ctx.placement, ctx.place_req = placement, retry_req
+        ctx.call = self._call(ctx.parsed, ctx.request_id, placement)
+        return True
+
+    def _call(self, parsed: ParsedRequest, request_id: str, placement: Placement) -> UpstreamCall:
+        return self._replicas.call(placement.url, parsed.route, parsed.upstream_body,
+                                   request_id, placement.replica_id)
+
     async def models(self) -> tuple[ModelCard, ...]:
         reply = await self._request(MODELS_SUBJECT, encode(ModelsQuery()))
         return models_reply_decoder.decode(reply).models
 
-    async def _place(self, request_id: str, principal: Principal, parsed: ParsedRequest,
-                     session_id: str, priority: int) -> Placement:
+    async def _place_request(self, request_id: str, principal: Principal,
+                             parsed: ParsedRequest, session_id: str,
+                             priority: int) -> PlaceRequest:
         blocks = await self._hasher.block_hashes(parsed) if self._hasher else None
         chunks = (self._chunk_hashes(parsed) if self._chunking
                   or (self._hasher is not None and blocks is None) else ())
-        req = PlaceRequest(request_id=request_id, tenant_id=principal.tenant_id,
-                           model=parsed.model, prompt_tokens=parsed.prompt_tokens_est,
-                           max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens,
-                           block_hashes=blocks or (), chunk_hashes=chunks,
-                           session_id=session_id, priority=priority,
-                           max_queue_s=self.cfg.ingress.max_queue_s)
+        return PlaceRequest(request_id=request_id, tenant_id=principal.tenant_id,
+                            model=parsed.model, prompt_tokens=parsed.prompt_tokens_est,
+                            max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens,
+                            block_hashes=blocks or (), chunk_hashes=chunks,
+                            session_id=session_id, priority=priority,
+                            max_queue_s=self.cfg.ingress.max_queue_s)
+
+    async def _place(self, req: PlaceRequest) -> Placement:
         started_s = time.perf_counter()
         try:
-            decision = await self._placer.place(place_subject(parsed.model), req)
+            decision = await self._placer.place(place_subject(req.model), req)
         except BaseException:
             # The scheduler may have counted it before the answer was lost (or
             # the client left): release it, or it pins the load until its TTL.
-            self._outbox.placement_done(PlaceDone(request_id=request_id, replica_id="",
-                                                  model=parsed.model))
+            self._outbox.placement_done(PlaceDone(request_id=req.request_id, replica_id="",
+                                                  model=req.model))
             raise
         self._metrics.placement.observe(time.perf_counter() - started_s)
         if isinstance(decision, Placement):

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, sse_error_event
 from router.gateway import SESSION_HEADER, Gateway, RequestContext, new_request_id
-from router.upstream import CLIENT_CLOSED, DONE, UpstreamCall
+from router.upstream import CLIENT_CLOSED, DONE
 from scheduler.errors import YardError
 from scheduler.priority import PRIORITY_HEADER
 
@@ -33,19 +33,19 @@ async def _serve(request: web.Request, route: str) -> web.StreamResponse:
     ctx = await gateway.admit(request_id, route, body, request.headers.get("Authorization"),
                               request.headers.get(SESSION_HEADER),
                               request.headers.get(PRIORITY_HEADER))
-    call = gateway.call(ctx)
     status, error_code = CLIENT_CLOSED, "client_closed"
     try:
         relay = _relay_stream if ctx.parsed.stream else _relay_body
-        async with call:
-            response = await relay(request, ctx, call)
-        status, error_code = call.record.outcome(response.status)
+        # Errors before the first piece are still plain HTTP errors (middleware).
+        async with gateway.upstream(ctx) as first:
+            response = await relay(request, ctx, first)
+        status, error_code = ctx.call.record.outcome(response.status)
         return response
     except YardError as exc:
         status, error_code = exc.status, exc.code or ""
         raise
     finally:
-        gateway.finish(ctx, call, status, error_code)
+        gateway.finish(ctx, status, error_code)
 
 
 def _headers(ctx: RequestContext) -> dict[str, str]:
@@ -53,8 +53,7 @@ def _headers(ctx: RequestContext) -> dict[str, str]:
 
 
 async def _relay_body(request: web.Request, ctx: RequestContext,
-                      call: UpstreamCall) -> web.StreamResponse:
-    body = await call.read_body()
+                      body: bytes) -> web.StreamResponse:
     response = web.Response(body=body, content_type="application/json", headers=_headers(ctx))
     # Sent here, not after the handler returns, so the outcome is known when
     # `finish` records it.
@@ -62,24 +61,19 @@ async def _relay_body(request: web.Request, ctx: RequestContext,
         await response.prepare(request)
         await response.write_eof()
     except ConnectionResetError:
-        call.record.client_gone = True
+        ctx.call.record.client_gone = True
     return response
 
 
 async def _relay_stream(request: web.Request, ctx: RequestContext,
-                        call: UpstreamCall) -> web.StreamResponse:
+                        first: bytes) -> web.StreamResponse:
+    call = ctx.call
     response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(ctx)})
-    events = call.events(keep_usage_chunk=ctx.parsed.include_usage)
-    try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        first = DONE
-    # Errors before the first event are still plain HTTP errors (middleware).
     await response.prepare(request)
     try:
         await response.write(b"data: " + first + b"\n\n")
         if first != DONE:
-            async for payload in events:
+            async for payload in call.rest():
                 await response.write(b"data: " + payload + b"\n\n")
         await response.write_eof()
     except YardError as exc:

@@ -31,6 +31,12 @@ class Metrics:
         self.upstream_errors = Counter(
             "switchyard_upstream_errors", "Replica failures, by replica.",
             ["replica"], registry=r)
+        self.retries = Counter(
+            "switchyard_upstream_retries",
+            "Calls retried on another replica before the first byte.", registry=r)
+        self.retry_budget_exhausted = Counter(
+            "switchyard_upstream_retry_budget_exhausted",
+            "Failed calls not retried because the retry budget was spent.", registry=r)
         self.usage_published = Counter(
             "switchyard_usage_events_published", "Usage events stored in JetStream.",
             registry=r)

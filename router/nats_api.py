@@ -73,36 +73,33 @@ class NatsApi:
         ctx = await self._gateway.admit(new_request_id(), route, msg.data,
                                         headers.get("Authorization"), headers.get(SESSION_HEADER),
                                         headers.get(PRIORITY_HEADER))
-        call = self._gateway.call(ctx)
         status, error_code = CLIENT_CLOSED, "client_closed"
         try:
-            async with call:
+            # Errors before the first piece are error replies; the gateway retried them.
+            async with self._gateway.upstream(ctx) as first:
                 if ctx.parsed.stream:
-                    await self._stream(msg, call, ctx.parsed.include_usage)
+                    await self._stream(msg, ctx.call, first)
                 else:
-                    body = await call.read_body()
-                    await self._reply(msg, encode(ApiResponse(data=msgspec.Raw(body))))
-            status, error_code = call.record.outcome(200)
+                    await self._reply(msg, encode(ApiResponse(data=msgspec.Raw(first))))
+            status, error_code = ctx.call.record.outcome(200)
         except YardError as exc:
             status, error_code = exc.status, exc.code or ""
             raise
         finally:
-            self._gateway.finish(ctx, call, status, error_code)
+            self._gateway.finish(ctx, status, error_code)
 
-    async def _stream(self, msg: Msg, call: UpstreamCall, include_usage: bool) -> None:
-        started = False
-        try:
-            async for payload in call.events(keep_usage_chunk=include_usage):
-                if payload == DONE:
-                    break
-                started = True
-                await self._reply(msg, encode(ApiChunk(data=msgspec.Raw(payload))))
-        except YardError as exc:
-            if not started:
-                raise
-            call.record.failure = exc
-            await self._reply(msg, nats_error_reply(exc))
-            return
+    async def _stream(self, msg: Msg, call: UpstreamCall, first: bytes) -> None:
+        if first != DONE:
+            try:
+                await self._reply(msg, encode(ApiChunk(data=msgspec.Raw(first))))
+                async for payload in call.rest():
+                    if payload == DONE:
+                        break
+                    await self._reply(msg, encode(ApiChunk(data=msgspec.Raw(payload))))
+            except YardError as exc:
+                call.record.failure = exc
+                await self._reply(msg, nats_error_reply(exc))
+                return
         await self._reply(msg, encode(ApiEnd()))
 
     async def _reply(self, msg: Msg, payload: bytes) -> None:

@@ -85,8 +85,9 @@ class ReplicaClient:
 
 
 class UpstreamCall:
-    """`async with` opens the request; leaving the block early (client gone,
-    cancellation) closes the connection, which makes the replica abort."""
+    """`open` sends the request, `close` ends it; closing after a failure
+    (client gone, cancellation) drops the connection, which makes the
+    replica abort."""
 
     def __init__(self, session: aiohttp.ClientSession, url: str, body: bytes,
                  request_id: str, replica_id: str) -> None:
@@ -97,8 +98,10 @@ class UpstreamCall:
         self.replica_id = replica_id
         self.record = CallRecord()
         self._resp: aiohttp.ClientResponse | None = None
+        self._events: AsyncIterator[bytes] | None = None
 
-    async def __aenter__(self) -> UpstreamCall:
+    async def open(self) -> None:
+        """Sends the request; a connect failure or an error status raises."""
         try:
             self._resp = await self._session.post(self._url, data=self._body, headers=self._headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -111,14 +114,13 @@ class UpstreamCall:
                 raise UpstreamRejected(self._resp.status, body, replica_id=self.replica_id)
             raise UpstreamFailed(f"replica {self.replica_id} answered {self._resp.status}",
                                  replica_id=self.replica_id)
-        return self
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+    def close(self, failed: bool) -> None:
         if self._resp is not None:
-            if exc_type is None:
-                self._resp.release()
-            else:
+            if failed:
                 self._resp.close()
+            else:
+                self._resp.release()
 
     async def _read_all(self) -> bytes:
         assert self._resp is not None
@@ -138,6 +140,16 @@ class UpstreamCall:
             raise UpstreamFailed(f"replica {self.replica_id} sent a malformed answer",
                                  replica_id=self.replica_id) from None
         return body
+
+    async def first_event(self, keep_usage_chunk: bool) -> bytes:
+        """Starts reading the stream: its first payload (DONE if it has none);
+        `rest` yields the others."""
+        self._events = self.events(keep_usage_chunk)
+        return await anext(self._events, DONE)
+
+    def rest(self) -> AsyncIterator[bytes]:
+        assert self._events is not None, "first_event() not awaited"
+        return self._events
 
     async def events(self, keep_usage_chunk: bool) -> AsyncIterator[bytes]:
         """Yields each SSE data payload (JSON bytes) as it arrives, then DONE.

@@ -43,6 +43,20 @@ class IngressConfig(_Section):
     tokenizer_threads: int = 2
 
 
+class RetriesConfig(_Section):
+    """The ingress asks for another replica when the placed one fails before
+    the client got a byte (connect error, 5xx, stream dying before its first
+    chunk); never after, never on a 4xx."""
+
+    # Attempts per request, the first included.
+    max_attempts: int = 2
+    # Retry budget, per ingress process: retries in the last window_s may be
+    # at most budget_ratio of the requests in it, but min_retries are always allowed.
+    budget_ratio: float = 0.2
+    budget_min_retries: int = 3
+    budget_window_s: float = 10.0
+
+
 class NatsConfig(_Section):
     url: str = "nats://127.0.0.1:4222"
     usage_stream: str = "YARD_USAGE"
@@ -77,7 +91,7 @@ class ScorerRef(_Section):
 class ProfileConfig(_Section):
     """filters -> weighted scorers -> picker; plugin names as in scheduler/registry.py."""
 
-    filters: tuple[str, ...] = ("healthy", "serves-model", "not-draining")
+    filters: tuple[str, ...] = ("healthy", "serves-model", "not-draining", "not-excluded")
     scorers: tuple[ScorerRef, ...] = ()
     picker: str = "max-score"
 
@@ -138,6 +152,14 @@ class SaturationConfig(_Section):
     tenant_queue_cap_requests: int = 100
     # Retry-After of a placement shed, timed out or refused by the queue.
     retry_after_s: float = 1.0
+class EjectionConfig(_Section):
+    """A replica an ingress saw fail before the first byte gets no placements
+    for base_s × (its recent ejections), at most max_s, and then only after
+    its agent reports it healthy again (a replica without an agent: after the
+    period alone)."""
+
+    base_s: float = 2.0
+    max_s: float = 30.0
 
 
 class SchedulerConfig(_Section):
@@ -158,6 +180,7 @@ class SchedulerConfig(_Section):
         default_factory=lambda: dict(DEFAULT_PROFILES))
     plugins: PluginParams = PluginParams()
     saturation: SaturationConfig = SaturationConfig()
+    ejection: EjectionConfig = EjectionConfig()
 
 
 class AgentConfig(_Section):
@@ -263,6 +286,7 @@ class ReplicaConfig(_Section):
 class Config(_Section):
     var_dir: str = "var"
     ingress: IngressConfig = IngressConfig()
+    retries: RetriesConfig = RetriesConfig()
     nats: NatsConfig = NatsConfig()
     redis: RedisConfig = RedisConfig()
     ray: RayConfig = RayConfig()

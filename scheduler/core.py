@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from scheduler.config import ModelConfig, SchedulerConfig
+from scheduler.ejection import Ejections
 from scheduler.framework import Decision, ReplicaId, ReplicaView, SchedRequest
 from scheduler.kv_events import KVCacheEvent
 from scheduler.registry import PluginState, build_profiles
@@ -45,6 +46,7 @@ class _InFlight:
     replica_id: ReplicaId
     placed_at_s: float
     tokens: int
+    attempt: int
 
 
 def request_view(req: PlaceRequest, now_s: float) -> SchedRequest:
@@ -53,7 +55,8 @@ def request_view(req: PlaceRequest, now_s: float) -> SchedRequest:
                         now_s=now_s, prompt_tokens=req.prompt_tokens,
                         max_tokens=req.max_tokens, block_hashes=req.block_hashes,
                         chunk_hashes=req.chunk_hashes, session_id=req.session_id,
-                        priority=req.priority, exclude=frozenset(req.exclude))
+                        priority=req.priority, exclude=frozenset(req.exclude),
+                        attempt=req.attempt)
 
 
 def peer_placed(actor_id: str, req: PlaceRequest, placement: Placement) -> PeerPlaced:
@@ -61,7 +64,8 @@ def peer_placed(actor_id: str, req: PlaceRequest, placement: Placement) -> PeerP
     return PeerPlaced(actor_id=actor_id, request_id=req.request_id, tenant_id=req.tenant_id,
                       model=req.model, replica_id=placement.replica_id,
                       prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens,
-                      chunk_hashes=req.chunk_hashes, session_id=req.session_id)
+                      chunk_hashes=req.chunk_hashes, session_id=req.session_id,
+                      attempt=req.attempt)
 
 
 class SchedulerCore:
@@ -74,6 +78,7 @@ class SchedulerCore:
         self.state = PluginState.from_config(cfg, models)
         self.profiles = build_profiles(cfg, self.state)
         self.profile = self.profiles[cfg.profile]
+        self.ejections = Ejections(cfg.ejection)
         self.replicas: dict[ReplicaId, ReplicaView] = {}
         # request id -> placement, oldest first (insertion order == time order).
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
@@ -102,6 +107,7 @@ class SchedulerCore:
         for rid in old.keys() - self.replicas.keys():
             self.state.precise.drop(rid)
             self.state.approx.drop(rid)
+            self.ejections.forget(rid)
 
     def apply_load(self, replica_id: str, running: int, waiting: int, kv_cache_usage: float,
                    now_s: float, capacity_blocks: int | None = None) -> bool:
@@ -128,15 +134,32 @@ class SchedulerCore:
         return True
 
     def set_health(self, replica_id: str, *, healthy: bool | None = None,
-                   draining: bool | None = None) -> bool:
+                   draining: bool | None = None, now_s: float | None = None) -> bool:
+        """An ejected replica stays unhealthy until a healthy report at `now_s`
+        comes after its ejection period."""
         view = self.replicas.get(ReplicaId(replica_id))
         if view is None:
             return False
         if healthy is not None:
+            if healthy and self.ejections.is_ejected(view.id):
+                healthy = now_s is not None and self.ejections.healthy_report(view.id, now_s)
             view.healthy = healthy
         if draining is not None:
             view.draining = draining
         return True
+
+    def replica_failed(self, replica_id: str, now_s: float) -> float | None:
+        """An ingress saw the replica fail: ejects it; returns the period, or
+        None when it is unknown, already ejected, or the last replica that
+        could serve one of its models (as Envoy caps ejections: one request
+        that fails everywhere must not take a whole model down)."""
+        view = self.replicas.get(ReplicaId(replica_id))
+        if view is None or not all(self._served_without(view, m) for m in view.models):
+            return None
+        period_s = self.ejections.eject(view.id, now_s)
+        if period_s is not None:
+            view.healthy = False
+        return period_s
 
     def mark_stale(self, now_s: float, stale_s: float) -> list[str]:
         """Takes replicas whose agent went quiet as unhealthy; returns their ids.
@@ -164,9 +187,12 @@ class SchedulerCore:
                    unless_saturated: bool = False) -> Placement | PlaceRejected | None:
         """None: `unless_saturated` and every candidate is saturated; nothing placed."""
         self.expire(req.now_s)
+        self._readmit_agentless(req.now_s)
         prior = self._in_flight.get(req.request_id)
-        if prior is not None and prior.replica_id in self.replicas:
-            # A retried request (same id) keeps its first decision.
+        if (prior is not None and prior.replica_id in self.replicas
+                and prior.replica_id not in req.exclude):
+            # A repeated request (same id) keeps its first decision, unless
+            # that replica failed it: then it is decided again without it.
             return self._placement(req.request_id, prior.replica_id)
         if prior is not None:
             self._forget(req.request_id)
@@ -186,9 +212,14 @@ class SchedulerCore:
         or on a replica not registered here)."""
         self.expire(now_s)
         view = self.replicas.get(ReplicaId(placed.replica_id))
-        if (view is None or placed.request_id in self._in_flight
-                or placed.request_id in self._done_ids):
+        if view is None or placed.request_id in self._done_ids:
             return False
+        prior = self._in_flight.get(placed.request_id)
+        if prior is not None:
+            if placed.attempt <= prior.attempt:
+                return False
+            # A retry placed elsewhere after its first replica failed: the load moves.
+            self._forget(placed.request_id)
         self._count(SchedRequest(
             request_id=placed.request_id, tenant_id=placed.tenant_id, model=placed.model,
             now_s=now_s, prompt_tokens=placed.prompt_tokens, max_tokens=placed.max_tokens,
@@ -200,7 +231,7 @@ class SchedulerCore:
         chosen.in_flight_requests += 1
         chosen.in_flight_tokens += tokens
         chosen.placed_since_report += 1
-        self._in_flight[req.request_id] = _InFlight(chosen.id, req.now_s, tokens)
+        self._in_flight[req.request_id] = _InFlight(chosen.id, req.now_s, tokens, req.attempt)
         self.profile.observe(req, chosen)
 
     def explain_last(self) -> dict[str, object] | None:
@@ -208,7 +239,8 @@ class SchedulerCore:
         return None if self.last_decision is None else self.last_decision.explain()
 
     def done(self, request_id: str) -> None:
-        """A completion notice: releases the request wherever it was counted."""
+        """A completion notice: releases the request wherever it was counted.
+        Remembered, so a peer's broadcast of it heard later counts nothing."""
         self._forget(request_id)
         self._done_ids[request_id] = None
         self._done_ids.move_to_end(request_id)
@@ -241,6 +273,18 @@ class SchedulerCore:
 
     def index_sizes(self) -> dict[str, int]:
         return self.state.index_sizes()
+
+    def _served_without(self, view: ReplicaView, model: str) -> bool:
+        return any(other is not view and other.healthy and not other.draining
+                   and model in other.models for other in self.replicas.values())
+
+    def _readmit_agentless(self, now_s: float) -> None:
+        """Replicas no agent reports on come back when their period is over."""
+        for rid in self.ejections.ejected_ids():
+            view = self.replicas.get(ReplicaId(rid))
+            if (view is not None and view.load_reported_at_s is None
+                    and self.ejections.healthy_report(rid, now_s)):
+                view.healthy = True
 
     def _release(self, entry: _InFlight) -> None:
         view = self.replicas.get(entry.replica_id)

@@ -38,3 +38,14 @@ class NotDraining:
 
     def filter(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[ReplicaView]:
         return list(compress(replicas, map(not_, map(_DRAINING, replicas))))
+
+
+class NotExcluded:
+    """Drops the replicas that already failed this request (its retry goes elsewhere)."""
+
+    name = "not-excluded"
+
+    def filter(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[ReplicaView]:
+        if not req.exclude:
+            return replicas
+        return [r for r in replicas if r.id not in req.exclude]

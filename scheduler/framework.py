@@ -39,8 +39,9 @@ class SchedRequest:
     session_id: str = ""
     # Higher first under saturation; negative: sheddable.
     priority: int = 0
-    # Replicas that already failed this request.
+    # Replicas that already failed this request, and which attempt this is.
     exclude: frozenset[str] = frozenset()
+    attempt: int = 1
 
 
 @dataclass(slots=True, kw_only=True)

@@ -15,7 +15,7 @@ from typing import TypeVar
 from scheduler.approx_index import ApproxIndex
 from scheduler.config import ModelConfig, PluginParams, ProfileConfig, SchedulerConfig
 from scheduler.errors import ConfigError
-from scheduler.filters import Healthy, NotDraining, ServesModel
+from scheduler.filters import Healthy, NotDraining, NotExcluded, ServesModel
 from scheduler.framework import Filter, Picker, Profile, Scorer, WeightedScorer
 from scheduler.pickers import MaxScore, RoundRobin, WeightedRandom
 from scheduler.prefix_index import PrefixIndex
@@ -66,6 +66,7 @@ FILTERS: dict[str, Callable[[PluginState], Filter]] = {
     "healthy": lambda state: Healthy(),
     "serves-model": lambda state: ServesModel(),
     "not-draining": lambda state: NotDraining(),
+    "not-excluded": lambda state: NotExcluded(),
 }
 
 SCORERS: dict[str, Callable[[PluginState], Scorer]] = {

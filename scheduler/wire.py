@@ -120,6 +120,8 @@ class PeerPlaced(_Msg, tag="peer_placed"):
     max_tokens: int = 0
     chunk_hashes: tuple[int, ...] = ()
     session_id: str = ""
+    # A retry (attempt 2, its failed replica excluded) moves the count.
+    attempt: int = 1
 
 
 class ReplicaFailed(_Msg, tag="replica_failed"):

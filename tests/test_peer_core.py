@@ -161,3 +161,34 @@ def test_the_memory_of_done_requests_is_bounded(monkeypatch: pytest.MonkeyPatch)
     # r0 fell out of the memory: a broadcast heard now is counted (until its TTL).
     assert peer.apply_peer(peer_placed("s0", req, placement), now_s=0.0)
     assert not peer.apply_peer(peer_placed("s0", _req("r2"), placement), now_s=0.0)
+
+
+def test_a_retry_placed_elsewhere_moves_the_peers_count() -> None:
+    """The ingress retries on another replica (same id, attempt 2, the failed
+    one excluded): the peer's count moves with it, and the final notice
+    releases it wherever it is."""
+    origin, peer = _core(1), _core(2)
+    first = _place(origin, _req("r1"))
+    assert peer.apply_peer(peer_placed("s0", _req("r1"), first), now_s=0.0)
+    retry_req = _req("r1", exclude=(first.replica_id,), attempt=2)
+    retry = _place(origin, retry_req, now_s=0.1)
+    assert retry.replica_id != first.replica_id
+    assert peer.apply_peer(peer_placed("s0", retry_req, retry), now_s=0.1)
+    counts = {rid: view.in_flight_requests for rid, view in peer.replicas.items()}
+    assert counts == {rid: int(rid == retry.replica_id) for rid in REPLICAS}
+    for core in (origin, peer):
+        core.done("r1")
+        assert core.in_flight_count() == 0
+        assert set(core.in_flight_by_replica().values()) == {0}
+
+
+def test_the_same_attempt_placed_twice_keeps_the_own_count() -> None:
+    """Two actors both answered one placement (the ingress re-sent it after a
+    slow answer): each keeps its own count, and the notice releases both."""
+    cores = _core(1), _core(2)
+    placements = [_place(core, _req("r1")) for core in cores]
+    for core, other in zip(cores, reversed(placements), strict=True):
+        assert not core.apply_peer(peer_placed("s", _req("r1"), other), now_s=0.0)
+        assert core.in_flight_count() == 1
+        core.done("r1")
+        assert set(core.in_flight_by_replica().values()) == {0}

@@ -21,11 +21,13 @@ from deploy.procs import start_nats
 from scheduler.config import Config, NatsConfig, RedisConfig
 from scheduler.kv_events import BlockStored, KVEventBatch, encode_batch
 from scheduler.wire import (
+    REPLICA_FAILED_SUBJECT,
     KvEventsRelay,
     KvResync,
     LoadSnapshot,
     Placement,
     PlaceRequest,
+    ReplicaFailed,
     ReplicaInfo,
     encode,
     kv_subject,
@@ -153,3 +155,34 @@ async def test_a_replica_whose_agent_goes_quiet_is_taken_as_unhealthy(
     stale_s = service.cfg.scheduler.load_stale_s
     assert service.core.mark_stale(service.clock_s() + stale_s + 1, stale_s) == ["a"]
     assert {await _place(nc, f"q{i}") for i in range(6)} == {"b"}
+
+
+async def test_a_failed_replica_is_ejected_until_the_period_and_a_healthy_report(
+        service: SchedulerService, nc: NATS) -> None:
+    now_s = [1_000.0]
+    service.clock_s = lambda: now_s[0]
+
+    async def report(replica_id: str, count: int) -> None:
+        await nc.publish(load_subject(MODEL), encode(LoadSnapshot(
+            replica_id=replica_id, model=MODEL, healthy=True)))
+        await _counted(service, "load_reports", count)
+
+    await report("a", 1)
+    await report("b", 2)
+    await nc.publish(REPLICA_FAILED_SUBJECT, encode(ReplicaFailed(
+        replica_id="a", request_id="r0", reason="connection refused")))
+    await _counted(service, "ejections", 1)
+    assert {await _place(nc, f"e{i}") for i in range(4)} == {"b"}
+    now_s[0] += 1.0  # within the period: a healthy report does not re-admit
+    await report("a", 3)
+    assert {await _place(nc, f"p{i}") for i in range(4)} == {"b"}
+    now_s[0] += service.cfg.scheduler.ejection.base_s
+    await report("a", 4)
+    assert await _place(nc, "back") == "a"  # b holds eight in flight, a none
+
+
+async def _counted(service: SchedulerService, name: str, count: int) -> None:
+    async def reached() -> bool:
+        return service.counts[name] == count
+
+    await wait_until(reached, timeout_s=5)
