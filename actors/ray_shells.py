@@ -48,8 +48,9 @@ class SchedulerActor(_Host):
     """One of `scheduler.actors`; `actor_id` (its Ray name) tells its placement
     broadcasts from its peers'."""
 
-    def __init__(self, config_json: bytes, actor_id: str = "") -> None:
-        super().__init__(SchedulerService(config_from_json(config_json), actor_id=actor_id))
+    def __init__(self, config_json: bytes, actor_id: str = "", metrics_port: int = 0) -> None:
+        super().__init__(SchedulerService(config_from_json(config_json), actor_id=actor_id,
+                                          metrics_port=metrics_port))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)

@@ -21,11 +21,13 @@ from collections.abc import Callable
 
 import msgspec
 import nats.errors
+from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.bus import connect_bus
 from actors.control_store import ReplicaRegistry, connect_redis
+from actors.sched_metrics import serve_metrics
 from scheduler.config import Config
 from scheduler.core import SchedulerCore, peer_placed
 from scheduler.kv_events import AllBlocksCleared, decode_batch
@@ -61,8 +63,11 @@ EXPLAIN_EVERY = 100
 
 class SchedulerService:
     def __init__(self, cfg: Config, rng: random.Random | None = None,
-                 clock_s: Callable[[], float] = time.monotonic, actor_id: str = "") -> None:
+                 clock_s: Callable[[], float] = time.monotonic, actor_id: str = "",
+                 metrics_port: int = 0) -> None:
+        """`metrics_port`: where this actor serves its Prometheus metrics; 0: nowhere."""
         self.cfg = cfg
+        self.metrics_port = metrics_port
         self.clock_s = clock_s
         # Tells this actor's own broadcasts from its peers'.
         self.actor_id = actor_id or "scheduler-" + uuid.uuid4().hex[:12]
@@ -76,8 +81,13 @@ class SchedulerService:
         self._nc: NATS | None = None
         self._registry: ReplicaRegistry | None = None
         self._timers: list[asyncio.Task[None]] = []
+        self._metrics: web.AppRunner | None = None
 
     async def start(self) -> None:
+        if self.metrics_port:
+            # First: a taken port fails the start before the actor takes placements.
+            self._metrics = await serve_metrics(self.actor_id, self.events, self.sizes,
+                                                self.metrics_port)
         self._nc = await connect_bus(self.cfg.nats, self.actor_id)
         self._registry = ReplicaRegistry(connect_redis(self.cfg.redis))
         await self.reload_registry()
@@ -105,16 +115,26 @@ class SchedulerService:
             await self._nc.drain()
         if self._registry is not None:
             await self._registry.redis.aclose()
+        if self._metrics is not None:
+            await self._metrics.cleanup()
 
     async def reload_registry(self) -> None:
         assert self._registry is not None
         self.core.set_replicas(await self._registry.replicas())
 
     def stats(self) -> dict[str, int]:
+        return {**self.sizes(), **self.events()}
+
+    def sizes(self) -> dict[str, int]:
+        """The current size of every bounded part: what a gauge shows."""
         return {"replicas": len(self.core.replicas), "in_flight": self.core.in_flight_count(),
                 **{f"in_flight@{rid}": n for rid, n in self.core.in_flight_by_replica().items()},
-                **self.counts, **self.room.stats(),
+                **self.room.queue_lengths(),
                 **{f"index_{k}": v for k, v in self.core.index_sizes().items()}}
+
+    def events(self) -> dict[str, int]:
+        """What happened since the start: what a counter shows."""
+        return {**self.counts, **self.room.counts}
 
     async def _deadlines_forever(self) -> None:
         # One timer for every waiting placement: sleeps until the earliest

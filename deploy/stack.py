@@ -113,8 +113,10 @@ class Stack:
         config_json = dump_config(self.cfg)
         metering = MeteringActor.options(name="switchyard-metering").remote(config_json)
         names = [f"switchyard-scheduler-{i}" for i in range(self.cfg.scheduler.actors)]
-        schedulers = [SchedulerActor.options(name=name).remote(config_json, name)
-                      for name in names]
+        port = self.cfg.scheduler.metrics_port
+        schedulers = [SchedulerActor.options(name=name).remote(config_json, name,
+                                                               port + i if port else 0)
+                      for i, name in enumerate(names)]
         self.actors = [metering, *schedulers]
         for name, actor in [("metering actor", metering)] + [
                 (f"scheduler actor {i}", a) for i, a in enumerate(schedulers)]:

@@ -164,6 +164,8 @@ class EjectionConfig(_Section):
 
 class SchedulerConfig(_Section):
     actors: int = 1
+    # Prometheus /metrics of scheduler actor i on 127.0.0.1:(metrics_port + i); 0: none.
+    metrics_port: int = 9300
     # A placement with no completion notice is forgotten after this long,
     # so a lost notice cannot pin a replica's load forever.
     placement_ttl_s: float = 900.0

@@ -121,13 +121,16 @@ class WaitingRoom:
         return min(deadlines, default=None)
 
     def stats(self) -> dict[str, int]:
-        """Waiting requests per priority band (all models), and what happened to them."""
+        """Waiting requests per priority band, and what happened to them."""
+        return {**self.queue_lengths(), **self.counts}
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Waiting requests per priority band (all models)."""
         bands = dict.fromkeys(self._bands_seen, 0)
         for queue in self._queues.values():
             for priority, n in queue.lengths().items():
                 bands[priority] += n
-        return {**{f"queued_priority_{p}": n for p, n in sorted(bands.items())},
-                **self.counts}
+        return {f"queued_priority_{p}": n for p, n in sorted(bands.items())}
 
     def _full(self, entry: Entry[_Waiting]) -> Reply:
         self.counts["queue_full"] += 1

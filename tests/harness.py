@@ -116,7 +116,7 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
     config_json = dump_config(cfg)
     # Named apart from other stacks' in the same Ray namespace.
     names = [f"switchyard-scheduler-{cfg.ingress.port}-{i}" for i in range(cfg.scheduler.actors)]
-    schedulers = {name: SchedulerActor.options(name=name).remote(config_json, name)
+    schedulers = {name: SchedulerActor.options(name=name).remote(config_json, name, free_port())
                   for name in names}
     actors = [MeteringActor.remote(config_json), *schedulers.values()]
     await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 120) for a in actors))

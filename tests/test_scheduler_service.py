@@ -9,6 +9,7 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import nats
 import pytest
@@ -17,7 +18,7 @@ from nats.aio.client import Client as NATS
 
 from actors.control_store import ReplicaRegistry, connect_redis
 from actors.scheduler import SchedulerService
-from deploy.procs import start_nats
+from deploy.procs import LOOPBACK, free_port, start_nats
 from scheduler.config import Config, NatsConfig, RedisConfig
 from scheduler.kv_events import BlockStored, KVEventBatch, encode_batch
 from scheduler.wire import (
@@ -58,7 +59,8 @@ async def service(private_bus: str, redis_url: str) -> AsyncIterator[SchedulerSe
         await ReplicaRegistry(redis).put_replica(
             ReplicaInfo(id=rid, url=f"http://127.0.0.1:1/{rid}", models=(MODEL,)))
     await redis.aclose()
-    svc = SchedulerService(cfg, random.Random(3))
+    svc = SchedulerService(cfg, random.Random(3), actor_id="sched-test",
+                           metrics_port=free_port())
     await svc.start()
     yield svc
     await svc.aclose()
@@ -120,6 +122,8 @@ async def test_relayed_kv_events_fill_the_index_and_a_resync_empties_it(
     await wait_until(indexed, timeout_s=5)
     sizes = {k: v for k, v in service.stats().items() if k.startswith("index_")}
     assert sum(sizes.values()) >= 3, sizes
+    exported = await _scrape_sizes(service.metrics_port)
+    assert {k: v for k, v in exported.items() if k.startswith("index_")} == sizes
     await nc.publish(kv_subject(MODEL, "a"), encode(KvResync(
         replica_id="a", model=MODEL, reason="restart")))
 
@@ -129,6 +133,17 @@ async def test_relayed_kv_events_fill_the_index_and_a_resync_empties_it(
     await wait_until(emptied, timeout_s=5)
     after = {k: v for k, v in service.stats().items() if k.startswith("index_")}
     assert sum(after.values()) == sum(sizes.values()) - 3, after
+
+
+async def _scrape_sizes(port: int) -> dict[str, float]:
+    """The scheduler's own /metrics: its bounded parts' sizes, by part."""
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://{LOOPBACK}:{port}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    prefix = 'switchyard_scheduler_size{actor="sched-test",part="'
+    return {line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
 
 
 async def test_garbage_is_counted_not_fatal(service: SchedulerService, nc: NATS) -> None:

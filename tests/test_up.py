@@ -67,7 +67,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _config(tmp_path: Path, nats_port: int = 0) -> Path:
+def _config(tmp_path: Path, nats_port: int = 0, metrics_port: int = 0) -> Path:
     path = tmp_path / "switchyard.toml"
     path.write_text(f"""
 [ingress]
@@ -82,6 +82,7 @@ replicas = 2
 decode_ms_per_token = 2.0
 [scheduler]
 actors = 2
+metrics_port = {metrics_port or free_port()}
 """)
     return path
 
@@ -184,8 +185,8 @@ class AgentWatch:
 
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
 async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -> None:
-    nats_port = free_port()
-    run = await UpRun.start(tmp_path, _config(tmp_path, nats_port=nats_port))
+    nats_port, metrics_port = free_port(), free_port()
+    run = await UpRun.start(tmp_path, _config(tmp_path, nats_port, metrics_port))
     proc = run.proc
     try:
         line = await asyncio.wait_for(run.until_up(), UP_TIMEOUT_S)
@@ -209,6 +210,13 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -
             await watch.until(replicas=2, timeout_s=20)
         finally:
             await watch.aclose()
+        async with aiohttp.ClientSession() as session:
+            # The first scheduler actor's own metrics: the placement it made.
+            async with session.get(f"http://{LOOPBACK}:{metrics_port}/metrics") as resp:
+                assert resp.status == 200
+                assert re.search(r'switchyard_scheduler_events_total\{actor="switchyard-'
+                                 r'scheduler-0",kind="(placed|peer_placed)"\} 1\.0',
+                                 await resp.text())
         if stop == "ctrl-c":
             run.ctrl_c()
         else:
