@@ -4,9 +4,11 @@ SchedulerCore with 64 replicas and a 1M-block precise prefix index.
 Each profile in turn places the same trace: tenants with shared system
 prompts (their blocks stored on a few replicas through KV events) plus a
 unique tail, a window of requests kept in flight (each completes N placements
-later) and a load report every 64 decisions. Prints JSON, then a short table.
+later) and a load report every 64 decisions. Each profile runs `--repeats`
+times on a fresh core; the figures are the medians over those runs (the
+machine is shared, so single runs scatter). Prints JSON, then a short table.
 
-    python -m loadtests.bench_placement [--decisions 50000] [--profiles least-load,cost]
+    python -m loadtests.bench_placement [--decisions 50000] [--repeats 3] [--profiles cost]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 
@@ -94,22 +97,35 @@ def _run(core: SchedulerCore, trace: list[SchedRequest], rng: random.Random) -> 
             "index_sizes": core.index_sizes()}
 
 
+def _median_run(profile: str, prefixes: list[list[int]], trace: list[SchedRequest],
+                repeats: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        core = _core(profile)
+        _fill_index(core, prefixes, random.Random(11))
+        runs.append(_run(core, trace, random.Random(13)))
+    median = {key: statistics.median_low(r[key] for r in runs)
+              for key in ("decisions_per_s", "p50_us", "p99_us")}
+    return {**runs[-1], **median, "runs": [
+        {key: r[key] for key in ("decisions_per_s", "p50_us", "p99_us")} for r in runs]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--decisions", type=int, default=50_000)
-    parser.add_argument("--profiles", default="least-load,prefix-precise,prefix-approx,cost")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profiles",
+                        default="least-load,round-robin,prefix-precise,prefix-approx,cost")
     args = parser.parse_args(argv)
     rng = random.Random(7)
     prefixes = _prefixes(rng)
     trace = _trace(prefixes, args.decisions, rng)
-    results = {}
-    for profile in args.profiles.split(","):
-        core = _core(profile)
-        _fill_index(core, prefixes, random.Random(11))
-        results[profile] = _run(core, trace, random.Random(13))
+    results = {profile: _median_run(profile, prefixes, trace, args.repeats)
+               for profile in args.profiles.split(",")}
     print(json.dumps({"replicas": REPLICAS, "index_blocks": REPLICAS * BLOCKS_PER_REPLICA,
                       "prompt_blocks": SHARED_BLOCKS + TAIL_BLOCKS, "profiles": results}))
-    print(f"{'profile':<16}{'decisions/s':>12}{'p50 µs':>9}{'p99 µs':>9}", file=sys.stderr)
+    print(f"{'profile':<16}{'decisions/s':>12}{'p50 µs':>9}{'p99 µs':>9}   (median of "
+          f"{args.repeats})", file=sys.stderr)
     for name, r in results.items():
         print(f"{name:<16}{r['decisions_per_s']:>12}{r['p50_us']:>9}{r['p99_us']:>9}",
               file=sys.stderr)
