@@ -4,17 +4,34 @@ Used when a replica sends no KV events (or the prompt was not tokenized). A
 prompt is cut into fixed-size byte chunks and each chunk is named by a hash
 chained over everything before it, so equal hashes mean equal prefixes. The
 chunks of each placed request are recorded against the chosen replica with a
-TTL (a guess at how long the replica keeps them cached) in a per-replica LRU
-sized to the replica's KV capacity, one chunk standing for about one block.
+TTL (a guess at how long the replica keeps them cached), bounded per replica
+by its KV capacity, one chunk standing for about one block.
+
+Recency is kept per generation rather than per chunk: a replica's chunks go
+into its current generation, a new one opens every `ttl_s / GENERATIONS` (or
+after `capacity / GENERATIONS` chunks), and the oldest generation expires or
+is evicted first. Re-recording a prompt that is already in the current
+generation then costs one small-dict lookup per chunk, not an LRU move.
+
+Chains make the index prefix-closed: every record of chunk k also records
+chunks 0..k-1, so they sit in a generation at least as new, and eviction
+takes a generation's chunks last-recorded first. So a replica holding chunk k
+holds the chunks before it, the holder masks shrink along a prompt, and the
+run of each replica is found by bisection in a few lookups.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from scheduler.framework import ReplicaId
-from scheduler.prefix_index import ReplicaHashSets
+from scheduler.prefix_index import ReplicaBits, consume
+
+# Generations per TTL (and per capacity): expiry is late by at most ttl_s / GENERATIONS.
+GENERATIONS = 8
 
 
 def chunk_hashes(prompt: bytes, chunk_bytes: int, max_chunks: int) -> tuple[int, ...]:
@@ -32,49 +49,150 @@ def chunk_hashes(prompt: bytes, chunk_bytes: int, max_chunks: int) -> tuple[int,
     return tuple(hashes)
 
 
-class ApproxIndex:
-    """Per-replica LRU of chunk hashes with a TTL."""
+@dataclass(slots=True)
+class _Generation:
+    serial: int
+    opened_at_s: float
+    expires_at_s: float
+    # In recording order; may repeat keys a newer generation took over.
+    keys: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Replica:
+    bit: int
+    capacity_blocks: int
+    # key -> serial of the newest generation holding it: the replica's chunks.
+    generation_of: dict[int, int] = field(default_factory=dict)
+    generations: deque[_Generation] = field(default_factory=deque)
+    next_serial: int = 0
+
+
+class ApproxIndex(ReplicaBits):
+    """Per-replica chunk hashes with a TTL, bounded by the replica's capacity."""
 
     def __init__(self, default_capacity_blocks: int, ttl_s: float) -> None:
+        if default_capacity_blocks < 1:
+            raise ValueError("default_capacity_blocks must be at least 1")
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
+        super().__init__()
+        self.default_capacity_blocks = default_capacity_blocks
         self.ttl_s = ttl_s
-        self._sets = ReplicaHashSets(default_capacity_blocks)
+        self._replicas_by_id: dict[ReplicaId, _Replica] = {}
+        self.evicted_blocks = 0
 
     def size_blocks(self) -> int:
-        return self._sets.size_blocks()
+        return sum(len(r.generation_of) for r in self._replicas_by_id.values())
 
     def replica_blocks(self, replica_id: ReplicaId) -> int:
-        return self._sets.replica_blocks(replica_id)
+        replica = self._replicas_by_id.get(replica_id)
+        return 0 if replica is None else len(replica.generation_of)
 
     def set_capacity(self, replica_id: ReplicaId, capacity_blocks: int) -> None:
-        self._sets.set_capacity(replica_id, capacity_blocks)
+        replica = self._replica(replica_id)
+        replica.capacity_blocks = max(1, capacity_blocks)
+        self._evict_over_capacity(replica)
 
     def drop(self, replica_id: ReplicaId) -> None:
-        self._sets.drop(replica_id)
+        replica = self._replicas_by_id.pop(replica_id, None)
+        if replica is not None:
+            self._unlink(replica.bit, replica.generation_of)
+            self._free_bit(replica_id)
 
     def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float) -> None:
-        self._sets.expire(replica_id, now_s)
-        # Tail first, so the LRU evicts a prompt's tail before its head and what
-        # is left of a prompt is still a prefix.
-        self._sets.add_many(replica_id, reversed(keys), now_s + self.ttl_s)
+        replica = self._replica(replica_id)
+        self._expire(replica, now_s)
+        generation = self._current(replica, now_s)
+        serial, generation_of = generation.serial, replica.generation_of
+        fresh = [key for key in keys if generation_of.get(key) != serial]
+        if fresh:
+            new = [key for key in fresh if key not in generation_of]
+            generation_of.update(dict.fromkeys(fresh, serial))
+            generation.keys += fresh
+            self._link(replica.bit, new)
+        generation.expires_at_s = now_s + self.ttl_s
+        self._evict_over_capacity(replica)
 
-    def longest_prefix(self, keys: Sequence[int], replica_ids: Iterable[ReplicaId],
+    def runs(self, keys: Sequence[int], now_s: float) -> dict[ReplicaId, int]:
+        """The run length from keys[0] of every replica holding at least keys[0]
+        and recorded within the TTL."""
+        if not keys:
+            return {}
+        get = self._holders.get
+        for _, rid in self._replicas(get(keys[0], 0)):
+            self._expire(self._replicas_by_id[rid], now_s)
+        runs: dict[ReplicaId, int] = {}
+        start, mask, end = 0, get(keys[0], 0), len(keys)
+        while mask:
+            # keys[start] has `mask`; find the first key past it whose mask
+            # differs (masks only shrink along a prompt), by bisection.
+            lo, hi = start, end
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if get(keys[mid], 0) & mask == mask:
+                    lo = mid
+                else:
+                    hi = mid
+            following = get(keys[hi], 0) & mask if hi < end else 0
+            for _, rid in self._replicas(mask & ~following):
+                runs[rid] = hi
+            start, mask = hi, following
+        return runs
+
+    def longest_prefix(self, keys: Sequence[int], replica_ids: Sequence[ReplicaId],
                        now_s: float) -> dict[ReplicaId, int]:
         overlap = dict.fromkeys(replica_ids, 0)
-        for rid, matched in self._sets.runs(keys).items():
+        for rid, matched in self.runs(keys, now_s).items():
             if rid in overlap:
-                overlap[rid] = self._unexpired(rid, keys, matched, now_s)
+                overlap[rid] = matched
         return overlap
 
-    def _unexpired(self, replica_id: ReplicaId, keys: Sequence[int], matched: int,
-                   now_s: float) -> int:
-        # Expired entries are purged lazily (on record). Along a held prefix the
-        # expiry times never increase (recording a block re-records everything
-        # before it), so trimming expired blocks off the end leaves the valid run.
-        while matched:
-            expires_at_s = self._sets.stamp(replica_id, keys[matched - 1])
-            if expires_at_s is not None and expires_at_s > now_s:
-                break
-            matched -= 1
-        return matched
+    def _replica(self, replica_id: ReplicaId) -> _Replica:
+        replica = self._replicas_by_id.get(replica_id)
+        if replica is None:
+            replica = _Replica(self._new_bit(replica_id), self.default_capacity_blocks)
+            self._replicas_by_id[replica_id] = replica
+        return replica
+
+    def _current(self, replica: _Replica, now_s: float) -> _Generation:
+        generations = replica.generations
+        if generations:
+            current = generations[-1]
+            if (now_s - current.opened_at_s < self.ttl_s / GENERATIONS
+                    and len(current.keys) < max(1, replica.capacity_blocks // GENERATIONS)):
+                return current
+        current = _Generation(replica.next_serial, now_s, now_s + self.ttl_s)
+        replica.next_serial += 1
+        generations.append(current)
+        # Stale repeats count towards no capacity; bound them by the generation count.
+        while len(generations) > 2 * GENERATIONS:
+            self._forget(replica, generations.popleft(), None)
+        return current
+
+    def _expire(self, replica: _Replica, now_s: float) -> None:
+        generations = replica.generations
+        while generations and generations[0].expires_at_s <= now_s:
+            self._forget(replica, generations.popleft(), None)
+
+    def _evict_over_capacity(self, replica: _Replica) -> None:
+        generations = replica.generations
+        while len(replica.generation_of) > replica.capacity_blocks:
+            oldest = generations[0]
+            self.evicted_blocks += self._forget(
+                replica, oldest, len(replica.generation_of) - replica.capacity_blocks)
+            if not oldest.keys:
+                generations.popleft()
+
+    def _forget(self, replica: _Replica, generation: _Generation, count: int | None) -> int:
+        """Drops the last `count` keys recorded in `generation` (all when None);
+        returns how many chunks the replica no longer holds."""
+        keys = generation.keys
+        cut = 0 if count is None else max(0, len(keys) - count)
+        dropped = keys[cut:]
+        del keys[cut:]
+        generation_of, serial = replica.generation_of, generation.serial
+        gone = [key for key in dropped if generation_of.get(key) == serial]
+        consume(map(generation_of.__delitem__, gone))
+        self._unlink(replica.bit, gone)
+        return len(gone)

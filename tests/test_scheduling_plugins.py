@@ -193,17 +193,18 @@ def test_approx_index_evicts_tails_first_at_capacity() -> None:
     assert index.size_blocks() == 1
 
 
-def test_prefix_scorers_give_the_matched_fraction() -> None:
+def test_prefix_scorers_give_the_matched_fraction_of_holders_only() -> None:
+    # Replicas a prefix scorer leaves out score 0 (see Scorer.score).
     precise, approx = PrefixIndex(100), ApproxIndex(100, ttl_s=60.0)
     precise.apply_events(A, [_stored(1, 2)])
+    precise.apply_events(C, [_stored(1, 2, 3)])  # not a candidate
     views = [_view("a"), _view("b")]
-    assert PrefixPrecise(precise).score(_req(block_hashes=(1, 2, 3, 4)), views) == {
-        "a": 0.5, "b": 0.0}
+    assert PrefixPrecise(precise).score(_req(block_hashes=(1, 2, 3, 4)), views) == {"a": 0.5}
     scorer = PrefixApprox(approx)
     scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
-    assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {
-        "a": 0.0, "b": 0.5}
-    assert scorer.score(_req(), views) == {"a": 0.0, "b": 0.0}
+    assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {"b": 0.5}
+    assert scorer.score(_req(chunk_hashes=(7, 5), now_s=1.0), views) == {}
+    assert scorer.score(_req(), views) == {}
 
 
 @pytest.mark.parametrize(("a_fields", "b_fields", "best"), [
