@@ -105,10 +105,11 @@ class ApproxIndex(ReplicaBits):
         self._expire(replica, now_s)
         generation = self._current(replica, now_s)
         serial, generation_of = generation.serial, replica.generation_of
-        fresh = [key for key in keys if generation_of.get(key) != serial]
+        # A dict, so a key repeated within `keys` is listed once in the generation.
+        fresh = dict.fromkeys([key for key in keys if generation_of.get(key) != serial], serial)
         if fresh:
             new = [key for key in fresh if key not in generation_of]
-            generation_of.update(dict.fromkeys(fresh, serial))
+            generation_of.update(fresh)
             generation.keys += fresh
             self._link(replica.bit, new)
         generation.expires_at_s = now_s + self.ttl_s

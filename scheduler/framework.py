@@ -159,18 +159,26 @@ class Profile:
 
     def _weighted_totals(self, req: SchedRequest, replicas: list[ReplicaView],
                          decision: Decision) -> Scores:
-        totals = dict.fromkeys(decision.candidates, 0.0)
-        first = True
+        ids = decision.candidates
+        acc: list[float] | None = None
+        sparse: list[tuple[Scores, float]] = []
         for weighted in self.scorers:
             scores = weighted.scorer.score(req, replicas)
             decision.per_scorer[weighted.scorer.name] = scores
-            if first and weighted.weight == 1.0:
-                totals.update(scores)  # in C, and the whole sum for one-scorer profiles
+            weight = weighted.weight
+            # Load scorers answer for every candidate in candidate order: summed
+            # as lists; sparse answers (prefix scorers) are added per entry after.
+            if len(scores) != len(ids) or list(scores) != ids:
+                sparse.append((scores, weight))
+            elif acc is None:
+                acc = list(scores.values()) if weight == 1.0 else [
+                    s * weight for s in scores.values()]
             else:
-                weight = weighted.weight
-                for rid, score in scores.items():
-                    totals[rid] += score * weight
-            first = False
+                acc = [a + s * weight for a, s in zip(acc, scores.values(), strict=True)]
+        totals = dict.fromkeys(ids, 0.0) if acc is None else dict(zip(ids, acc, strict=True))
+        for scores, weight in sparse:
+            for rid, score in scores.items():
+                totals[rid] += score * weight
         return totals
 
     def observe(self, req: SchedRequest, replica: ReplicaView) -> None:
