@@ -16,15 +16,18 @@ generation then costs one small-dict lookup per chunk, not an LRU move.
 Chains make the index prefix-closed: every record of chunk k also records
 chunks 0..k-1, so they sit in a generation at least as new, and eviction
 takes a generation's chunks last-recorded first. So a replica holding chunk k
-holds the chunks before it, the holder masks shrink along a prompt, and the
-run of each replica is found by bisection in a few lookups.
+holds the chunks before it: its run is found by bisection in a few lookups,
+and so is the part of a prompt not yet in its current generation. Chunks are
+kept per replica; only a prompt's first chunk goes into a table shared by the
+fleet (first chunk -> bitmask of the replicas holding it), so recording a
+prompt's new tail, on every decision, touches one replica's dict.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from scheduler.framework import ReplicaId
@@ -97,7 +100,7 @@ class ApproxIndex(ReplicaBits):
     def drop(self, replica_id: ReplicaId) -> None:
         replica = self._replicas_by_id.pop(replica_id, None)
         if replica is not None:
-            self._unlink(replica.bit, replica.generation_of)
+            self._unlink_firsts(replica.bit, replica.generation_of)
             self._free_bit(replica_id)
 
     def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float) -> None:
@@ -105,13 +108,21 @@ class ApproxIndex(ReplicaBits):
         self._expire(replica, now_s)
         generation = self._current(replica, now_s)
         serial, generation_of = generation.serial, replica.generation_of
-        # A dict, so a key repeated within `keys` is listed once in the generation.
-        fresh = dict.fromkeys([key for key in keys if generation_of.get(key) != serial], serial)
+        if keys and keys[0] not in generation_of:
+            self._link(replica.bit, keys[:1])
+        # The leading part of `keys` already in the current generation needs nothing.
+        lo, hi = -1, len(keys)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if generation_of.get(keys[mid]) == serial:
+                lo = mid
+            else:
+                hi = mid
+        # A dict, so a key repeated within `keys` is listed once.
+        fresh = dict.fromkeys(keys[hi:], serial)
         if fresh:
-            new = [key for key in fresh if key not in generation_of]
             generation_of.update(fresh)
             generation.keys += fresh
-            self._link(replica.bit, new)
         generation.expires_at_s = now_s + self.ttl_s
         self._evict_over_capacity(replica)
 
@@ -120,25 +131,23 @@ class ApproxIndex(ReplicaBits):
         and recorded within the TTL."""
         if not keys:
             return {}
-        get = self._holders.get
-        for _, rid in self._replicas(get(keys[0], 0)):
-            self._expire(self._replicas_by_id[rid], now_s)
+        first = keys[0]
         runs: dict[ReplicaId, int] = {}
-        start, mask, end = 0, get(keys[0], 0), len(keys)
-        while mask:
-            # keys[start] has `mask`; find the first key past it whose mask
-            # differs (masks only shrink along a prompt), by bisection.
-            lo, hi = start, end
+        for _, rid in self._replicas(self._holders.get(first, 0)):
+            replica = self._replicas_by_id[rid]
+            self._expire(replica, now_s)
+            held = replica.generation_of
+            if first not in held:
+                continue
+            # keys[lo] is held, keys[hi] is not (or hi is the end).
+            lo, hi = 0, len(keys)
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if get(keys[mid], 0) & mask == mask:
+                if keys[mid] in held:
                     lo = mid
                 else:
                     hi = mid
-            following = get(keys[hi], 0) & mask if hi < end else 0
-            for _, rid in self._replicas(mask & ~following):
-                runs[rid] = hi
-            start, mask = hi, following
+            runs[rid] = hi
         return runs
 
     def longest_prefix(self, keys: Sequence[int], replica_ids: Sequence[ReplicaId],
@@ -193,7 +202,14 @@ class ApproxIndex(ReplicaBits):
         dropped = keys[cut:]
         del keys[cut:]
         generation_of, serial = replica.generation_of, generation.serial
-        gone = [key for key in dropped if generation_of.get(key) == serial]
+        # Deduplicated: a key may be listed twice in one generation when `keys`
+        # were not a chain (the bisection in record assumes one).
+        gone = [key for key in dict.fromkeys(dropped) if generation_of.get(key) == serial]
         consume(map(generation_of.__delitem__, gone))
-        self._unlink(replica.bit, gone)
+        self._unlink_firsts(replica.bit, gone)
         return len(gone)
+
+    def _unlink_firsts(self, bit: int, keys: Iterable[int]) -> None:
+        """Clears `bit` for those of `keys` that are first chunks it holds."""
+        holders = self._holders
+        self._unlink(bit, [key for key in keys if holders.get(key, 0) & bit])

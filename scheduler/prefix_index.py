@@ -1,10 +1,11 @@
 """Which replica holds which KV block: the precise prefix index.
 
-`ReplicaBits` is the part shared with approx_index: a hash maps to a bitmask
-of replica slots, so matching one request against 64 replicas costs one dict
-lookup per block, not one per block and replica. `ReplicaHashSets` adds an LRU
-per replica capped at its KV capacity in blocks, so the index stays bounded
-even when a BlockRemoved event is lost.
+`ReplicaBits` maps a hash to a bitmask of replica slots, so matching one
+request against 64 replicas costs one dict lookup per block, not one per block
+and replica (a gap at any block ends a replica's run, so each block up to the
+longest run is looked at). `ReplicaHashSets` adds an LRU per replica capped at
+its KV capacity in blocks, so the index stays bounded even when a BlockRemoved
+event is lost.
 
 `PrefixIndex` applies vLLM's KV events (BlockStored / BlockRemoved /
 AllBlocksCleared) per replica and answers the longest run of a request's block
