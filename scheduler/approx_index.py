@@ -4,17 +4,37 @@ Used when a replica sends no KV events (or the prompt was not tokenized). A
 prompt is cut into fixed-size byte chunks and each chunk is named by a hash
 chained over everything before it, so equal hashes mean equal prefixes. The
 chunks of each placed request are recorded against the chosen replica with a
-TTL (a guess at how long the replica keeps them cached) in a per-replica LRU
-sized to the replica's KV capacity, one chunk standing for about one block.
+TTL (a guess at how long the replica keeps them cached), bounded per replica
+by its KV capacity, one chunk standing for about one block.
+
+Recency is kept per generation rather than per chunk: a replica's chunks go
+into its current generation, a new one opens every `ttl_s / GENERATIONS` (or
+after `capacity / GENERATIONS` chunks), and the oldest generation expires or
+is evicted first. Re-recording a prompt that is already in the current
+generation then costs one small-dict lookup per chunk, not an LRU move.
+
+Chains make the index prefix-closed: every record of chunk k also records
+chunks 0..k-1, so they sit in a generation at least as new, and eviction
+takes a generation's chunks last-recorded first. So a replica holding chunk k
+holds the chunks before it: its run is found by bisection in a few lookups,
+and so is the part of a prompt not yet in its current generation. Chunks are
+kept per replica; only a prompt's first chunk goes into a table shared by the
+fleet (first chunk -> bitmask of the replicas holding it), so recording a
+prompt's new tail, on every decision, touches one replica's dict.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from scheduler.framework import ReplicaId
-from scheduler.prefix_index import ReplicaHashSets
+from scheduler.prefix_index import ReplicaBits, consume
+
+# Generations per TTL (and per capacity): expiry is late by at most ttl_s / GENERATIONS.
+GENERATIONS = 8
 
 
 def chunk_hashes(prompt: bytes, chunk_bytes: int, max_chunks: int) -> tuple[int, ...]:
@@ -32,49 +52,164 @@ def chunk_hashes(prompt: bytes, chunk_bytes: int, max_chunks: int) -> tuple[int,
     return tuple(hashes)
 
 
-class ApproxIndex:
-    """Per-replica LRU of chunk hashes with a TTL."""
+@dataclass(slots=True)
+class _Generation:
+    serial: int
+    opened_at_s: float
+    expires_at_s: float
+    # In recording order; may repeat keys a newer generation took over.
+    keys: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Replica:
+    bit: int
+    capacity_blocks: int
+    # key -> serial of the newest generation holding it: the replica's chunks.
+    generation_of: dict[int, int] = field(default_factory=dict)
+    generations: deque[_Generation] = field(default_factory=deque)
+    next_serial: int = 0
+
+
+class ApproxIndex(ReplicaBits):
+    """Per-replica chunk hashes with a TTL, bounded by the replica's capacity."""
 
     def __init__(self, default_capacity_blocks: int, ttl_s: float) -> None:
+        if default_capacity_blocks < 1:
+            raise ValueError("default_capacity_blocks must be at least 1")
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
+        super().__init__()
+        self.default_capacity_blocks = default_capacity_blocks
         self.ttl_s = ttl_s
-        self._sets = ReplicaHashSets(default_capacity_blocks)
+        self._replicas_by_id: dict[ReplicaId, _Replica] = {}
+        self.evicted_blocks = 0
 
     def size_blocks(self) -> int:
-        return self._sets.size_blocks()
+        return sum(len(r.generation_of) for r in self._replicas_by_id.values())
 
     def replica_blocks(self, replica_id: ReplicaId) -> int:
-        return self._sets.replica_blocks(replica_id)
+        replica = self._replicas_by_id.get(replica_id)
+        return 0 if replica is None else len(replica.generation_of)
 
     def set_capacity(self, replica_id: ReplicaId, capacity_blocks: int) -> None:
-        self._sets.set_capacity(replica_id, capacity_blocks)
+        replica = self._replica(replica_id)
+        replica.capacity_blocks = max(1, capacity_blocks)
+        self._evict_over_capacity(replica)
 
     def drop(self, replica_id: ReplicaId) -> None:
-        self._sets.drop(replica_id)
+        replica = self._replicas_by_id.pop(replica_id, None)
+        if replica is not None:
+            self._unlink_firsts(replica.bit, replica.generation_of)
+            self._free_bit(replica_id)
 
     def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float) -> None:
-        self._sets.expire(replica_id, now_s)
-        # Tail first, so the LRU evicts a prompt's tail before its head and what
-        # is left of a prompt is still a prefix.
-        self._sets.add_many(replica_id, reversed(keys), now_s + self.ttl_s)
+        replica = self._replica(replica_id)
+        self._expire(replica, now_s)
+        generation = self._current(replica, now_s)
+        serial, generation_of = generation.serial, replica.generation_of
+        if keys and keys[0] not in generation_of:
+            self._link(replica.bit, keys[:1])
+        # The leading part of `keys` already in the current generation needs nothing.
+        lo, hi = -1, len(keys)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if generation_of.get(keys[mid]) == serial:
+                lo = mid
+            else:
+                hi = mid
+        # A dict, so a key repeated within `keys` is listed once.
+        fresh = dict.fromkeys(keys[hi:], serial)
+        if fresh:
+            generation_of.update(fresh)
+            generation.keys += fresh
+        generation.expires_at_s = now_s + self.ttl_s
+        self._evict_over_capacity(replica)
 
-    def longest_prefix(self, keys: Sequence[int], replica_ids: Iterable[ReplicaId],
+    def runs(self, keys: Sequence[int], now_s: float) -> dict[ReplicaId, int]:
+        """The run length from keys[0] of every replica holding at least keys[0]
+        and recorded within the TTL."""
+        if not keys:
+            return {}
+        first = keys[0]
+        runs: dict[ReplicaId, int] = {}
+        for _, rid in self._replicas(self._holders.get(first, 0)):
+            replica = self._replicas_by_id[rid]
+            self._expire(replica, now_s)
+            held = replica.generation_of
+            if first not in held:
+                continue
+            # keys[lo] is held, keys[hi] is not (or hi is the end).
+            lo, hi = 0, len(keys)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if keys[mid] in held:
+                    lo = mid
+                else:
+                    hi = mid
+            runs[rid] = hi
+        return runs
+
+    def longest_prefix(self, keys: Sequence[int], replica_ids: Sequence[ReplicaId],
                        now_s: float) -> dict[ReplicaId, int]:
         overlap = dict.fromkeys(replica_ids, 0)
-        for rid, matched in self._sets.runs(keys).items():
+        for rid, matched in self.runs(keys, now_s).items():
             if rid in overlap:
-                overlap[rid] = self._unexpired(rid, keys, matched, now_s)
+                overlap[rid] = matched
         return overlap
 
-    def _unexpired(self, replica_id: ReplicaId, keys: Sequence[int], matched: int,
-                   now_s: float) -> int:
-        # Expired entries are purged lazily (on record). Along a held prefix the
-        # expiry times never increase (recording a block re-records everything
-        # before it), so trimming expired blocks off the end leaves the valid run.
-        while matched:
-            expires_at_s = self._sets.stamp(replica_id, keys[matched - 1])
-            if expires_at_s is not None and expires_at_s > now_s:
-                break
-            matched -= 1
-        return matched
+    def _replica(self, replica_id: ReplicaId) -> _Replica:
+        replica = self._replicas_by_id.get(replica_id)
+        if replica is None:
+            replica = _Replica(self._new_bit(replica_id), self.default_capacity_blocks)
+            self._replicas_by_id[replica_id] = replica
+        return replica
+
+    def _current(self, replica: _Replica, now_s: float) -> _Generation:
+        generations = replica.generations
+        if generations:
+            current = generations[-1]
+            if (now_s - current.opened_at_s < self.ttl_s / GENERATIONS
+                    and len(current.keys) < max(1, replica.capacity_blocks // GENERATIONS)):
+                return current
+        current = _Generation(replica.next_serial, now_s, now_s + self.ttl_s)
+        replica.next_serial += 1
+        generations.append(current)
+        # Stale repeats count towards no capacity; bound them by the generation count.
+        while len(generations) > 2 * GENERATIONS:
+            self._forget(replica, generations.popleft(), None)
+        return current
+
+    def _expire(self, replica: _Replica, now_s: float) -> None:
+        generations = replica.generations
+        while generations and generations[0].expires_at_s <= now_s:
+            self._forget(replica, generations.popleft(), None)
+
+    def _evict_over_capacity(self, replica: _Replica) -> None:
+        generations = replica.generations
+        while len(replica.generation_of) > replica.capacity_blocks:
+            oldest = generations[0]
+            self.evicted_blocks += self._forget(
+                replica, oldest, len(replica.generation_of) - replica.capacity_blocks)
+            if not oldest.keys:
+                generations.popleft()
+
+    def _forget(self, replica: _Replica, generation: _Generation, count: int | None) -> int:
+        """Drops the last `count` keys recorded in `generation` (all when None);
+        returns how many chunks the replica no longer holds."""
+        keys = generation.keys
+        cut = 0 if count is None else max(0, len(keys) - count)
+        dropped = keys[cut:]
+        del keys[cut:]
+        generation_of, serial = replica.generation_of, generation.serial
+        # Deduplicated: a key may be listed twice in one generation when `keys`
+        # were not a chain (the bisection in record assumes one).
+        gone = [key for key in dict.fromkeys(dropped) if generation_of.get(key) == serial]
+        consume(map(generation_of.__delitem__, gone))
+        self._unlink_firsts(replica.bit, gone)
+        return len(gone)
+
+    def _unlink_firsts(self, bit: int, keys: Iterable[int]) -> None:
+        """Clears `bit` for those of `keys` that are first chunks it holds."""
+        holders = self._holders
+        self._unlink(bit, [key for key in keys if holders.get(key, 0) & bit])

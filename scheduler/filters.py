@@ -1,16 +1,11 @@
-"""Built-in filters: which replicas may take a request at all."""
+"""Built-in filters: which replicas may take a request at all.
+
+They run on every decision: plain comprehensions are the fastest form in 3.11.
+"""
 
 from __future__ import annotations
 
-from itertools import compress, repeat
-from operator import attrgetter, contains, not_
-
 from scheduler.framework import ReplicaView, SchedRequest
-
-# attrgetter and compress keep these per-replica loops in C: filters run on every decision.
-_HEALTHY = attrgetter("healthy")
-_MODELS = attrgetter("models")
-_DRAINING = attrgetter("draining")
 
 
 class Healthy:
@@ -19,7 +14,7 @@ class Healthy:
     name = "healthy"
 
     def filter(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[ReplicaView]:
-        return list(compress(replicas, map(_HEALTHY, replicas)))
+        return [r for r in replicas if r.healthy]
 
 
 class ServesModel:
@@ -28,7 +23,8 @@ class ServesModel:
     name = "serves-model"
 
     def filter(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[ReplicaView]:
-        return list(compress(replicas, map(contains, map(_MODELS, replicas), repeat(req.model))))
+        model = req.model
+        return [r for r in replicas if model in r.models]
 
 
 class NotDraining:
@@ -37,7 +33,7 @@ class NotDraining:
     name = "not-draining"
 
     def filter(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[ReplicaView]:
-        return list(compress(replicas, map(not_, map(_DRAINING, replicas))))
+        return [r for r in replicas if not r.draining]
 
 
 class NotExcluded:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import add, mul
 from typing import NewType, Protocol, runtime_checkable
 
 ReplicaId = NewType("ReplicaId", str)
@@ -79,7 +77,9 @@ class Scorer(Protocol):
     name: str
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
-        """A score in [0, 1] for each replica; higher is better."""
+        """A score in [0, 1] per replica of `replicas`, higher is better; a
+        replica left out scores 0 (as a missing key reads in llm-d's Go maps),
+        so a scorer that favours a few replicas answers for those few only."""
         ...
 
 
@@ -162,17 +162,25 @@ class Profile:
                          decision: Decision) -> Scores:
         ids = decision.candidates
         acc: list[float] | None = None
+        sparse: list[tuple[Scores, float]] = []
         for weighted in self.scorers:
             scores = weighted.scorer.score(req, replicas)
             decision.per_scorer[weighted.scorer.name] = scores
-            # Per-replica arithmetic stays in C (map over operator functions);
-            # built-in scorers answer in candidate order, which saves a lookup each.
-            values = (scores.values() if list(scores) == ids
-                      else map(scores.__getitem__, ids))
-            if weighted.weight != 1.0:
-                values = map(mul, repeat(weighted.weight), values)
-            acc = list(values) if acc is None else list(map(add, acc, values))
-        return dict(zip(ids, acc or repeat(0.0), strict=False))
+            weight = weighted.weight
+            # Load scorers answer for every candidate in candidate order: summed
+            # as lists; sparse answers (prefix scorers) are added per entry after.
+            if len(scores) != len(ids) or list(scores) != ids:
+                sparse.append((scores, weight))
+            elif acc is None:
+                acc = list(scores.values()) if weight == 1.0 else [
+                    s * weight for s in scores.values()]
+            else:
+                acc = [a + s * weight for a, s in zip(acc, scores.values(), strict=True)]
+        totals = dict.fromkeys(ids, 0.0) if acc is None else dict(zip(ids, acc, strict=True))
+        for scores, weight in sparse:
+            for rid, score in scores.items():
+                totals[rid] += score * weight
+        return totals
 
     def observe(self, req: SchedRequest, replica: ReplicaView) -> None:
         """Tells the plugins that learn from decisions where `req` went."""

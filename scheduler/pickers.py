@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-from itertools import compress, repeat
-from operator import eq
 
 from scheduler.framework import ReplicaId, SchedRequest, Scores
 
@@ -16,7 +14,7 @@ class MaxScore:
 
     def pick(self, req: SchedRequest, scores: Scores, rng: random.Random) -> ReplicaId:
         best = max(scores.values())
-        tied = list(compress(scores, map(eq, scores.values(), repeat(best))))
+        tied = [rid for rid, score in scores.items() if score == best]
         return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 

@@ -1,21 +1,22 @@
 """Which replica holds which KV block: the precise prefix index.
 
-`ReplicaHashSets` is the shared structure (also used by approx_index): a hash
-maps to a bitmask of replica slots, so matching one request against 64
-replicas costs one dict lookup per block, not one per block and replica. Each
-replica also keeps its hashes in an LRU capped at its KV capacity in blocks,
-so the index stays bounded even when a BlockRemoved event is lost.
+`ReplicaBits` maps a hash to a bitmask of replica slots, so matching one
+request against 64 replicas costs one dict lookup per block, not one per block
+and replica (a gap at any block ends a replica's run, so each block up to the
+longest run is looked at). `ReplicaHashSets` adds an LRU per replica capped at
+its KV capacity in blocks, so the index stays bounded even when a BlockRemoved
+event is lost.
 
 `PrefixIndex` applies vLLM's KV events (BlockStored / BlockRemoved /
 AllBlocksCleared) per replica and answers the longest run of a request's block
-hashes, from block 0, that each replica holds.
+hashes, from block 0 and without a gap, that each replica holds.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, repeat, takewhile
 from operator import and_
@@ -32,25 +33,69 @@ from scheduler.kv_events import (
 )
 
 
+def consume(calls: Iterator[object]) -> None:
+    """Runs a lazy map of calls to the end in C (itertools' `consume` recipe)."""
+    deque(calls, maxlen=0)
+
+
+class ReplicaBits:
+    """hash -> bitmask of the replica slots holding it; slots are reused."""
+
+    def __init__(self) -> None:
+        self._holders: dict[int, int] = {}
+        self._bits: dict[ReplicaId, int] = {}
+        self._ids: dict[int, ReplicaId] = {}
+        self._free_bits: list[int] = []
+
+    def _new_bit(self, replica_id: ReplicaId) -> int:
+        bit = self._free_bits.pop() if self._free_bits else 1 << len(self._bits)
+        self._bits[replica_id] = bit
+        self._ids[bit] = replica_id
+        return bit
+
+    def _free_bit(self, replica_id: ReplicaId) -> None:
+        bit = self._bits.pop(replica_id)
+        del self._ids[bit]
+        self._free_bits.append(bit)
+
+    def _link(self, bit: int, keys: Iterable[int]) -> None:
+        holders = self._holders
+        for key in keys:
+            holders[key] = holders.get(key, 0) | bit
+
+    def _unlink(self, bit: int, keys: Iterable[int]) -> None:
+        holders, keep = self._holders, ~bit
+        for key in keys:
+            remaining = holders[key] & keep
+            if remaining:
+                holders[key] = remaining
+            else:
+                del holders[key]
+
+    def _replicas(self, bits: int) -> Iterator[tuple[int, ReplicaId]]:
+        """(bit, replica id) for each bit set in `bits`."""
+        while bits:
+            low = bits & -bits
+            yield low, self._ids[low]
+            bits ^= low
+
+
 @dataclass(slots=True)
 class _Slot:
     bit: int
     capacity_blocks: int
-    # hash -> stamp (expiry time for the approximate index), least recent first.
-    lru: OrderedDict[int, float] = field(default_factory=OrderedDict)
+    lru: OrderedDict[int, None] = field(default_factory=OrderedDict)
 
 
-class ReplicaHashSets:
+class ReplicaHashSets(ReplicaBits):
     """hash -> replicas holding it, bounded per replica by LRU eviction."""
 
     def __init__(self, default_capacity_blocks: int) -> None:
         if default_capacity_blocks < 1:
             raise ValueError("default_capacity_blocks must be at least 1")
+        super().__init__()
         self.default_capacity_blocks = default_capacity_blocks
-        self._holders: dict[int, int] = {}
         self._slots: dict[ReplicaId, _Slot] = {}
-        self._slot_ids: dict[int, ReplicaId] = {}
-        self._free_bits: list[int] = []
         self._entries = 0
         self.evicted_blocks = 0
 
@@ -65,32 +110,36 @@ class ReplicaHashSets:
     def set_capacity(self, replica_id: ReplicaId, capacity_blocks: int) -> None:
         slot = self._slot(replica_id)
         slot.capacity_blocks = max(1, capacity_blocks)
-        self._evict_over_capacity(replica_id, slot)
+        self._evict_over_capacity(slot)
 
-    def add_many(self, replica_id: ReplicaId, keys: Iterable[int], stamp: float = 0.0) -> None:
+    def add_many(self, replica_id: ReplicaId, keys: Iterable[int]) -> None:
+        """Holds `keys` on the replica, the last of them most recently used."""
         slot = self._slot(replica_id)
-        lru, holders, bit = slot.lru, self._holders, slot.bit
-        for key in keys:
-            if key in lru:
-                lru.move_to_end(key)
-            else:
-                self._entries += 1
-                holders[key] = holders.get(key, 0) | bit
-            lru[key] = stamp
+        lru, keys = slot.lru, list(keys)
+        new = [key for key in keys if key not in lru]
+        held_before = len(lru)
+        # Bulk calls keep the per-key work in C: insert the new keys, then move
+        # every key to the recent end in order.
+        lru.update(zip(new, repeat(None)))
+        consume(map(lru.move_to_end, keys))
+        self._entries += len(lru) - held_before
+        self._link(slot.bit, new)
         if len(lru) > slot.capacity_blocks:
-            self._evict_over_capacity(replica_id, slot)
+            self._evict_over_capacity(slot)
 
     def remove(self, replica_id: ReplicaId, key: int) -> None:
         slot = self._slots.get(replica_id)
-        if slot is not None and slot.lru.pop(key, None) is not None:
-            self._unlink(slot, key)
+        if slot is not None and key in slot.lru:
+            del slot.lru[key]
+            self._entries -= 1
+            self._unlink(slot.bit, (key,))
 
     def clear(self, replica_id: ReplicaId) -> None:
         slot = self._slots.get(replica_id)
         if slot is None:
             return
-        for key in slot.lru:
-            self._unlink(slot, key)
+        self._unlink(slot.bit, slot.lru)
+        self._entries -= len(slot.lru)
         slot.lru.clear()
 
     def drop(self, replica_id: ReplicaId) -> None:
@@ -98,26 +147,8 @@ class ReplicaHashSets:
         if replica_id not in self._slots:
             return
         self.clear(replica_id)
-        slot = self._slots.pop(replica_id)
-        del self._slot_ids[slot.bit]
-        self._free_bits.append(slot.bit)
-
-    def expire(self, replica_id: ReplicaId, now_s: float) -> int:
-        """Drops entries whose stamp (an expiry time) is not after `now_s`.
-        Stamps only grow within a replica, so the expired ones are at the front."""
-        slot = self._slots.get(replica_id)
-        if slot is None:
-            return 0
-        lru = slot.lru
-        expired = 0
-        while lru:
-            key, expires_at_s = next(iter(lru.items()))
-            if expires_at_s > now_s:
-                break
-            del lru[key]
-            self._unlink(slot, key)
-            expired += 1
-        return expired
+        del self._slots[replica_id]
+        self._free_bit(replica_id)
 
     def longest_prefix(self, keys: Sequence[int],
                        replica_ids: Iterable[ReplicaId]) -> dict[ReplicaId, int]:
@@ -135,41 +166,27 @@ class ReplicaHashSets:
         # length of the leading part of `cumulative` that has its bit.
         masks = map(self._holders.get, keys, repeat(0))
         cumulative = list(takewhile(bool, accumulate(masks, and_)))
-        runs: dict[ReplicaId, int] = {}
-        bits = cumulative[0] if cumulative else 0
-        while bits:
-            low = bits & -bits
-            runs[self._slot_ids[low]] = bisect_left(
-                cumulative, True, key=lambda mask, bit=low: not mask & bit)
-            bits ^= low
-        return runs
-
-    def stamp(self, replica_id: ReplicaId, key: int) -> float | None:
-        slot = self._slots.get(replica_id)
-        return None if slot is None else slot.lru.get(key)
+        if not cumulative:
+            return {}
+        return {rid: bisect_left(cumulative, True, key=lambda mask, bit=bit: not mask & bit)
+                for bit, rid in self._replicas(cumulative[0])}
 
     def _slot(self, replica_id: ReplicaId) -> _Slot:
         slot = self._slots.get(replica_id)
         if slot is None:
-            bit = self._free_bits.pop() if self._free_bits else 1 << len(self._slots)
-            slot = _Slot(bit, self.default_capacity_blocks)
+            slot = _Slot(self._new_bit(replica_id), self.default_capacity_blocks)
             self._slots[replica_id] = slot
-            self._slot_ids[bit] = replica_id
         return slot
 
-    def _evict_over_capacity(self, replica_id: ReplicaId, slot: _Slot) -> None:
-        while len(slot.lru) > slot.capacity_blocks:
-            key, _ = slot.lru.popitem(last=False)
-            self._unlink(slot, key)
-            self.evicted_blocks += 1
-
-    def _unlink(self, slot: _Slot, key: int) -> None:
-        self._entries -= 1
-        remaining = self._holders.get(key, 0) & ~slot.bit
-        if remaining:
-            self._holders[key] = remaining
-        else:
-            self._holders.pop(key, None)
+    def _evict_over_capacity(self, slot: _Slot) -> None:
+        over = len(slot.lru) - slot.capacity_blocks
+        if over <= 0:
+            return
+        popitem = slot.lru.popitem
+        evicted = [popitem(last=False)[0] for _ in range(over)]
+        self._unlink(slot.bit, evicted)
+        self._entries -= over
+        self.evicted_blocks += over
 
 
 def event_key(block_hash: ExternalBlockHash) -> int:

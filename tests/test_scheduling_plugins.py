@@ -193,17 +193,19 @@ def test_approx_index_evicts_tails_first_at_capacity() -> None:
     assert index.size_blocks() == 1
 
 
-def test_prefix_scorers_give_the_matched_fraction() -> None:
+def test_prefix_scorers_give_the_matched_fraction_of_holders_only() -> None:
+    # Replicas a prefix scorer leaves out score 0 (see Scorer.score).
     precise, approx = PrefixIndex(100), ApproxIndex(100, ttl_s=60.0)
     precise.apply_events(A, [_stored(1, 2)])
+    precise.apply_events(C, [_stored(1, 2, 3)])  # not a candidate
     views = [_view("a"), _view("b")]
     assert PrefixPrecise(precise, PrefixApprox(approx)).score(
-        _req(block_hashes=(1, 2, 3, 4)), views) == {"a": 0.5, "b": 0.0}
+        _req(block_hashes=(1, 2, 3, 4)), views) == {"a": 0.5}
     scorer = PrefixApprox(approx)
     scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
-    assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {
-        "a": 0.0, "b": 0.5}
-    assert scorer.score(_req(), views) == {"a": 0.0, "b": 0.0}
+    assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {"b": 0.5}
+    assert scorer.score(_req(chunk_hashes=(7, 5), now_s=1.0), views) == {}
+    assert scorer.score(_req(), views) == {}
 
 
 @pytest.mark.parametrize(("a_fields", "b_fields", "best"), [
@@ -231,13 +233,11 @@ def test_prefix_precise_falls_back_to_the_approximate_index_without_block_hashes
     views = [_view("a"), _view("b")]
     scorer = PrefixPrecise(precise, PrefixApprox(approx))
     scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
-    assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {
-        "a": 0.0, "b": 0.5}
+    assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {"b": 0.5}
     # A request with block hashes is neither scored by nor recorded in the approximate index.
     scorer.placed(_req(block_hashes=(9,), chunk_hashes=(9,)), views[0])
-    assert approx.longest_prefix([9], [A, B], 1.0) == {"a": 0, "b": 0}
-    assert scorer.score(_req(block_hashes=(5, 6), chunk_hashes=(5, 6)), views) == {
-        "a": 1.0, "b": 0.0}
+    assert approx.runs([9], 1.0) == {}
+    assert scorer.score(_req(block_hashes=(5, 6), chunk_hashes=(5, 6)), views) == {"a": 1.0}
 
 
 @pytest.mark.parametrize(("block_size_tokens", "best"), [

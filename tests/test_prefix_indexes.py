@@ -1,0 +1,150 @@
+"""Unit tests of the prefix indexes' structures: bounds, eviction order,
+capacity changes, generations and the bisection of the approximate index
+against a plain linear reading. Pure; seeded randomness; time passed in."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler.approx_index import GENERATIONS, ApproxIndex
+from scheduler.framework import ReplicaId
+from scheduler.prefix_index import ReplicaHashSets
+
+A, B = ReplicaId("a"), ReplicaId("b")
+
+
+def _holder_pairs(index: ReplicaHashSets) -> int:
+    """(key, replica) pairs in the shared hash -> bitmask table."""
+    return sum(mask.bit_count() for mask in index._holders.values())
+
+
+def _listed(index: ApproxIndex) -> int:
+    """Chunks held, each checked to be listed in the generation that holds it."""
+    held = 0
+    for replica in index._replicas_by_id.values():
+        lists = {g.serial: set(g.keys) for g in replica.generations}
+        assert all(key in lists[serial] for key, serial in replica.generation_of.items())
+        held += len(replica.generation_of)
+    return held
+
+
+# --- precise: LRU sets -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("capacity", "adds", "held", "evicted"), [
+    (4, [[1, 2, 3]], [1, 2, 3], 0),
+    (4, [[1, 2, 3], [1, 1, 4]], [1, 2, 3, 4], 0),         # a repeat counts once
+    (3, [[1, 2, 3], [4]], [2, 3, 4], 1),                  # least recent goes first
+    (3, [[1, 2, 3], [1], [4, 5]], [1, 4, 5], 2),          # a touch makes 1 recent
+    (2, [[1, 2, 3, 4, 5]], [4, 5], 3),                    # one add larger than the capacity
+])
+def test_lru_sets_hold_the_most_recent_up_to_capacity(capacity, adds, held, evicted) -> None:
+    sets = ReplicaHashSets(capacity)
+    for keys in adds:
+        sets.add_many(A, keys)
+    assert sorted(sets._slots[A].lru) == held
+    assert sets.size_blocks() == sets.replica_blocks(A) == len(held) == _holder_pairs(sets)
+    assert sets.evicted_blocks == evicted
+
+
+@pytest.mark.parametrize(("capacity", "held"), [(10, [1, 2, 3, 4]), (2, [3, 4]), (1, [4])])
+def test_lru_sets_shrink_to_a_new_capacity(capacity: int, held: list[int]) -> None:
+    sets = ReplicaHashSets(10)
+    sets.add_many(A, [1, 2, 3, 4])
+    sets.add_many(B, [1, 2])
+    sets.set_capacity(A, capacity)
+    assert sorted(sets._slots[A].lru) == held
+    assert sets.runs([1, 2]) == ({A: 2, B: 2} if capacity == 10 else {B: 2})
+    assert sets.size_blocks() == len(held) + 2 == _holder_pairs(sets)
+
+
+# --- approximate: generations -------------------------------------------------------------
+
+def test_approx_rerecording_within_a_generation_adds_nothing() -> None:
+    index = ApproxIndex(default_capacity_blocks=1_000, ttl_s=80.0)
+    index.record(A, [1, 2, 3], now_s=0.0)
+    index.record(A, [1, 2, 3, 4], now_s=1.0)
+    generations = index._replicas_by_id[A].generations
+    assert [g.keys for g in generations] == [[1, 2, 3, 4]]
+    index.record(A, [1, 2], now_s=80.0 / GENERATIONS)  # the generation's span is over
+    assert [g.keys for g in generations] == [[1, 2, 3, 4], [1, 2]]
+    assert index.replica_blocks(A) == 4 == _listed(index)
+
+
+@pytest.mark.parametrize(("now_s", "expected"), [
+    (9.9, {A: 4}),
+    (10.0, {A: 2}),   # the first generation expired; [1, 2] were recorded again at 5
+    (14.9, {A: 2}),
+    (15.0, {}),
+])
+def test_approx_generations_expire_oldest_first(now_s: float, expected: dict) -> None:
+    index = ApproxIndex(default_capacity_blocks=1_000, ttl_s=10.0)
+    index.record(A, [1, 2, 3, 4], now_s=0.0)
+    index.record(A, [1, 2], now_s=5.0)
+    assert index.runs([1, 2, 3, 4], now_s) == expected
+    assert index.replica_blocks(A) == sum(expected.values()) == _listed(index)
+
+
+@pytest.mark.parametrize(("capacity", "records", "runs_of", "expected"), [
+    # Capacity 8: one key per generation at most, so every record opens one.
+    (8, [[1, 2, 3], [7, 8, 9, 10, 11, 12]], [1, 2, 3], 2),   # 3 (a tail) goes first
+    (8, [[1, 2, 3], [1, 2, 3, 4], [7, 8, 9, 10, 11]], [1, 2, 3, 4], 3),
+    (4, [[1, 2, 3, 4, 5, 6]], [1, 2, 3, 4, 5, 6], 4),       # larger than the capacity
+    (16, [[1, 2], [3, 4], [1, 2, 5]], [1, 2, 5], 3),
+    (8, [[1, 1, 2], list(range(7, 16))], [1, 2], 0),  # a key repeated in a prompt
+])
+def test_approx_evicts_the_oldest_generation_tail_first(capacity, records, runs_of,
+                                                        expected) -> None:
+    index = ApproxIndex(default_capacity_blocks=capacity, ttl_s=100.0)
+    for step, keys in enumerate(records):
+        index.record(A, keys, now_s=float(step))
+    assert index.runs(runs_of, now_s=10.0).get(A, 0) == expected
+    assert index.replica_blocks(A) <= capacity
+    assert index.replica_blocks(A) == _listed(index)
+
+
+def test_approx_capacity_change_and_drop() -> None:
+    index = ApproxIndex(default_capacity_blocks=100, ttl_s=100.0)
+    index.record(A, [1, 2, 3, 4, 5], now_s=0.0)
+    index.record(B, [1, 2], now_s=0.0)
+    index.set_capacity(A, 3)
+    assert index.runs([1, 2, 3, 4, 5], 1.0) == {A: 3, B: 2}
+    index.drop(A)
+    assert index.runs([1, 2, 3], 1.0) == {B: 2} and index.size_blocks() == 2
+    index.record(ReplicaId("c"), [1], now_s=1.0)  # reuses A's slot
+    assert index.runs([1, 2], 1.0) == {B: 2, ReplicaId("c"): 1}
+
+
+def _chain(parent: int, length: int, rng: random.Random) -> list[int]:
+    # Chained like chunk hashes: a chunk's key depends on everything before it.
+    keys, key = [], parent
+    for _ in range(length):
+        key = hash((key, rng.randrange(3)))
+        keys.append(key)
+    return keys
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_approx_bisection_equals_a_linear_reading(seed: int) -> None:
+    """On chained prompts the index stays prefix-closed, so the bisected runs
+    equal the longest run of held chunks read one by one."""
+    rng = random.Random(seed)
+    replicas = [ReplicaId(f"r{i}") for i in range(5)]
+    index = ApproxIndex(default_capacity_blocks=rng.choice([8, 40, 200]), ttl_s=30.0)
+    for step in range(300):
+        now_s = step * 0.5
+        if step % 50 == 49:
+            index.set_capacity(rng.choice(replicas), rng.choice([5, 20, 200]))
+        prompt = _chain(rng.randrange(4), rng.randrange(1, 40), rng)
+        held = {rid: index._replicas_by_id[rid].generation_of
+                for rid in replicas if rid in index._replicas_by_id}
+        runs = index.runs(prompt, now_s)
+        linear = {}
+        for rid, keys in held.items():
+            run = next((i for i, key in enumerate(prompt) if key not in keys), len(prompt))
+            if run:
+                linear[rid] = run
+        assert runs == linear
+        index.record(rng.choice(replicas), prompt, now_s)
+    assert index.size_blocks() == _listed(index)
