@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from actors.bus import connect_bus
 from actors.control_store import ReplicaRegistry, connect_redis
 from actors.kv_relay import LOOPBACK_ANY_PORT, KvRelay
-from scheduler.config import Config
+from scheduler.config import Config, model_config
 from scheduler.replica_metrics import ReplicaMetrics, parse_metrics, precise_mode_error
 from scheduler.wire import (
     REGISTRY_CHANGED_SUBJECT,
@@ -180,9 +180,9 @@ class ReplicaAgent:
             self.counters["snapshots_published"] += 1
 
     async def _check_cache_config(self) -> None:
-        agent = self.cfg.agent
-        error = precise_mode_error(self.metrics.cache, agent.block_size_tokens,
-                                   agent.prefix_caching_hash_algos)
+        # A vLLM server serves one model.
+        model = self.replica.models[0]
+        error = precise_mode_error(self.metrics.cache, model, model_config(self.cfg, model))
         if error == self.precise_error:
             return
         if error:

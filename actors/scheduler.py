@@ -48,7 +48,7 @@ class SchedulerService:
                  clock_s: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.clock_s = clock_s
-        self.core = SchedulerCore(cfg.scheduler, rng or random.Random())
+        self.core = SchedulerCore(cfg.scheduler, rng or random.Random(), cfg.models)
         self.counts = dict.fromkeys(("placed", "load_reports", "kv_batches", "kv_resyncs",
                                      "unknown_replica", "malformed"), 0)
         self._nc: NATS | None = None

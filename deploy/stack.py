@@ -23,7 +23,8 @@ import msgspec
 from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
 from deploy.procs import ChildProcess, StartFailed, python_module, start_nats, start_redis
 from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
-from scheduler.config import Config, dump_config
+from deploy.tiny_model import TINY_MODEL_DIR
+from scheduler.config import Config, ModelConfig, dump_config
 
 DEMO_TENANT = "demo"
 
@@ -36,13 +37,33 @@ def port_of(url: str) -> int:
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """Absolute paths, and a key secret kept under var/ when none is set:
-    Ray workers and child processes do not share our working directory."""
+    """Absolute paths, a key secret kept under var/ when none is set (Ray
+    workers and child processes do not share our working directory), and the
+    simulated model's settings (see with_simulated_model)."""
     var = Path(cfg.var_dir).resolve()
     var.mkdir(parents=True, exist_ok=True)
     secret = cfg.auth.key_secret or _stored_secret(var / "key_secret")
-    return msgspec.structs.replace(
-        cfg, var_dir=str(var), auth=msgspec.structs.replace(cfg.auth, key_secret=secret))
+    models = {name: msgspec.structs.replace(
+        m, tokenizer_dir=str(Path(m.tokenizer_dir).resolve()) if m.tokenizer_dir else "")
+        for name, m in cfg.models.items()}
+    return with_simulated_model(msgspec.structs.replace(
+        cfg, var_dir=str(var), auth=msgspec.structs.replace(cfg.auth, key_secret=secret),
+        models=models))
+
+
+def with_simulated_model(cfg: Config) -> Config:
+    """When `up` simulates the replicas (no static ones) and the config says
+    nothing of their model, the model is what the simulator stands in for:
+    its tokenizer, block size, hash algorithm and seed, so precise prefix
+    routing works out of the box."""
+    sim = cfg.simulator
+    if cfg.replicas or sim.model in cfg.models:
+        return cfg
+    model = ModelConfig(tokenizer_dir=str(Path(sim.tokenizer_dir or TINY_MODEL_DIR).resolve()),
+                        block_size_tokens=sim.block_size_tokens,
+                        prefix_caching_hash_algo=sim.prefix_caching_hash_algo,
+                        python_hash_seed=sim.python_hash_seed)
+    return msgspec.structs.replace(cfg, models={**cfg.models, sim.model: model})
 
 
 def _stored_secret(path: Path) -> str:

@@ -18,10 +18,10 @@ import msgspec
 
 from deploy.procs import LOOPBACK, ChildProcess, StartFailed, child_env
 from deploy.replica_fleet import healthy
+from deploy.tiny_model import TINY_MODEL_DIR
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = PROJECT_DIR / "var" / "vllm" / "venv" / "bin" / "python"
-TINY_MODEL_DIR = PROJECT_DIR / "deploy" / "tiny_model"
 SERVED_MODEL = "switchyard-tiny"
 # 30-40 s alone here; about 140 s when two replicas start at once.
 STARTUP_TIMEOUT_S = 240.0

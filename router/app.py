@@ -20,6 +20,7 @@ from router.http_api import GATEWAY, READINESS, add_routes
 from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
+from router.prompt_blocks import PromptHasher
 from router.upstream import ReplicaClient
 from scheduler.config import Config
 from scheduler.errors import ConfigError
@@ -52,7 +53,10 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         outbox.start()
         auth = Authenticator(TenantStore(redis, cfg.auth.key_secret.encode()),
                              cfg.ingress.key_cache_ttl_s)
-        gateway = Gateway(cfg, auth, nc, replicas, outbox, metrics)
+        hasher = PromptHasher(cfg.models, cfg.ingress.tokenizer_threads,
+                              cfg.ingress.tokenize_inline_max_bytes, metrics.prompt_hashing)
+        await hasher.start()
+        gateway = Gateway(cfg, auth, nc, replicas, outbox, metrics, hasher)
         nats_api = NatsApi(nc, gateway)
         await nats_api.start()
         app[GATEWAY] = gateway
@@ -63,6 +67,7 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             await nats_api.aclose()
             await outbox.aclose()
             await replicas.aclose()
+            hasher.aclose()
             with contextlib.suppress(Exception):
                 await nc.drain()
             await redis.aclose()

@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from router.auth import Authenticator, Principal
 from router.metrics import Metrics
 from router.outbox import Outbox
+from router.prompt_blocks import PromptHasher
 from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
@@ -36,8 +37,11 @@ from scheduler.wire import (
 # Requests of one conversation share it (or the OpenAI `user` field), for
 # the session-affinity scorer.
 SESSION_HEADER = "x-session-id"
-# The scorers that read a request's chunk hashes.
-CHUNK_HASH_SCORERS = frozenset({"prefix-approx", "cost"})
+# The scorers that read a request's block hashes; without them (a model with
+# no tokenizer) they read its chunk hashes.
+BLOCK_HASH_SCORERS = frozenset({"prefix-precise", "cost"})
+# The scorers that read chunk hashes in any case.
+CHUNK_HASH_SCORERS = frozenset({"prefix-approx"})
 
 
 def new_request_id() -> str:
@@ -56,7 +60,7 @@ class RequestContext:
 
 class Gateway:
     def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, replicas: ReplicaClient,
-                 outbox: Outbox, metrics: Metrics) -> None:
+                 outbox: Outbox, metrics: Metrics, hasher: PromptHasher) -> None:
         self.cfg = cfg
         self._auth = auth
         self._nc = nc
@@ -64,9 +68,10 @@ class Gateway:
         self._outbox = outbox
         self._metrics = metrics
         sched = cfg.scheduler
-        # Chunk hashes cost time per prompt byte: only when a scorer reads them.
-        self._chunking = any(s.name in CHUNK_HASH_SCORERS
-                             for s in sched.profiles[sched.profile].scorers)
+        scorers = {s.name for s in sched.profiles[sched.profile].scorers}
+        # Both kinds of hash cost time per prompt byte: only when a scorer reads them.
+        self._chunking = bool(scorers & CHUNK_HASH_SCORERS)
+        self._hasher = hasher if scorers & BLOCK_HASH_SCORERS else None
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return await self._auth.authenticate(authorization)
@@ -121,10 +126,14 @@ class Gateway:
 
     async def _place(self, request_id: str, principal: Principal, parsed: ParsedRequest,
                      session_id: str) -> Placement:
+        blocks = await self._hasher.block_hashes(parsed) if self._hasher else None
+        chunks = (self._chunk_hashes(parsed) if self._chunking
+                  or (self._hasher is not None and blocks is None) else ())
         req = PlaceRequest(request_id=request_id, tenant_id=principal.tenant_id,
                            model=parsed.model, prompt_tokens=parsed.prompt_tokens_est,
                            max_tokens=parsed.max_tokens or self.cfg.ingress.default_max_tokens,
-                           chunk_hashes=self._chunk_hashes(parsed), session_id=session_id)
+                           block_hashes=blocks or (), chunk_hashes=chunks,
+                           session_id=session_id)
         started_s = time.perf_counter()
         try:
             reply = await self._request(place_subject(parsed.model), encode(req))
@@ -143,8 +152,6 @@ class Gateway:
                          else None, retry_after_s=decision.retry_after_s)
 
     def _chunk_hashes(self, parsed: ParsedRequest) -> tuple[int, ...]:
-        if not self._chunking:
-            return ()
         params = self.cfg.scheduler.plugins.prefix_approx
         return chunk_hashes(parsed.prompt_bytes, params.chunk_bytes, params.max_chunks)
 

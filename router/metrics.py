@@ -34,5 +34,9 @@ class Metrics:
         self.usage_dropped = Counter(
             "switchyard_usage_events_dropped", "Usage events dropped: outbox full.",
             registry=r)
+        self.prompt_hashing = Counter(
+            "switchyard_prompt_block_hashing", "Prompts hashed for precise prefix routing, "
+            "by outcome (inline, pooled, shed, untokenizable, no_tokenizer).",
+            ["outcome"], registry=r)
         self.nats_errors = Counter(
             "switchyard_nats_errors", "Failed NATS publishes and requests.", registry=r)

@@ -29,6 +29,7 @@ class ContentPart(msgspec.Struct, frozen=True):
 class ChatMessage(msgspec.Struct, frozen=True):
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None
 
 
 class ChatBody(msgspec.Struct, frozen=True):
@@ -39,6 +40,10 @@ class ChatBody(msgspec.Struct, frozen=True):
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     user: str | None = None
+    # Read for the prompt's token ids, as vLLM renders the template.
+    add_generation_prompt: bool = True
+    # vLLM hashes it into the prompt's first KV block.
+    cache_salt: str | None = None
 
 
 class CompletionBody(msgspec.Struct, frozen=True):
@@ -49,6 +54,7 @@ class CompletionBody(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     user: str | None = None
+    cache_salt: str | None = None
 
 
 _decoders = {
@@ -70,6 +76,8 @@ class ParsedRequest:
     # conversation starts with the bytes of a shorter one.
     prompt_bytes: bytes
     user: str
+    # The decoded body, for tokenizing the prompt (precise prefix routing).
+    body: ChatBody | CompletionBody
 
 
 def parse_request(route: str, body: bytes) -> ParsedRequest:
@@ -94,7 +102,8 @@ def parse_request(route: str, body: bytes) -> ParsedRequest:
                          include_usage=include_usage, max_tokens=max_tokens,
                          prompt_tokens_est=_estimate_tokens(parsed),
                          upstream_body=_upstream_body(body, stream, include_usage),
-                         prompt_bytes=_prompt_bytes(parsed), user=parsed.user or "")
+                         prompt_bytes=_prompt_bytes(parsed), user=parsed.user or "",
+                         body=parsed)
 
 
 def _upstream_body(body: bytes, stream: bool, include_usage: bool) -> bytes:

@@ -88,6 +88,30 @@ def block_hashes(
     return hashes
 
 
+def cache_salt_keys(cache_salt: str | None) -> ExtraKeys:
+    """vLLM's extra keys of a request's first block for its `cache_salt` (None
+    without one): the salt, tagged, so salted and unsalted prompts never share
+    a block."""
+    return (("cache_salt", cache_salt),) if cache_salt else None
+
+
+def prompt_block_hashes(
+    token_ids: Sequence[int],
+    block_size: int,
+    algo: str,
+    *,
+    seed: str = DEFAULT_NONE_HASH_SEED,
+    cache_salt: str | None = None,
+) -> list[bytes]:
+    """Digests of the full blocks of a request's prompt as vLLM computes them,
+    its `cache_salt` in the first block's extra keys."""
+    if len(token_ids) < block_size or not cache_salt:
+        return block_hashes(token_ids, block_size, algo, seed=seed)
+    first = hash_block(algo, None, token_ids[:block_size], cache_salt_keys(cache_salt), seed=seed)
+    return [first, *block_hashes(token_ids[block_size:], block_size, algo, seed=seed,
+                                 parent=first)]
+
+
 def low64(block_digest: bytes) -> int:
     """The unsigned int a KV event carries for a digest: its low 64 bits, big-endian."""
     return int.from_bytes(block_digest[-8:], "big")

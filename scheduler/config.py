@@ -31,6 +31,10 @@ class IngressConfig(_Section):
     key_cache_ttl_s: float = 5.0
     default_max_tokens: int = 256
     usage_queue_size: int = 10_000
+    # Prompts are tokenized for precise prefix routing (models.<name>): those
+    # up to this size on the event loop (about 1 ms), larger ones on threads.
+    tokenize_inline_max_bytes: int = 2_048
+    tokenizer_threads: int = 2
 
 
 class NatsConfig(_Section):
@@ -85,8 +89,7 @@ class SessionAffinityParams(_Section):
 
 
 class CostParams(_Section):
-    # Must match the replicas' block size (agent.block_size_tokens).
-    block_size_tokens: int = 16
+    # Blocks are counted in the request's model's block size (models.<name>).
     # Relative price of one uncached prefill block against one block of decode load.
     prefill_weight: float = 1.0
 
@@ -144,10 +147,24 @@ class AgentConfig(_Section):
     # KV-event batches received but not yet relayed; beyond it they are dropped
     # (counted), which shows up as a gap and is filled from replay.
     relay_queue_batches: int = 10_000
-    # What precise prefix scoring assumes of every replica; a replica whose
-    # vllm:cache_config_info disagrees gets no precise scoring.
+
+
+class ModelConfig(_Section):
+    """What switchyard knows of one served model's engine (vLLM's flags), for
+    precise prefix routing: the ingress tokenizes prompts and hashes their
+    blocks as vLLM does; a replica agent refuses precise scoring for a
+    replica whose vllm:cache_config_info disagrees."""
+
+    # Directory with tokenizer.json and tokenizer_config.json (the chat
+    # template); empty: no tokenizer, so `prefix-precise` scores this model
+    # by the approximate index.
+    tokenizer_dir: str = ""
+    # vLLM's --block-size.
     block_size_tokens: int = 16
-    prefix_caching_hash_algos: tuple[str, ...] = ("sha256", "sha256_cbor")
+    # vLLM's --prefix-caching-hash-algo: "sha256" or "sha256_cbor".
+    prefix_caching_hash_algo: str = "sha256"
+    # The PYTHONHASHSEED vLLM runs with (seeds its first block's parent); empty: unset.
+    python_hash_seed: str = ""
 
 
 class ClickHouseConfig(_Section):
@@ -173,7 +190,9 @@ class SimulatorConfig(_Section):
     replicas: int = 2
     base_port: int = 8100
     model: str = "switchyard-tiny"
-    # Model directory with tokenizer.json and tokenizer_config.json; empty: deploy/tiny_model.
+    # Model directory with tokenizer.json and tokenizer_config.json; empty:
+    # deploy/tiny_model. `up` derives the simulated model's [models] entry from
+    # it and the cache knobs below, whose defaults equal ModelConfig's.
     tokenizer_dir: str = ""
     max_model_len: int = 1024
     # One engine step takes decode_ms_per_token (a lone request's inter-token
@@ -227,9 +246,18 @@ class Config(_Section):
     agent: AgentConfig = AgentConfig()
     metering: MeteringConfig = MeteringConfig()
     simulator: SimulatorConfig = SimulatorConfig()
+    # Served model name -> its engine settings; `up` adds the simulated model.
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
     # Static replicas; when empty `up` starts simulated ones.
     replicas: tuple[ReplicaConfig, ...] = ()
 
+
+def model_config(cfg: Config, model: str) -> ModelConfig:
+    """The settings of `model`; the defaults (no tokenizer) when it has none."""
+    return cfg.models.get(model, DEFAULT_MODEL)
+
+
+DEFAULT_MODEL = ModelConfig()
 
 # environment variable -> (section, field); addresses and secrets only.
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {

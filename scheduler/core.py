@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from scheduler.config import SchedulerConfig
+from scheduler.config import ModelConfig, SchedulerConfig
 from scheduler.framework import Decision, ReplicaId, ReplicaView, SchedRequest
 from scheduler.kv_events import KVCacheEvent
 from scheduler.registry import PluginState, build_profiles
@@ -41,11 +41,12 @@ def request_view(req: PlaceRequest, now_s: float) -> SchedRequest:
 
 
 class SchedulerCore:
-    def __init__(self, cfg: SchedulerConfig, rng: random.Random) -> None:
+    def __init__(self, cfg: SchedulerConfig, rng: random.Random,
+                 models: Mapping[str, ModelConfig] | None = None) -> None:
         self.rng = rng
         self.placement_ttl_s = cfg.placement_ttl_s
         self.replica_capacity_blocks = cfg.replica_capacity_blocks
-        self.state = PluginState.from_config(cfg)
+        self.state = PluginState.from_config(cfg, models)
         self.profiles = build_profiles(cfg, self.state)
         self.profile = self.profiles[cfg.profile]
         self.replicas: dict[ReplicaId, ReplicaView] = {}

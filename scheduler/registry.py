@@ -8,12 +8,12 @@ positive number is a ConfigError naming it, never a silent fallback.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from scheduler.approx_index import ApproxIndex
-from scheduler.config import PluginParams, ProfileConfig, SchedulerConfig
+from scheduler.config import ModelConfig, PluginParams, ProfileConfig, SchedulerConfig
 from scheduler.errors import ConfigError
 from scheduler.filters import Healthy, NotDraining, ServesModel
 from scheduler.framework import Filter, Picker, Profile, Scorer, WeightedScorer
@@ -40,15 +40,19 @@ class PluginState:
     approx: ApproxIndex
     sessions: SessionTable
     params: PluginParams
+    # Served model -> its engine settings (block size, for the cost scorer).
+    models: Mapping[str, ModelConfig]
 
     @classmethod
-    def from_config(cls, cfg: SchedulerConfig) -> PluginState:
+    def from_config(cls, cfg: SchedulerConfig,
+                    models: Mapping[str, ModelConfig] | None = None) -> PluginState:
         params = cfg.plugins
         return cls(
             precise=PrefixIndex(cfg.replica_capacity_blocks),
             approx=ApproxIndex(cfg.replica_capacity_blocks, params.prefix_approx.ttl_s),
             sessions=SessionTable(params.session_affinity.max_sessions),
             params=params,
+            models=models or {},
         )
 
     def index_sizes(self) -> dict[str, int]:
@@ -70,9 +74,9 @@ SCORERS: dict[str, Callable[[PluginState], Scorer]] = {
     "queue-depth": lambda state: QueueDepth(),
     "kv-cache-usage": lambda state: KvCacheUsage(),
     "session-affinity": lambda state: SessionAffinity(state.sessions),
-    "prefix-precise": lambda state: PrefixPrecise(state.precise),
+    "prefix-precise": lambda state: PrefixPrecise(state.precise, PrefixApprox(state.approx)),
     "prefix-approx": lambda state: PrefixApprox(state.approx),
-    "cost": lambda state: Cost(state.precise, state.approx, state.params.cost),
+    "cost": lambda state: Cost(state.precise, state.approx, state.params.cost, state.models),
 }
 
 PICKERS: dict[str, Callable[[PluginState], Picker]] = {

@@ -12,6 +12,7 @@ import re
 
 import msgspec
 
+from scheduler.config import ModelConfig
 from scheduler.wire import ReplicaCacheConfig
 
 CACHE_CONFIG_INFO = "vllm:cache_config_info"
@@ -86,19 +87,22 @@ def _int(text: str) -> int:
         return 0
 
 
-def precise_mode_error(cache: ReplicaCacheConfig | None, block_size_tokens: int,
-                       hash_algos: tuple[str, ...]) -> str:
+def precise_mode_error(cache: ReplicaCacheConfig | None, model: str,
+                       settings: ModelConfig) -> str:
     """Why this replica's KV events cannot feed a precise prefix index ("" when
-    they can): block hashes computed by switchyard would never match its own."""
+    they can): block hashes the ingress computes for `model` with `settings`
+    would never match its own."""
     if cache is None:
         return f"replica reports no {CACHE_CONFIG_INFO}: cannot check its block size"
     if not cache.enable_prefix_caching:
         return "prefix caching is off on the replica (--enable-prefix-caching)"
-    if cache.block_size_tokens != block_size_tokens:
+    if cache.block_size_tokens != settings.block_size_tokens:
         return (f"replica block size is {cache.block_size_tokens} tokens, switchyard is "
-                f"configured for {block_size_tokens} (agent.block_size_tokens)")
-    allowed = [a for a in hash_algos if a in REPRODUCIBLE_HASH_ALGOS]
-    if cache.prefix_caching_hash_algo not in allowed:
-        return (f"replica hashes blocks with {cache.prefix_caching_hash_algo!r}; precise "
-                f"mode needs one of {', '.join(allowed)} (--prefix-caching-hash-algo)")
+                f"configured for {settings.block_size_tokens} "
+                f"(models.{model}.block_size_tokens)")
+    if cache.prefix_caching_hash_algo != settings.prefix_caching_hash_algo:
+        return (f"replica hashes blocks with {cache.prefix_caching_hash_algo!r}, switchyard "
+                f"with {settings.prefix_caching_hash_algo!r} "
+                f"(models.{model}.prefix_caching_hash_algo; vLLM's --prefix-caching-hash-algo, "
+                f"one of {', '.join(REPRODUCIBLE_HASH_ALGOS)})")
     return ""

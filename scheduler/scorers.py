@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from itertools import repeat
 from operator import attrgetter, mul, sub, truediv
 
 from scheduler.approx_index import ApproxIndex
-from scheduler.config import CostParams
+from scheduler.config import DEFAULT_MODEL, CostParams, ModelConfig
 from scheduler.framework import ReplicaId, ReplicaView, SchedRequest, Scores
 from scheduler.prefix_index import PrefixIndex
 
@@ -115,19 +116,26 @@ class SessionAffinity:
 
 class PrefixPrecise:
     """Fraction of the prompt's blocks, from block 0 without a gap, that the
-    replica holds according to its KV events. Consumes `block_hashes`."""
+    replica holds according to its KV events. Consumes `block_hashes`; a
+    request without them (its model has no tokenizer configured) carrying
+    `chunk_hashes` is scored, and recorded, as by `prefix-approx`."""
 
     name = "prefix-precise"
 
-    def __init__(self, index: PrefixIndex) -> None:
+    def __init__(self, index: PrefixIndex, fallback: PrefixApprox) -> None:
         self.index = index
+        self.fallback = fallback
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
         blocks = req.block_hashes
         if not blocks:
-            return dict.fromkeys(map(_ID, replicas), 0.0)
+            return self.fallback.score(req, replicas)
         overlap = self.index.longest_prefix(blocks, [r.id for r in replicas])
         return fractions(overlap, len(blocks))
+
+    def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
+        if not req.block_hashes:
+            self.fallback.placed(req, replica)
 
 
 class PrefixApprox:
@@ -160,25 +168,27 @@ class Cost:
     Uncached blocks use the precise index when the request carries block hashes,
     else the approximate one. Decode load is the larger of the KV blocks of this
     scheduler's in-flight requests and the replica's reported KV usage (which
-    also sees other schedulers' work). Parameters: `block_size_tokens`,
-    `prefill_weight`.
+    also sees other schedulers' work). Blocks are of the request's model's
+    size (`models`). Parameters: `prefill_weight`.
     """
 
     name = "cost"
 
-    def __init__(self, precise: PrefixIndex, approx: ApproxIndex, params: CostParams) -> None:
+    def __init__(self, precise: PrefixIndex, approx: ApproxIndex, params: CostParams,
+                 models: Mapping[str, ModelConfig]) -> None:
         self.precise = precise
         self.approx = approx
-        self.block_size_tokens = max(1, params.block_size_tokens)
         self.prefill_weight = params.prefill_weight
+        self.models = models
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
         cached = self._cached_fraction(req, replicas)
+        block_size_tokens = max(1, self.models.get(req.model, DEFAULT_MODEL).block_size_tokens)
         prompt_blocks = max(len(req.block_hashes),
-                            math.ceil(req.prompt_tokens / self.block_size_tokens))
+                            math.ceil(req.prompt_tokens / block_size_tokens))
         costs = [
             self.prefill_weight * prompt_blocks * (1.0 - cached[r.id])
-            + max(r.in_flight_tokens / self.block_size_tokens,
+            + max(r.in_flight_tokens / block_size_tokens,
                   r.kv_cache_usage * r.capacity_blocks)
             for r in replicas
         ]

@@ -22,7 +22,14 @@ from deploy.cli import _parser
 from deploy.procs import free_port
 from deploy.replicas_cli import run_replicas
 from loadtests.simulator.fleet import SimFleet, start_fleet
-from scheduler.config import AgentConfig, Config, NatsConfig, RedisConfig, SimulatorConfig
+from scheduler.config import (
+    AgentConfig,
+    Config,
+    ModelConfig,
+    NatsConfig,
+    RedisConfig,
+    SimulatorConfig,
+)
 from scheduler.errors import ConfigError
 from scheduler.kv_events import BlockStored, decode_batch
 from scheduler.wire import (
@@ -85,11 +92,12 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(nats_url: str, redis_url: str, agent_cfg: AgentConfig = AGENT,
-              sim: SimulatorConfig = SIM) -> AsyncIterator[Rig]:
+              sim: SimulatorConfig = SIM,
+              models: dict[str, ModelConfig] | None = None) -> AsyncIterator[Rig]:
     """An agent (its SUB socket bound first) and one simulated replica publishing to it."""
     port = free_port()
     cfg = Config(nats=NatsConfig(url=nats_url), redis=RedisConfig(url=redis_url),
-                 agent=agent_cfg)
+                 agent=agent_cfg, models=models or {})
     info = ReplicaInfo(id=f"agent-test-{next(_ids)}", url=f"http://127.0.0.1:{port}",
                        models=(MODEL,))
     agent = ReplicaAgent(cfg, info, kv_topic=TOPIC)
@@ -209,12 +217,26 @@ async def test_a_cache_config_mismatch_refuses_precise_mode(nats_url: str,
     sim = msgspec.structs.replace(SIM, block_size_tokens=32)
     async with rig(nats_url, redis_url, sim=sim) as r:
         await until(lambda: r.loads and r.loads[-1].precise_error)
-        assert "block size is 32 tokens" in r.loads[-1].precise_error
+        assert "block size is 32 tokens, switchyard is configured for 16 " \
+            f"(models.{MODEL}.block_size_tokens)" in r.loads[-1].precise_error
         assert r.agent.stats()["precise_error"] == r.loads[-1].precise_error
         await r.complete()
         await until(lambda: r.agent.relay.counters["refused_batches"] >= 1)
         assert r.relayed() == []
         assert r.resyncs() == ["agent_start", "cache_config"]
+
+
+async def test_the_models_own_cache_settings_are_checked(nats_url: str,
+                                                         redis_url: str) -> None:
+    sim = msgspec.structs.replace(SIM, block_size_tokens=32,
+                                  prefix_caching_hash_algo="sha256_cbor")
+    models = {MODEL: ModelConfig(block_size_tokens=32, prefix_caching_hash_algo="sha256_cbor")}
+    async with rig(nats_url, redis_url, sim=sim, models=models) as r:
+        await until(lambda: r.loads and r.loads[-1].cache is not None)
+        assert r.loads[-1].precise_error == ""
+        await r.complete()
+        await until(lambda: r.relayed())
+        assert r.resyncs() == ["agent_start"]
 
 
 async def test_an_unhealthy_replica_is_reported(nats_url: str, redis_url: str) -> None:

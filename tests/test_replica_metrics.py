@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler.config import ModelConfig
 from scheduler.kv_sequence import KvSequence, Verdict, contiguous_tail
 from scheduler.replica_metrics import parse_metrics, precise_mode_error
 from scheduler.wire import ReplicaCacheConfig
@@ -26,7 +27,7 @@ process_cpu_seconds_total 12.0
 """
 GOOD = ReplicaCacheConfig(block_size_tokens=16, num_gpu_blocks=4096,
                           enable_prefix_caching=True, prefix_caching_hash_algo="sha256_cbor")
-ALGOS = ("sha256", "sha256_cbor")
+SETTINGS = ModelConfig(block_size_tokens=16, prefix_caching_hash_algo="sha256_cbor")
 
 
 def test_metrics_are_read_and_summed_over_engines() -> None:
@@ -45,20 +46,22 @@ def test_a_body_without_vllm_series_reads_as_empty() -> None:
     (GOOD, ""),
     (None, "no vllm:cache_config_info"),
     (ReplicaCacheConfig(block_size_tokens=16, enable_prefix_caching=False,
-                        prefix_caching_hash_algo="sha256"), "prefix caching is off"),
+                        prefix_caching_hash_algo="sha256_cbor"), "prefix caching is off"),
     (ReplicaCacheConfig(block_size_tokens=32, enable_prefix_caching=True,
-                        prefix_caching_hash_algo="sha256"), "block size is 32 tokens"),
+                        prefix_caching_hash_algo="sha256_cbor"),
+     "block size is 32 tokens, switchyard is configured for 16 (models.m.block_size_tokens)"),
     (ReplicaCacheConfig(block_size_tokens=16, enable_prefix_caching=True,
                         prefix_caching_hash_algo="xxhash"), "'xxhash'"),
 ])
 def test_precise_mode_needs_the_configured_cache_layout(cache: ReplicaCacheConfig | None,
                                                          expected: str) -> None:
-    error = precise_mode_error(cache, 16, ALGOS)
+    error = precise_mode_error(cache, "m", SETTINGS)
     assert (error == "") if not expected else (expected in error)
 
 
 def test_an_algorithm_not_configured_is_refused_even_if_reproducible() -> None:
-    assert "sha256" in precise_mode_error(GOOD, 16, ("sha256",))
+    sha256 = ModelConfig(block_size_tokens=16, prefix_caching_hash_algo="sha256")
+    assert "'sha256_cbor', switchyard with 'sha256'" in precise_mode_error(GOOD, "m", sha256)
 
 
 @pytest.mark.parametrize(("seen", "seq", "verdict"), [

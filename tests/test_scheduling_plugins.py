@@ -8,7 +8,7 @@ import random
 import pytest
 
 from scheduler.approx_index import ApproxIndex, chunk_hashes
-from scheduler.config import CostParams, ProfileConfig, ScorerRef, decode_config
+from scheduler.config import CostParams, ModelConfig, ProfileConfig, ScorerRef, decode_config
 from scheduler.errors import ConfigError
 from scheduler.filters import Healthy, NotDraining, ServesModel
 from scheduler.framework import ReplicaId, ReplicaView, SchedRequest
@@ -197,8 +197,8 @@ def test_prefix_scorers_give_the_matched_fraction() -> None:
     precise, approx = PrefixIndex(100), ApproxIndex(100, ttl_s=60.0)
     precise.apply_events(A, [_stored(1, 2)])
     views = [_view("a"), _view("b")]
-    assert PrefixPrecise(precise).score(_req(block_hashes=(1, 2, 3, 4)), views) == {
-        "a": 0.5, "b": 0.0}
+    assert PrefixPrecise(precise, PrefixApprox(approx)).score(
+        _req(block_hashes=(1, 2, 3, 4)), views) == {"a": 0.5, "b": 0.0}
     scorer = PrefixApprox(approx)
     scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
     assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {
@@ -217,11 +217,41 @@ def test_cost_prefers_cached_prefill_against_decode_load(a_fields, b_fields, bes
     precise = PrefixIndex(100)
     if b_fields.pop("held", False):
         precise.apply_events(B, [_stored(1, 2, 3, 4)])
-    scorer = Cost(precise, ApproxIndex(100, 60.0), CostParams(block_size_tokens=16))
+    scorer = Cost(precise, ApproxIndex(100, 60.0), CostParams(),
+                  {"m": ModelConfig(block_size_tokens=16)})
     scores = scorer.score(_req(block_hashes=(1, 2, 3, 4), prompt_tokens=64),
                           [_view("a", **a_fields), _view("b", **b_fields)])
     assert {rid for rid, s in scores.items() if s == 1.0} == best
     assert all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+def test_prefix_precise_falls_back_to_the_approximate_index_without_block_hashes() -> None:
+    precise, approx = PrefixIndex(100), ApproxIndex(100, ttl_s=60.0)
+    precise.apply_events(A, [_stored(5, 6)])  # the same ints as block hashes: not consulted
+    views = [_view("a"), _view("b")]
+    scorer = PrefixPrecise(precise, PrefixApprox(approx))
+    scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
+    assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {
+        "a": 0.0, "b": 0.5}
+    # A request with block hashes is neither scored by nor recorded in the approximate index.
+    scorer.placed(_req(block_hashes=(9,), chunk_hashes=(9,)), views[0])
+    assert approx.longest_prefix([9], [A, B], 1.0) == {"a": 0, "b": 0}
+    assert scorer.score(_req(block_hashes=(5, 6), chunk_hashes=(5, 6)), views) == {
+        "a": 1.0, "b": 0.0}
+
+
+@pytest.mark.parametrize(("block_size_tokens", "best"), [
+    (16, "a"),  # b's 96 tokens in flight are 6 blocks, more than the 4 a must prefill
+    (32, "b"),  # in the model's larger blocks they are 3
+])
+def test_cost_counts_blocks_of_the_requests_model(block_size_tokens: int, best: str) -> None:
+    precise = PrefixIndex(100)
+    precise.apply_events(B, [_stored(1, 2, 3, 4)])
+    scorer = Cost(precise, ApproxIndex(100, 60.0), CostParams(),
+                  {"m": ModelConfig(block_size_tokens=block_size_tokens)})
+    scores = scorer.score(_req(block_hashes=(1, 2, 3, 4), prompt_tokens=64),
+                          [_view("a"), _view("b", in_flight_tokens=96)])
+    assert max(scores, key=scores.__getitem__) == best
 
 
 # --- registry and profiles --------------------------------------------------------------

@@ -10,8 +10,9 @@ import aiohttp
 import msgspec
 import pytest
 
+from deploy.tiny_model import TINY_MODEL_DIR
 from loadtests.simulator import SimFleet
-from loadtests.simulator.tokenizer import load_tokenizer
+from router.prompt_tokens import load_tokenizer
 from tests.sim_helpers import (
     BASE_LABELS,
     BLOCK,
@@ -201,14 +202,14 @@ async def test_tokenize_gives_the_ids_the_engine_sees(
     url = fleet.urls[0]
     messages = chat_body()["messages"]
     tokens = await post_json(http, f"{url}/tokenize", {"model": CFG.model, "messages": messages})
-    assert tokens["tokens"] == load_tokenizer().encode_chat(messages)
+    assert tokens["tokens"] == load_tokenizer(str(TINY_MODEL_DIR)).encode_chat(messages)
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 1024
     assert tokens["token_strs"] is None
     reply = await post_json(http, f"{url}/v1/chat/completions", chat_body(max_tokens=1))
     assert reply["usage"]["prompt_tokens"] == tokens["count"]
     body = {"prompt": "a router", "return_token_strs": True}
     plain = await post_json(http, f"{url}/tokenize", body)
-    assert plain["tokens"] == load_tokenizer().encode("a router")
+    assert plain["tokens"] == load_tokenizer(str(TINY_MODEL_DIR)).encode("a router")
     assert plain["token_strs"] == ["a", "Ġrou", "ter"]
 
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from deploy.tiny_model import TINY_MODEL_DIR
+from loadtests.simulator.detokenizer import IncrementalDetokenizer
 from loadtests.simulator.engine import EngineCore, EngineRequest
 from loadtests.simulator.kv_cache import BlockPool
 from loadtests.simulator.sampling import SamplingLimits, Vocabulary
-from loadtests.simulator.tokenizer import load_tokenizer
+from router.prompt_tokens import load_tokenizer
 from scheduler.block_hash import block_hashes, low64
 from scheduler.config import SimulatorConfig
 from scheduler.errors import ConfigError
 from scheduler.kv_events import BlockRemoved, BlockStored
 
-TOKENIZER = load_tokenizer()
+TOKENIZER = load_tokenizer(str(TINY_MODEL_DIR))
 VOCAB = Vocabulary.of(TOKENIZER.vocab_size, TOKENIZER.eos_token_id, TOKENIZER.special_ids)
 CFG = SimulatorConfig(block_size_tokens=4, cache_blocks=64, max_model_len=128,
                       max_num_batched_tokens=64, decode_ms_per_token=10.0, batch_ms_per_seq=1.0,
@@ -70,11 +72,11 @@ def test_chat_template_keeps_the_conversation_prefix() -> None:
 def test_detokenizer_holds_back_incomplete_characters() -> None:
     text = "Signal 🚦 and naïve café"
     ids = TOKENIZER.encode(text)
-    detokenizer = TOKENIZER.detokenizer([])
+    detokenizer = IncrementalDetokenizer(TOKENIZER.tokenizer, [])
     deltas = [detokenizer.step(token) for token in ids]
     assert "".join(deltas) == text
     assert "" in deltas  # the emoji's bytes span several byte-level tokens
-    assert TOKENIZER.detokenizer([]).step(TOKENIZER.eos_token_id) == ""
+    assert IncrementalDetokenizer(TOKENIZER.tokenizer, []).step(TOKENIZER.eos_token_id) == ""
 
 
 # --- block pool -----------------------------------------------------------------

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 
 from loadtests.simulator.kv_cache import Block, BlockPool
 from loadtests.simulator.sampling import SamplingLimits, TokenSampler, Vocabulary
-from scheduler.block_hash import DEFAULT_NONE_HASH_SEED, HASH_ALGOS, hash_block, low64
+from scheduler.block_hash import (
+    DEFAULT_NONE_HASH_SEED,
+    HASH_ALGOS,
+    cache_salt_keys,
+    hash_block,
+    low64,
+)
 from scheduler.config import SimulatorConfig
 from scheduler.errors import ConfigError
 from scheduler.kv_events import KVCacheEvent
@@ -57,6 +63,8 @@ class EngineRequest:
     first_scheduled_at_s: float | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    # Goes into the first block's hash (vLLM's per-tenant cache isolation).
+    cache_salt: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -122,7 +130,8 @@ class EngineCore:
         return bool(self._running or self._waiting)
 
     def add_request(
-        self, prompt_ids: Sequence[int], limits: SamplingLimits, now_s: float
+        self, prompt_ids: Sequence[int], limits: SamplingLimits, now_s: float,
+        cache_salt: str | None = None,
     ) -> EngineRequest:
         request = EngineRequest(
             prompt_ids=tuple(prompt_ids),
@@ -130,6 +139,7 @@ class EngineCore:
             sampler=TokenSampler(self.cfg.seed, prompt_ids, self.vocab),
             arrived_at_s=now_s,
             token_ids=list(prompt_ids),
+            cache_salt=cache_salt,
         )
         self._extend_digests(request)
         self._waiting.append(request)
@@ -282,8 +292,9 @@ class EngineCore:
         while (len(digests) + 1) * size <= request.num_tokens:
             start = len(digests) * size
             parent = digests[-1] if digests else None
+            extra_keys = None if digests else cache_salt_keys(request.cache_salt)
             digests.append(hash_block(self._algo, parent, request.token_ids[start : start + size],
-                                      seed=self._hash_seed))
+                                      extra_keys, seed=self._hash_seed))
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

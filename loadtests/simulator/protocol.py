@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from loadtests.simulator.sampling import SamplingLimits
-from loadtests.simulator.tokenizer import ChatTemplateError, ModelTokenizer
+from router.prompt_tokens import ChatTemplateError, ModelTokenizer, chat_turn
 
 
 class SimApiError(Exception):
@@ -71,6 +71,7 @@ class _GenerationFields(msgspec.Struct, kw_only=True):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    cache_salt: str | None = None
 
 
 class ChatCompletionRequest(_GenerationFields, kw_only=True):
@@ -109,6 +110,7 @@ class ParsedRequest:
     prompt_ids: list[int]
     limits: SamplingLimits
     mode: StreamMode
+    cache_salt: str | None = None
 
 
 _RequestT = TypeVar("_RequestT", ChatCompletionRequest, CompletionRequest, TokenizeRequest)
@@ -211,7 +213,7 @@ class RequestParser:
             # vLLM sends per-chunk usage only when usage is on at all.
             continuous_usage=include_usage and bool(options.continuous_usage_stats),
         )
-        return ParsedRequest(prompt_ids, limits, mode)
+        return ParsedRequest(prompt_ids, limits, mode, request.cache_salt)
 
     def _limits(self, request: _GenerationFields, prompt_tokens: int, requested_max: int | None,
                 max_param: str) -> SamplingLimits:
@@ -260,12 +262,6 @@ def _decode(decoder: msgspec.json.Decoder[_RequestT], body: bytes) -> _RequestT:
 
 
 def _message_dict(message: ChatMessage) -> dict[str, str]:
-    # vLLM's "string" content format joins text parts with newlines.
-    if message.content is None or isinstance(message.content, str):
-        content = message.content or ""
-    else:
-        content = "\n".join(part.text or "" for part in message.content if part.type == "text")
-    turn = {"role": message.role, "content": content}
-    if message.name is not None:
-        turn["name"] = message.name
-    return turn
+    parts = (message.content if message.content is None or isinstance(message.content, str)
+             else [(part.type, part.text) for part in message.content])
+    return chat_turn(message.role, parts, message.name)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import msgspec
 from prometheus_client import CollectorRegistry
 
+from deploy.tiny_model import TINY_MODEL_DIR
+from loadtests.simulator.detokenizer import IncrementalDetokenizer
 from loadtests.simulator.engine import EngineCore, EngineRequest, TokenOutput
 from loadtests.simulator.faults import FaultSpec
 from loadtests.simulator.kv_publisher import KvEventPublisher
@@ -27,7 +29,7 @@ from loadtests.simulator.ledger import RequestLedger, RequestRecord
 from loadtests.simulator.metrics import CacheInfo, EngineGauges, ReplicaCollector, ReplicaStats
 from loadtests.simulator.sampling import SamplingLimits, Vocabulary
 from loadtests.simulator.shapes import UsageCounts
-from loadtests.simulator.tokenizer import IncrementalDetokenizer, ModelTokenizer, load_tokenizer
+from router.prompt_tokens import ModelTokenizer, load_tokenizer
 from scheduler.config import SimulatorConfig
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,8 @@ class SimReplica:
         self.cfg = cfg
         self.index = index
         self.model = cfg.model
-        self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_dir)
+        self.tokenizer = tokenizer or load_tokenizer(
+            cfg.tokenizer_dir or str(TINY_MODEL_DIR))
         tok = self.tokenizer
         self.engine = EngineCore(cfg, Vocabulary.of(tok.vocab_size, tok.eos_token_id,
                                                     tok.special_ids))
@@ -191,7 +194,8 @@ class SimReplica:
 
     @contextlib.asynccontextmanager
     async def generate(
-        self, request_id: str, prompt_ids: Sequence[int], limits: SamplingLimits
+        self, request_id: str, prompt_ids: Sequence[int], limits: SamplingLimits,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[Run]:
         """Queues the request in the engine and yields its Run; leaving early aborts it."""
         loop = asyncio.get_running_loop()
@@ -209,8 +213,8 @@ class SimReplica:
         if self.cfg.request_overhead_ms:
             # The API server's own work before the engine sees the request.
             await asyncio.sleep(self.cfg.request_overhead_ms * self.cfg.time_scale / 1000)
-        request = self.engine.add_request(prompt_ids, limits, arrived_at_s)
-        run = Run(request, record, self.tokenizer.detokenizer(prompt_ids),
+        request = self.engine.add_request(prompt_ids, limits, arrived_at_s, cache_salt)
+        run = Run(request, record, IncrementalDetokenizer(self.tokenizer.tokenizer, prompt_ids),
                   self.faults.stall_after_tokens)
         self._runs[request] = run
         self._work.set()

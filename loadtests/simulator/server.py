@@ -91,7 +91,8 @@ async def _generate(
                           replica.system_fingerprint, parsed.mode.include_usage)
     headers = {REQUEST_ID_HEADER: base_id}
     with replica.counting_load():
-        async with replica.generate(base_id, parsed.prompt_ids, parsed.limits) as run:
+        async with replica.generate(base_id, parsed.prompt_ids, parsed.limits,
+                                    parsed.cache_salt) as run:
             if parsed.mode.stream:
                 return await _stream(request, headers, shape, ctx, run, parsed.mode)
             pieces: list[str] = []

@@ -1,12 +1,12 @@
-"""The served model's tokenizer and chat template, as vLLM applies them.
+"""A model's tokenizer and chat template, applied as vLLM applies them.
 
-vLLM serving the tiny model (deploy/tiny_model) tokenizes with its
-tokenizer.json and renders chat with the `chat_template` of its
-tokenizer_config.json, the way transformers' apply_chat_template does: a
-sandboxed Jinja environment with trim_blocks and lstrip_blocks, the special
-tokens as variables, then encoding without added special tokens. Doing the
-same here makes the simulator's prompt token ids, and so its block hashes,
-equal to real vLLM's.
+vLLM tokenizes with the model directory's tokenizer.json and renders chat
+with the `chat_template` of its tokenizer_config.json, the way transformers'
+apply_chat_template does: a sandboxed Jinja environment with trim_blocks and
+lstrip_blocks, the special tokens as variables, then encoding without added
+special tokens. Doing the same gives the prompt token ids vLLM hashes into
+prefix-cache blocks. The ingress uses it for precise prefix routing and the
+replica simulator (loadtests/simulator) for its prompts: one implementation.
 """
 
 from __future__ import annotations
@@ -20,13 +20,8 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
-TINY_MODEL_DIR = Path(__file__).resolve().parents[2] / "deploy" / "tiny_model"
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
-# tokenizers raises this when a byte-level stream decodes to a non-monotonic
-# prefix; vLLM restarts the stream on it, and so do we.
-_INVALID_PREFIX_ERROR = "Invalid prefix encountered"
 
 
 class ChatTemplateError(ValueError):
@@ -48,6 +43,7 @@ class ModelTokenizer:
         self._template = _jinja_env().from_string(config["chat_template"])
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """vLLM's default for a completions prompt adds special tokens."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def render_chat(
@@ -76,35 +72,27 @@ class ModelTokenizer:
         # The template writes the special tokens itself unless asked for more.
         return self.encode(text, add_special_tokens=add_special_tokens)
 
-    def detokenizer(self, prompt_ids: Sequence[int]) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids)
+
+def chat_turn(role: str, content: str | Sequence[tuple[str, str | None]] | None,
+              name: str | None = None) -> dict[str, str]:
+    """One message as vLLM hands it to the template; `content` is a string or
+    (part type, text) pairs, of which vLLM's "string" content format joins the
+    text parts with newlines."""
+    if content is None or isinstance(content, str):
+        text = content or ""
+    else:
+        text = "\n".join(part_text or "" for part_type, part_text in content
+                         if part_type == "text")
+    turn = {"role": role, "content": text}
+    if name is not None:
+        turn["name"] = name
+    return turn
 
 
-class IncrementalDetokenizer:
-    """Text deltas of generated tokens, as vLLM's fast incremental detokenizer
-    yields them: a token completing no UTF-8 character yields "" and its bytes
-    come out with a later token; special tokens yield ""."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
-        self._tokenizer = tokenizer
-        # Primed with the prompt so a leading space or a split character decodes as in vLLM.
-        self._stream = DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
-
-    def step(self, token_id: int) -> str:
-        try:
-            text = self._stream.step(self._tokenizer, token_id)
-        except Exception as exc:  # tokenizers raises a bare Exception for this case
-            if not str(exc).startswith(_INVALID_PREFIX_ERROR):
-                raise
-            self._stream = DecodeStream(skip_special_tokens=True)
-            text = self._stream.step(self._tokenizer, token_id)
-        return text or ""
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(model_dir: str = "") -> ModelTokenizer:
-    """The tokenizer of `model_dir` (the tiny model when empty), loaded once per process."""
-    return ModelTokenizer(Path(model_dir) if model_dir else TINY_MODEL_DIR)
+@lru_cache(maxsize=16)
+def load_tokenizer(model_dir: str) -> ModelTokenizer:
+    """The tokenizer of `model_dir`, loaded once per process."""
+    return ModelTokenizer(Path(model_dir))
 
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:
