@@ -19,7 +19,7 @@ inter-token latency <= 200 ms); the oracle's hit rate for the same trace.
 With --runs N each figure is the median over N runs.
 
     python -m loadtests.bench_routing [--quick] [--workloads A,B,C]
-        [--policies round-robin,...] [--replicas 4] [--runs 1] [--vllm]
+        [--policies round-robin,...] [--replicas 4] [--runs 1] [--load 1.0] [--vllm]
 
 --vllm is the short form on 2 real vLLM replicas (CPU, tiny model): workload
 A scaled to their 128-block caches, least-load vs prefix-approx vs
@@ -41,24 +41,18 @@ from pathlib import Path
 
 import msgspec
 
-from loadtests.routing_client import Slo, prefix_counters, replay, summarise
+from deploy.tiny_model import TINY_MODEL_DIR
+from loadtests.routing_client import Slo, prefix_counters, replay, summarise, tokenize
 from loadtests.routing_stack import BenchServers, RunStack, free_port_block
 from loadtests.routing_trace import (
     FleetShape,
+    TraceRequest,
     WorkloadSpec,
     build_trace,
     oracle_hit_rate,
     tenant_count,
 )
-from scheduler.config import (
-    AgentConfig,
-    AuthConfig,
-    Config,
-    CostParams,
-    PluginParams,
-    SchedulerConfig,
-    SimulatorConfig,
-)
+from scheduler.config import AuthConfig, Config, ModelConfig, SchedulerConfig, SimulatorConfig
 
 POLICIES = ("round-robin", "least-load", "prefix-approx", "prefix-precise", "cost")
 # Prefill at 4,000 tokens/s dominates: a 1,000-token prompt takes 0.25 s of a
@@ -95,21 +89,25 @@ def run_config(servers: BenchServers, work: Path, policy: str, replicas: int,
                                   base_port=0 if vllm else free_port_block(replicas))
     return servers.configure(Config(
         var_dir=str(work), auth=AuthConfig(key_secret="bench-" + "0" * 32),
-        scheduler=SchedulerConfig(profile=policy, plugins=PluginParams(
-            cost=CostParams(block_size_tokens=block_tokens))),
-        agent=AgentConfig(block_size_tokens=block_tokens), simulator=sim))
+        scheduler=SchedulerConfig(profile=policy), simulator=sim,
+        # The tokenizer lets the ingress compute the prompts' block hashes (prefix-precise).
+        models={SIM.model: ModelConfig(tokenizer_dir=str(TINY_MODEL_DIR),
+                                       block_size_tokens=block_tokens)}))
 
 
-async def one_run(servers: BenchServers, work: Path, policy: str, spec: WorkloadSpec,
-                  shape: FleetShape, seed: int, vllm: bool) -> dict[str, float]:
-    trace = build_trace(spec, shape, seed)
-    oracle = oracle_hit_rate(trace, shape)
+async def one_run(servers: BenchServers, work: Path, policy: str, trace: list[TraceRequest],
+                  spec: WorkloadSpec, shape: FleetShape, oracle: list[float],
+                  vllm: bool) -> dict[str, float]:
+    """One policy on a fresh fleet; `oracle` caches the trace's oracle hit rate
+    (computed once, from the first fleet's tokenization)."""
     cfg = run_config(servers, work, policy, shape.replicas, vllm)
     stack = RunStack(cfg, work, vllm_replicas=shape.replicas if vllm else 0,
                      vllm_kv_blocks=shape.cache_blocks)
     try:
         await stack.start()
         urls = [info.url for info in stack.infos]
+        if not oracle:
+            oracle.append(oracle_hit_rate(trace, await tokenize(urls[0], trace), shape))
         hits_before, queries_before = await prefix_counters(urls)
         outcomes, wall_s = await replay(stack.api_url, stack.api_key, trace,
                                         spec.duration_s + DRAIN_S, session_header=spec.name == "B")
@@ -118,7 +116,7 @@ async def one_run(servers: BenchServers, work: Path, policy: str, spec: Workload
     finally:
         await stack.stop()
     result = summarise(outcomes, wall_s, SLO, hits - hits_before, queries - queries_before,
-                       oracle)
+                       oracle[0])
     result["scheduler_kv_batches"] = scheduler.get("kv_batches", 0)
     return result
 
@@ -181,16 +179,20 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
     specs = {"A": VLLM_SPEC} if args.vllm else {
         name: dataclasses.replace(spec, duration_s=QUICK_DURATION_S) if args.quick
         else spec for name, spec in WORKLOADS.items() if name in args.workloads}
+    specs = {name: dataclasses.replace(spec, rate_per_replica=spec.rate_per_replica * args.load)
+             for name, spec in specs.items()}
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="switchyard-bench-routing-") as tmp:
         servers = BenchServers(Path(tmp))
         await servers.start(Config().nats.usage_stream)
         try:
             for name, spec in specs.items():
+                trace = build_trace(spec, shape, args.seed)
+                oracle: list[float] = []
                 for policy in args.policies:
                     for n in range(args.runs):
                         result = await one_run(servers, Path(tmp) / f"{name}-{policy}-{n}",
-                                               policy, spec, shape, args.seed, args.vllm)
+                                               policy, trace, spec, shape, oracle, args.vllm)
                         runs.setdefault(name, {}).setdefault(policy, []).append(result)
                         print(f"{name} {policy} run {n}: p90 {result['ttft_p90_s']:.3f} s, "
                               f"hit {result['hit_rate']:.3f}", file=sys.stderr, flush=True)
@@ -204,7 +206,7 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         "workloads": {name: {**asdict(spec), **({"tenants": tenant_count(spec, shape)}
                                                 if name == "A" else {})}
                       for name, spec in specs.items()},
-        "slo": asdict(SLO), "seed": args.seed, "runs_per_cell": args.runs,
+        "slo": asdict(SLO), "seed": args.seed, "load": args.load, "runs_per_cell": args.runs,
         "median": medians, "targets": targets(medians), "runs": runs}
 
 
@@ -217,6 +219,8 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--load", type=float, default=1.0,
+                        help="multiplies every workload's arrival rate (a load sweep)")
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")
     args.policies = (args.policies.split(",") if args.policies

@@ -137,6 +137,22 @@ async def replay(api_url: str, key: str, trace: Sequence[TraceRequest], deadline
     return outcomes, last_s - started_s
 
 
+async def tokenize(url: str, trace: Sequence[TraceRequest], parallel: int = 8) -> list[list[int]]:
+    """Each request's prompt token ids as the replica at `url` builds them
+    (its /tokenize: the tokenizer and chat template the engine hashes)."""
+    limit = asyncio.Semaphore(parallel)
+
+    async def one(session: aiohttp.ClientSession, req: TraceRequest) -> list[int]:
+        async with limit, session.post(url + "/tokenize", json={
+                "model": MODEL, "messages": list(req.messages),
+                "add_generation_prompt": True}) as resp:
+            resp.raise_for_status()
+            return (await resp.json())["tokens"]
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        return list(await asyncio.gather(*(one(session, req) for req in trace)))
+
+
 async def prefix_counters(urls: Sequence[str]) -> tuple[int, int]:
     """Sum over replicas of (vllm:prefix_cache_hits_total, queries_total), in tokens."""
     hits = queries = 0

@@ -28,13 +28,14 @@ and load balance are ignored, so real routing can only come close to it.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from loadtests.simulator.tokenizer import load_tokenizer
+from deploy.tiny_model import TINY_MODEL_DIR
 
 Messages = tuple[dict[str, str], ...]
 
@@ -78,7 +79,7 @@ class WorkloadSpec:
 
 def vocabulary() -> list[str]:
     """Whole words of the tiny model's tokenizer (each one token after a space)."""
-    vocab = load_tokenizer().tokenizer.get_vocab()
+    vocab = json.loads((TINY_MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"]
     return sorted(token[1:] for token in vocab if re.fullmatch(r"Ġ[a-z]{3,}", token))
 
 
@@ -143,13 +144,10 @@ def planned_order(trace: Sequence[TraceRequest]) -> list[int]:
     return sorted(range(len(trace)), key=when_s.__getitem__)
 
 
-def block_chains(trace: Sequence[TraceRequest], block_size: int) -> list[tuple[int, list[int]]]:
-    """(prompt tokens, chain ids of its full blocks) of each request, from the
-    replicas' own tokenization and chat template."""
-    tokenizer = load_tokenizer()
+def block_chains(prompts: Sequence[Sequence[int]], block_size: int) -> list[tuple[int, list[int]]]:
+    """(prompt tokens, chain ids of its full blocks) of each prompt."""
     chains = []
-    for req in trace:
-        ids = tokenizer.encode_chat(req.messages)
+    for ids in prompts:
         chain, parent = [], 0
         for start in range(0, len(ids) - block_size + 1, block_size):
             parent = hash((parent, tuple(ids[start:start + block_size])))
@@ -158,9 +156,12 @@ def block_chains(trace: Sequence[TraceRequest], block_size: int) -> list[tuple[i
     return chains
 
 
-def oracle_hit_rate(trace: Sequence[TraceRequest], shape: FleetShape) -> float:
-    """Hit tokens / prompt tokens of the oracle described in the module docstring."""
-    chains = block_chains(trace, shape.block_size_tokens)
+def oracle_hit_rate(trace: Sequence[TraceRequest], prompts: Sequence[Sequence[int]],
+                    shape: FleetShape) -> float:
+    """Hit tokens / prompt tokens of the oracle described in the module
+    docstring; `prompts` are the requests' prompt token ids as a replica
+    tokenizes them (its /tokenize)."""
+    chains = block_chains(prompts, shape.block_size_tokens)
     footprint: dict[str, set[int]] = {}
     for req, (_, chain) in zip(trace, chains, strict=True):
         footprint.setdefault(req.group, set()).update(chain)
