@@ -16,6 +16,8 @@ hit rate from the replicas' own counters (vllm:prefix_cache_hits_total /
 vllm:prefix_cache_queries_total over the run); throughput (completed
 requests/s) and goodput (requests/s meeting the SLO: TTFT <= 1 s and mean
 inter-token latency <= 200 ms); the oracle's hit rate for the same trace.
+Diagnostics: TTFT p90 of the requests sent after the first third of the run
+(warm caches), and how many replicas each tenant or session was sent to.
 With --runs N each figure is the median over N runs.
 
     python -m loadtests.bench_routing [--quick] [--workloads A,B,C]
@@ -116,7 +118,7 @@ async def one_run(servers: BenchServers, work: Path, policy: str, trace: list[Tr
     finally:
         await stack.stop()
     result = summarise(outcomes, wall_s, SLO, hits - hits_before, queries - queries_before,
-                       oracle[0])
+                       oracle[0], warm_after_s=spec.duration_s / 3)
     result["scheduler_kv_batches"] = scheduler.get("kv_batches", 0)
     return result
 
@@ -161,10 +163,12 @@ def _finite(value: object) -> object:
 
 def print_table(medians: dict[str, dict[str, dict[str, float]]]) -> None:
     cols = [("ttft_p50_s", "p50 s", ".3f"), ("ttft_p90_s", "p90 s", ".3f"),
-            ("ttft_p99_s", "p99 s", ".3f"), ("hit_rate", "hit", ".3f"),
+            ("ttft_p99_s", "p99 s", ".3f"), ("warm_ttft_p90_s", "warm p90", ".3f"),
+            ("hit_rate", "hit", ".3f"),
             ("oracle_hit_rate", "oracle", ".3f"), ("hit_of_oracle", "hit/or", ".2f"),
             ("throughput_rps", "thr r/s", ".2f"), ("goodput_rps", "good r/s", ".2f"),
-            ("failed", "fail", ".0f"), ("unfinished", "unfin", ".0f")]
+            ("replicas_per_group", "rep/grp", ".2f"), ("failed", "fail", ".0f"),
+            ("unfinished", "unfin", ".0f")]
     print(f"\n{'wl':<3}{'policy':<16}" + "".join(f"{title:>10}" for _, title, _ in cols))
     for workload, by_policy in medians.items():
         for policy, m in by_policy.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     replica: str = ""
+    group: str = ""
 
     @property
     def ttft_s(self) -> float:
@@ -78,6 +80,7 @@ async def _send(session: aiohttp.ClientSession, url: str, key: str, req: TraceRe
     body = {"model": MODEL, "messages": list(req.messages), "max_tokens": req.max_tokens,
             "min_tokens": req.max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
+    out.group = req.group
     out.sent_at_s = time.monotonic()
     async with session.post(url, json=body, headers=headers) as resp:
         out.replica = resp.headers.get("x-switchyard-replica", "")
@@ -173,11 +176,19 @@ def quantile(samples: Sequence[float], q: float) -> float:
 
 
 def summarise(outcomes: Sequence[Outcome], wall_s: float, slo: Slo, hits: int,
-              queries: int, oracle: float) -> dict[str, float]:
+              queries: int, oracle: float, warm_after_s: float) -> dict[str, float]:
+    """`warm_after_s`: requests sent this long after the first one count in the
+    warm-cache TTFT p90 (which leaves out the cold start of every run)."""
     ttfts = [o.ttft_s for o in outcomes]
+    first_sent_s = min((o.sent_at_s for o in outcomes if o.sent_at_s), default=0.0)
+    warm = [o.ttft_s for o in outcomes if o.sent_at_s >= first_sent_s + warm_after_s]
     done = [o for o in outcomes if o.complete()]
     good = [o for o in done if o.ttft_s <= slo.ttft_s and o.mean_itl_s <= slo.mean_itl_s]
     spread = Counter(o.replica for o in outcomes if o.replica)
+    homes: dict[str, set[str]] = {}
+    for o in outcomes:
+        if o.replica:
+            homes.setdefault(o.group, set()).add(o.replica)
     hit_rate = hits / queries if queries else 0.0
     prompt_tokens = sum(o.prompt_tokens for o in done)
     return {
@@ -185,7 +196,7 @@ def summarise(outcomes: Sequence[Outcome], wall_s: float, slo: Slo, hits: int,
         "failed": sum(1 for o in outcomes if o.status not in (0, 200)),
         "unfinished": sum(1 for o in outcomes if o.status == 0),
         "ttft_p50_s": quantile(ttfts, 0.5), "ttft_p90_s": quantile(ttfts, 0.9),
-        "ttft_p99_s": quantile(ttfts, 0.99),
+        "ttft_p99_s": quantile(ttfts, 0.99), "warm_ttft_p90_s": quantile(warm, 0.9),
         "itl_mean_p50_s": quantile([o.mean_itl_s for o in done], 0.5),
         "throughput_rps": len(done) / wall_s if wall_s else 0.0,
         "goodput_rps": len(good) / wall_s if wall_s else 0.0,
@@ -194,5 +205,8 @@ def summarise(outcomes: Sequence[Outcome], wall_s: float, slo: Slo, hits: int,
         "client_cached_fraction": (sum(o.cached_tokens for o in done) / prompt_tokens
                                    if prompt_tokens else 0.0),
         "busiest_replica_share": max(spread.values()) / sum(spread.values()) if spread else 0.0,
+        # How many replicas each prefix group (tenant, session) was sent to: 1 is ideal.
+        "replicas_per_group": (statistics.fmean(map(len, homes.values())) if homes
+                               else 0.0),
         "wall_s": wall_s,
     }
