@@ -21,7 +21,7 @@ Diagnostics: TTFT p90 of the requests sent after the first third of the run
 With --runs N each figure is the median over N runs.
 
     python -m loadtests.bench_routing [--quick] [--workloads A,B,C]
-        [--policies round-robin,...] [--replicas 4] [--runs 1] [--load 1.0] [--vllm]
+        [--policies round-robin,...] [--replicas 4] [--runs 1] [--load 1.0] [--vllm] [--json PATH]
 
 --vllm is the short form on 2 real vLLM replicas (CPU, tiny model): workload
 A scaled to their 128-block caches, least-load vs prefix-approx vs
@@ -223,6 +223,8 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the JSON here (Ray may print to stdout meanwhile)")
     parser.add_argument("--load", type=float, default=1.0,
                         help="multiplies every workload's arrival rate (a load sweep)")
     args = parser.parse_args()
@@ -239,7 +241,10 @@ def main() -> int:
         result = asyncio.run(bench(args))
     finally:
         shutdown_ray()
-    print(json.dumps(_finite(result), indent=2))
+    text = json.dumps(_finite(result), indent=2)
+    if args.json is not None:
+        args.json.write_text(text)
+    print(text)
     print_table(result["median"])  # type: ignore[arg-type]
     for name, check in result["targets"].items():  # type: ignore[union-attr]
         print(f"{name}: {check}")

@@ -25,7 +25,14 @@ from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
 from deploy.procs import LOOPBACK, ChildProcess, free_port, python_module, start_nats, start_redis
 from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
 from deploy.vllm import KvEventsTarget, VllmReplica, VllmReplicaSpec
-from scheduler.config import Config, IngressConfig, NatsConfig, RedisConfig, dump_config
+from scheduler.config import (
+    Config,
+    IngressConfig,
+    NatsConfig,
+    RedisConfig,
+    dump_config,
+    model_config,
+)
 from scheduler.wire import USAGE_SUBJECTS, ReplicaInfo, encode
 
 READY_TIMEOUT_S = 60.0
@@ -108,9 +115,10 @@ class VllmFleet:
             self.agents.append(agent)
             endpoint = await asyncio.wait_for(agent.kv_events_endpoint.remote(),
                                               ACTOR_READY_TIMEOUT_S)
+            block_tokens = model_config(self.cfg, info.models[0]).block_size_tokens
             replica = VllmReplica(VllmReplicaSpec(
                 port=port, cpu_core=index % 2, work_dir=self.work / f"vllm-{index}",
-                kv_blocks=self.kv_blocks, block_size_tokens=self.cfg.agent.block_size_tokens,
+                kv_blocks=self.kv_blocks, block_size_tokens=block_tokens,
                 kv_events=KvEventsTarget(endpoint=endpoint, topic=topic,
                                          replay_endpoint=f"tcp://{LOOPBACK}:{free_port()}")),
                 self.work / "logs" / f"vllm-{index}.log")

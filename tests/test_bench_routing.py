@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,10 +55,11 @@ def test_oracle_never_counts_the_last_token_as_a_hit() -> None:
 
 
 @pytest.mark.integration
-async def test_quick_form_runs_and_prints_sane_numbers() -> None:
+async def test_quick_form_runs_and_prints_sane_numbers(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loadtests.bench_routing", "--quick", "--workloads", "A",
-        "--policies", "least-load,prefix-precise",
+        "--policies", "least-load,prefix-precise", "--json", str(out),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=300)
@@ -66,9 +68,8 @@ async def test_quick_form_runs_and_prints_sane_numbers() -> None:
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, stderr.decode()[-3000:]
-    text = stdout.decode()
-    result, _ = json.JSONDecoder().raw_decode(text)
-    assert "wl policy" in text  # the table follows the JSON
+    assert "wl policy" in stdout.decode()  # the table
+    result = json.loads(out.read_text())
     for policy in ("least-load", "prefix-precise"):
         m = result["median"]["A"][policy]
         assert m["requests"] > 20 and m["completed"] == m["requests"], m
