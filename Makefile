@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV := var/vllm/venv
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test lint unit integration bench fidelity deps vllm clean
+.PHONY: run test lint unit integration bench bench-routing fidelity deps vllm clean
 
 run: deps
 	$(VENV)/bin/switchyard up
@@ -28,6 +28,9 @@ integration: deps
 
 bench: deps
 	$(PY) -m loadtests.bench_latency
+
+bench-routing: deps
+	$(PY) -m loadtests.bench_routing
 
 fidelity: deps vllm
 	$(PY) -m loadtests.fidelity
