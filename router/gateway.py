@@ -23,7 +23,7 @@ from router.prompt_blocks import PromptHasher
 from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
-from scheduler.config import Config
+from scheduler.config import Config, model_config
 from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, UpstreamFailed, YardError
 from scheduler.retry_budget import RetryBudget
 from scheduler.wire import (
@@ -248,7 +248,9 @@ class Gateway:
 
     def _chunk_hashes(self, parsed: ParsedRequest) -> tuple[int, ...]:
         params = self.cfg.scheduler.plugins.prefix_approx
-        return chunk_hashes(parsed.prompt_bytes, params.chunk_bytes, params.max_chunks)
+        block_size_tokens = model_config(self.cfg, parsed.model).block_size_tokens
+        chunk_bytes = max(1, round(block_size_tokens * params.bytes_per_token))
+        return chunk_hashes(parsed.prompt_bytes, chunk_bytes, params.max_chunks)
 
     async def _request(self, subject: str, payload: bytes) -> bytes:
         try:

@@ -97,11 +97,20 @@ class ProfileConfig(_Section):
 
 
 class PrefixApproxParams(_Section):
-    # About one KV block of text (16 tokens of ~4 bytes), so one chunk stands for one block.
-    chunk_bytes: int = 64
+    # A chunk is one KV block of text: the model's block_size_tokens times this
+    # many bytes (about 4 for English with common tokenizers), so the index's
+    # per-replica bound in blocks holds as many chunks as the replica holds blocks.
+    bytes_per_token: float = 4.0
     max_chunks: int = 1_024
     # How long a replica is assumed to keep a prompt it was sent in its cache.
     ttl_s: float = 300.0
+
+
+class PrefixPreciseParams(_Section):
+    # Where a prompt was just sent counts as held there for this long, until
+    # the replica's KV events (sent once its prefill is done) confirm it: a
+    # burst sharing a new prefix follows the first request instead of spreading.
+    pending_ttl_s: float = 10.0
 
 
 class SessionAffinityParams(_Section):
@@ -116,6 +125,7 @@ class CostParams(_Section):
 
 class PluginParams(_Section, rename="kebab"):
     prefix_approx: PrefixApproxParams = PrefixApproxParams()
+    prefix_precise: PrefixPreciseParams = PrefixPreciseParams()
     session_affinity: SessionAffinityParams = SessionAffinityParams()
     cost: CostParams = CostParams()
 

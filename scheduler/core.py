@@ -64,8 +64,8 @@ def peer_placed(actor_id: str, req: PlaceRequest, placement: Placement) -> PeerP
     return PeerPlaced(actor_id=actor_id, request_id=req.request_id, tenant_id=req.tenant_id,
                       model=req.model, replica_id=placement.replica_id,
                       prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens,
-                      chunk_hashes=req.chunk_hashes, session_id=req.session_id,
-                      attempt=req.attempt)
+                      block_hashes=req.block_hashes, chunk_hashes=req.chunk_hashes,
+                      session_id=req.session_id, attempt=req.attempt)
 
 
 class SchedulerCore:
@@ -105,8 +105,7 @@ class SchedulerCore:
             view.draining = info.draining
             self.replicas[rid] = view
         for rid in old.keys() - self.replicas.keys():
-            self.state.precise.drop(rid)
-            self.state.approx.drop(rid)
+            self.state.drop(rid)
             self.ejections.forget(rid)
 
     def apply_load(self, replica_id: str, running: int, waiting: int, kv_cache_usage: float,
@@ -120,8 +119,7 @@ class SchedulerCore:
         view.placed_since_report = 0
         if capacity_blocks is not None and capacity_blocks != view.capacity_blocks:
             view.capacity_blocks = capacity_blocks
-            self.state.precise.set_capacity(view.id, capacity_blocks)
-            self.state.approx.set_capacity(view.id, capacity_blocks)
+            self.state.set_capacity(view.id, capacity_blocks)
         return True
 
     def apply_kv_events(self, replica_id: str, events: Iterable[KVCacheEvent]) -> bool:
@@ -223,7 +221,8 @@ class SchedulerCore:
         self._count(SchedRequest(
             request_id=placed.request_id, tenant_id=placed.tenant_id, model=placed.model,
             now_s=now_s, prompt_tokens=placed.prompt_tokens, max_tokens=placed.max_tokens,
-            chunk_hashes=placed.chunk_hashes, session_id=placed.session_id), view)
+            block_hashes=placed.block_hashes, chunk_hashes=placed.chunk_hashes,
+            session_id=placed.session_id, attempt=placed.attempt), view)
         return True
 
     def _count(self, req: SchedRequest, chosen: ReplicaView) -> None:

@@ -16,7 +16,7 @@ from scheduler.approx_index import ApproxIndex
 from scheduler.config import ModelConfig, PluginParams, ProfileConfig, SchedulerConfig
 from scheduler.errors import ConfigError
 from scheduler.filters import Healthy, NotDraining, NotExcluded, ServesModel
-from scheduler.framework import Filter, Picker, Profile, Scorer, WeightedScorer
+from scheduler.framework import Filter, Picker, Profile, ReplicaId, Scorer, WeightedScorer
 from scheduler.pickers import MaxScore, RoundRobin, WeightedRandom
 from scheduler.prefix_index import PrefixIndex
 from scheduler.scorers import (
@@ -24,6 +24,7 @@ from scheduler.scorers import (
     InFlightRequests,
     InFlightTokens,
     KvCacheUsage,
+    PreciseHoldings,
     PrefixApprox,
     PrefixPrecise,
     QueueDepth,
@@ -37,6 +38,8 @@ class PluginState:
     """The state plugins share with the core: indexes fed by events and decisions."""
 
     precise: PrefixIndex
+    # Prompts (block hashes) sent to a replica whose KV events have not come yet.
+    pending: ApproxIndex
     approx: ApproxIndex
     sessions: SessionTable
     params: PluginParams
@@ -49,15 +52,27 @@ class PluginState:
         params = cfg.plugins
         return cls(
             precise=PrefixIndex(cfg.replica_capacity_blocks),
+            pending=ApproxIndex(cfg.replica_capacity_blocks, params.prefix_precise.pending_ttl_s),
             approx=ApproxIndex(cfg.replica_capacity_blocks, params.prefix_approx.ttl_s),
             sessions=SessionTable(params.session_affinity.max_sessions),
             params=params,
             models=models or {},
         )
 
+    def drop(self, replica_id: ReplicaId) -> None:
+        """Forgets a replica that left the registry, in every index."""
+        for index in (self.precise, self.pending, self.approx):
+            index.drop(replica_id)
+
+    def set_capacity(self, replica_id: ReplicaId, capacity_blocks: int) -> None:
+        """The replica's KV capacity as it reported it: every index's bound for it."""
+        for index in (self.precise, self.pending, self.approx):
+            index.set_capacity(replica_id, capacity_blocks)
+
     def index_sizes(self) -> dict[str, int]:
         """Entries per index (the scheduler actor reports them in its stats)."""
         return {"prefix-precise": self.precise.size_blocks(),
+                "prefix-precise-pending": self.pending.size_blocks(),
                 "prefix-approx": self.approx.size_blocks(),
                 "session-affinity": len(self.sessions)}
 
@@ -75,9 +90,11 @@ SCORERS: dict[str, Callable[[PluginState], Scorer]] = {
     "queue-depth": lambda state: QueueDepth(),
     "kv-cache-usage": lambda state: KvCacheUsage(),
     "session-affinity": lambda state: SessionAffinity(state.sessions),
-    "prefix-precise": lambda state: PrefixPrecise(state.precise, PrefixApprox(state.approx)),
+    "prefix-precise": lambda state: PrefixPrecise(PreciseHoldings(state.precise, state.pending),
+                                                  PrefixApprox(state.approx)),
     "prefix-approx": lambda state: PrefixApprox(state.approx),
-    "cost": lambda state: Cost(state.precise, state.approx, state.params.cost, state.models),
+    "cost": lambda state: Cost(PreciseHoldings(state.precise, state.pending), state.approx,
+                               state.params.cost, state.models),
 }
 
 PICKERS: dict[str, Callable[[PluginState], Picker]] = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from scheduler.approx_index import ApproxIndex
 from scheduler.config import DEFAULT_MODEL, CostParams, ModelConfig
@@ -115,26 +115,51 @@ class SessionAffinity:
             self.sessions.record(req.session_id, replica.id)
 
 
+class PreciseHoldings:
+    """What a replica holds by block hash: its KV events say so, or a prompt
+    was sent to it within the pending TTL and its events have not come yet
+    (its prefill takes a while; until then a burst sharing the prompt would
+    see no replica holding it and spread)."""
+
+    def __init__(self, events: PrefixIndex, pending: ApproxIndex) -> None:
+        self.events = events
+        self.pending = pending
+
+    def runs(self, blocks: Sequence[int], now_s: float) -> dict[ReplicaId, int]:
+        """Each holder's run of `blocks` from block 0 (the longer of the two)."""
+        runs = self.events.runs(blocks)
+        for rid, pending in self.pending.runs(blocks, now_s).items():
+            if pending > runs.get(rid, 0):
+                runs[rid] = pending
+        return runs
+
+    def record(self, replica_id: ReplicaId, blocks: Sequence[int], now_s: float) -> None:
+        self.pending.record(replica_id, blocks, now_s)
+
+
 class PrefixPrecise:
     """Fraction of the prompt's blocks, from block 0 without a gap, that the
-    replica holds according to its KV events. Consumes `block_hashes`; a
-    request without them (its model has no tokenizer configured) carrying
+    replica holds according to its KV events (or, until they come, because
+    the prompt was just sent there). Consumes `block_hashes`; a request
+    without them (its model has no tokenizer configured) carrying
     `chunk_hashes` is scored, and recorded, as by `prefix-approx`."""
 
     name = "prefix-precise"
 
-    def __init__(self, index: PrefixIndex, fallback: PrefixApprox) -> None:
-        self.index = index
+    def __init__(self, holdings: PreciseHoldings, fallback: PrefixApprox) -> None:
+        self.holdings = holdings
         self.fallback = fallback
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
         blocks = req.block_hashes
         if not blocks:
             return self.fallback.score(req, replicas)
-        return fractions(self.index.runs(blocks), len(blocks), replicas)
+        return fractions(self.holdings.runs(blocks, req.now_s), len(blocks), replicas)
 
     def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
-        if not req.block_hashes:
+        if req.block_hashes:
+            self.holdings.record(replica.id, req.block_hashes, req.now_s)
+        else:
             self.fallback.placed(req, replica)
 
 
@@ -173,7 +198,7 @@ class Cost:
 
     name = "cost"
 
-    def __init__(self, precise: PrefixIndex, approx: ApproxIndex, params: CostParams,
+    def __init__(self, precise: PreciseHoldings, approx: ApproxIndex, params: CostParams,
                  models: Mapping[str, ModelConfig]) -> None:
         self.precise = precise
         self.approx = approx
@@ -194,13 +219,15 @@ class Cost:
         return lower_is_better(replicas, costs)
 
     def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
-        if req.chunk_hashes and not req.block_hashes:
+        if req.block_hashes:
+            self.precise.record(replica.id, req.block_hashes, req.now_s)
+        elif req.chunk_hashes:
             self.approx.record(replica.id, req.chunk_hashes, req.now_s)
 
     def _cached_fraction(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
         if req.block_hashes:
-            return fractions(self.precise.runs(req.block_hashes), len(req.block_hashes),
-                             replicas)
+            return fractions(self.precise.runs(req.block_hashes, req.now_s),
+                             len(req.block_hashes), replicas)
         if req.chunk_hashes:
             return fractions(self.approx.runs(req.chunk_hashes, req.now_s),
                              len(req.chunk_hashes), replicas)

@@ -118,6 +118,8 @@ class PeerPlaced(_Msg, tag="peer_placed"):
     replica_id: str
     prompt_tokens: int = 0
     max_tokens: int = 0
+    # So the peers learn the same prefixes (pending precise ones, approximate ones).
+    block_hashes: tuple[int, ...] = ()
     chunk_hashes: tuple[int, ...] = ()
     session_id: str = ""
     # A retry (attempt 2, its failed replica excluded) moves the count.

@@ -125,6 +125,9 @@ def test_peer_placements_expire_and_release_like_own_ones() -> None:
 @pytest.mark.parametrize(("profile", "fields", "follow_up"), [
     ("prefix-approx", {"chunk_hashes": (1, 2, 3, 4)}, {"chunk_hashes": (1, 2, 3, 9)}),
     ("cost", {"chunk_hashes": (1, 2, 3, 4)}, {"chunk_hashes": (1, 2, 3, 9)}),
+    # Prompts just sent, before the replica's KV events say it holds them.
+    ("prefix-precise", {"block_hashes": (1, 2, 3, 4)}, {"block_hashes": (1, 2, 3, 9)}),
+    ("cost", {"block_hashes": (1, 2, 3, 4)}, {"block_hashes": (1, 2, 3, 9)}),
 ])
 def test_peers_learn_the_same_prefixes(profile: str, fields: dict, follow_up: dict) -> None:
     origin, peer = _core(1, profile), _core(2, profile)

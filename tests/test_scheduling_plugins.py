@@ -21,6 +21,7 @@ from scheduler.scorers import (
     InFlightRequests,
     InFlightTokens,
     KvCacheUsage,
+    PreciseHoldings,
     PrefixApprox,
     PrefixPrecise,
     QueueDepth,
@@ -193,13 +194,34 @@ def test_approx_index_evicts_tails_first_at_capacity() -> None:
     assert index.size_blocks() == 1
 
 
+def _holdings(precise: PrefixIndex, pending_ttl_s: float = 10.0) -> PreciseHoldings:
+    return PreciseHoldings(precise, ApproxIndex(100, ttl_s=pending_ttl_s))
+
+
+def test_a_prompt_just_sent_counts_as_held_until_its_events_come_or_the_ttl_ends() -> None:
+    precise = PrefixIndex(100)
+    scorer = PrefixPrecise(_holdings(precise, pending_ttl_s=8.0),
+                           PrefixApprox(ApproxIndex(100, 60.0)))
+    views = [_view("a"), _view("b")]
+    scorer.placed(_req(block_hashes=(1, 2, 3, 4), now_s=0.0), views[1])
+    # Its prefill is still running: no KV event yet, but the burst follows it.
+    assert scorer.score(_req(block_hashes=(1, 2, 9, 9), now_s=1.0), views) == {"b": 0.5}
+    # The events say more than the pending entry: the longer run counts.
+    precise.apply_events(B, [_stored(1, 2, 3, 4, 5)])
+    assert scorer.score(_req(block_hashes=(1, 2, 3, 4, 5, 6), now_s=2.0), views) == {
+        "b": 5 / 6}
+    precise.apply_events(B, [AllBlocksCleared()])
+    assert scorer.score(_req(block_hashes=(1, 2, 3, 4), now_s=3.0), views) == {"b": 1.0}
+    assert scorer.score(_req(block_hashes=(1, 2, 3, 4), now_s=20.0), views) == {}
+
+
 def test_prefix_scorers_give_the_matched_fraction_of_holders_only() -> None:
     # Replicas a prefix scorer leaves out score 0 (see Scorer.score).
     precise, approx = PrefixIndex(100), ApproxIndex(100, ttl_s=60.0)
     precise.apply_events(A, [_stored(1, 2)])
     precise.apply_events(C, [_stored(1, 2, 3)])  # not a candidate
     views = [_view("a"), _view("b")]
-    assert PrefixPrecise(precise, PrefixApprox(approx)).score(
+    assert PrefixPrecise(_holdings(precise), PrefixApprox(approx)).score(
         _req(block_hashes=(1, 2, 3, 4)), views) == {"a": 0.5}
     scorer = PrefixApprox(approx)
     scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
@@ -219,7 +241,7 @@ def test_cost_prefers_cached_prefill_against_decode_load(a_fields, b_fields, bes
     precise = PrefixIndex(100)
     if b_fields.pop("held", False):
         precise.apply_events(B, [_stored(1, 2, 3, 4)])
-    scorer = Cost(precise, ApproxIndex(100, 60.0), CostParams(),
+    scorer = Cost(_holdings(precise), ApproxIndex(100, 60.0), CostParams(),
                   {"m": ModelConfig(block_size_tokens=16)})
     scores = scorer.score(_req(block_hashes=(1, 2, 3, 4), prompt_tokens=64),
                           [_view("a", **a_fields), _view("b", **b_fields)])
@@ -231,7 +253,7 @@ def test_prefix_precise_falls_back_to_the_approximate_index_without_block_hashes
     precise, approx = PrefixIndex(100), ApproxIndex(100, ttl_s=60.0)
     precise.apply_events(A, [_stored(5, 6)])  # the same ints as block hashes: not consulted
     views = [_view("a"), _view("b")]
-    scorer = PrefixPrecise(precise, PrefixApprox(approx))
+    scorer = PrefixPrecise(_holdings(precise), PrefixApprox(approx))
     scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
     assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {"b": 0.5}
     # A request with block hashes is neither scored by nor recorded in the approximate index.
@@ -247,7 +269,7 @@ def test_prefix_precise_falls_back_to_the_approximate_index_without_block_hashes
 def test_cost_counts_blocks_of_the_requests_model(block_size_tokens: int, best: str) -> None:
     precise = PrefixIndex(100)
     precise.apply_events(B, [_stored(1, 2, 3, 4)])
-    scorer = Cost(precise, ApproxIndex(100, 60.0), CostParams(),
+    scorer = Cost(_holdings(precise), ApproxIndex(100, 60.0), CostParams(),
                   {"m": ModelConfig(block_size_tokens=block_size_tokens)})
     scores = scorer.score(_req(block_hashes=(1, 2, 3, 4), prompt_tokens=64),
                           [_view("a"), _view("b", in_flight_tokens=96)])
