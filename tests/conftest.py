@@ -9,9 +9,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
 import pytest_asyncio
 import uvloop
+from nats.aio.client import Client as NATS
 
 from deploy.procs import start_nats, start_redis
 from tests.harness import Switchyard, make_config, start_switchyard
@@ -42,6 +44,24 @@ async def nats_url(session_dir: Path) -> AsyncIterator[str]:
     proc, url = await start_nats(session_dir / "nats", session_dir / "logs")
     yield url
     await proc.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def private_bus(session_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A nats-server of the test module's own, so the session's scheduler
+    actor does not hear (or answer) what the module publishes."""
+    name = request.module.__name__.rpartition(".")[2]
+    proc, url = await start_nats(session_dir / f"{name}-nats", session_dir / "logs" / name)
+    yield url
+    await proc.stop()
+
+
+@pytest_asyncio.fixture
+async def nc(private_bus: str) -> AsyncIterator[NATS]:
+    """A client of the module's private nats-server."""
+    client = await nats.connect(private_bus)
+    yield client
+    await client.drain()
 
 
 @pytest_asyncio.fixture(scope="session")

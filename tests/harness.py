@@ -5,16 +5,18 @@ metering (chDB), simulated replicas and the ingress app on free ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
-from deploy.procs import LOOPBACK, free_port
+from deploy.procs import LOOPBACK, free_port, start_nats
 from loadtests.simulator.fleet import SimFleet, start_fleet
 from loadtests.simulator.replica import SimReplica
 from router.app import create_app
@@ -29,6 +31,7 @@ from scheduler.config import (
     SimulatorConfig,
     dump_config,
 )
+from scheduler.replica_metrics import parse_metrics
 from scheduler.wire import ReplicaInfo
 
 MODEL = "switchyard-tiny"
@@ -55,6 +58,22 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.02)
+
+
+async def chat_replica(session: aiohttp.ClientSession, api: str, key: str,
+                       body: dict[str, Any]) -> str:
+    """Asks for a chat completion (must succeed); returns the replica that served it."""
+    async with session.post(api + "/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+        return resp.headers["x-switchyard-replica"]
+
+
+async def prefix_hits_tokens(session: aiohttp.ClientSession, replica_url: str) -> int:
+    """The replica's own count of prompt tokens served from its prefix cache."""
+    async with session.get(replica_url + "/metrics") as resp:
+        return parse_metrics(await resp.text()).prefix_cache_hits_tokens
 
 
 @dataclass
@@ -125,3 +144,23 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
     return Switchyard(cfg, fleet, key.plaintext, tenant_id, actors, runner, schedulers)
 
+
+@contextlib.asynccontextmanager
+async def private_switchyard(work: Path, redis_url: str, redis_db: int,
+                             tweak: Callable[[Config], Config]) -> AsyncIterator[Switchyard]:
+    """A whole stack of its own (nats-server, Redis database `redis_db`, Ray
+    actors, ingress, simulated replicas) from `tweak(make_config(...))`, for
+    tests that must not disturb the session's stack."""
+    nats_proc, nats_url = await start_nats(work / "nats", work / "logs")
+    try:
+        cfg = tweak(make_config(work, nats_url, redis_url.removesuffix("/0") + f"/{redis_db}"))
+        redis = connect_redis(cfg.redis)
+        await redis.flushdb()
+        await redis.aclose()
+        stack = await start_switchyard(cfg)
+        try:
+            yield stack
+        finally:
+            await stack.aclose()
+    finally:
+        await nats_proc.stop()

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import nats
 import pytest
-import pytest_asyncio
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from deploy.procs import start_nats
 from router.metrics import Metrics
 from router.placer import Placer
 from scheduler.errors import NoCapacity
@@ -32,20 +29,6 @@ from scheduler.wire import (
 
 pytestmark = pytest.mark.integration
 SUBJECT = place_subject("m")
-
-
-@pytest_asyncio.fixture(scope="module")
-async def bus_url(session_dir: Path) -> AsyncIterator[str]:
-    proc, url = await start_nats(session_dir / "placer-nats", session_dir / "logs")
-    yield url
-    await proc.stop()
-
-
-@pytest_asyncio.fixture
-async def nc(bus_url: str) -> AsyncIterator[NATS]:
-    client = await nats.connect(bus_url)
-    yield client
-    await client.drain()
 
 
 def _placer(nc: NATS, timeout_s: float = 2.0) -> tuple[Placer, Metrics]:
@@ -71,10 +54,10 @@ def _retries(metrics: Metrics) -> float:
     return metrics.registry.get_sample_value("switchyard_placement_retries_total") or 0.0
 
 
-async def test_a_lost_actor_is_retried_on_another(nc: NATS, bus_url: str) -> None:
+async def test_a_lost_actor_is_retried_on_another(nc: NATS, private_bus: str) -> None:
     placer, metrics = _placer(nc)
     await placer.start()
-    actors = [await nats.connect(bus_url) for _ in range(2)]
+    actors = [await nats.connect(private_bus) for _ in range(2)]
     lost = asyncio.Event()
 
     async def answering(msg: Msg) -> None:
@@ -101,10 +84,10 @@ async def test_a_lost_actor_is_retried_on_another(nc: NATS, bus_url: str) -> Non
     await actors[1].drain()
 
 
-async def test_no_actor_is_waited_for_within_the_timeout(nc: NATS, bus_url: str) -> None:
+async def test_no_actor_is_waited_for_within_the_timeout(nc: NATS, private_bus: str) -> None:
     placer, metrics = _placer(nc)
     await placer.start()
-    late = await nats.connect(bus_url)
+    late = await nats.connect(private_bus)
 
     async def answering(msg: Msg) -> None:
         await msg.respond(_placement(msg))
@@ -135,10 +118,10 @@ async def test_without_any_actor_it_is_no_capacity(nc: NATS) -> None:
 
 @pytest.mark.parametrize(("answer_after_s", "placed"), [(0.5, True), (None, False)])
 async def test_a_queued_request_waits_for_its_final_answer(
-        nc: NATS, bus_url: str, answer_after_s: float | None, placed: bool) -> None:
+        nc: NATS, private_bus: str, answer_after_s: float | None, placed: bool) -> None:
     placer, metrics = _placer(nc, timeout_s=0.3)
     await placer.start()
-    actor = await nats.connect(bus_url)
+    actor = await nats.connect(private_bus)
     received: list[Msg] = []
     answers: list[asyncio.Task[None]] = []
 

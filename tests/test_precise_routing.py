@@ -33,9 +33,8 @@ from router.prompt_tokens import load_tokenizer
 from router.requests import parse_request
 from scheduler.config import AgentConfig, IngressConfig, ModelConfig, SchedulerConfig
 from scheduler.framework import ReplicaId
-from scheduler.replica_metrics import parse_metrics
 from scheduler.wire import USAGE_SUBJECTS, ReplicaInfo
-from tests.harness import MODEL, make_config, wait_until
+from tests.harness import MODEL, chat_replica, make_config, prefix_hits_tokens, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -121,19 +120,8 @@ def _hashes(stack: PreciseStack, messages: list[dict[str, str]]) -> tuple[int, .
     return hashes
 
 
-async def _chat(session: aiohttp.ClientSession, stack: PreciseStack,
-                messages: list[dict[str, str]]) -> str:
-    async with session.post(stack.api + "/chat/completions", headers={
-            "Authorization": f"Bearer {stack.key}"}, json={
-            "model": MODEL, "messages": messages, "max_tokens": 2}) as resp:
-        assert resp.status == 200, await resp.text()
-        await resp.read()
-        return resp.headers["x-switchyard-replica"]
-
-
-async def _prefix_hits_tokens(session: aiohttp.ClientSession, url: str) -> int:
-    async with session.get(url + "/metrics") as resp:
-        return parse_metrics(await resp.text()).prefix_cache_hits_tokens
+def _body(messages: list[dict[str, str]]) -> dict[str, object]:
+    return {"model": MODEL, "messages": messages, "max_tokens": 2}
 
 
 async def test_a_shared_long_prefix_goes_to_the_replica_holding_it(
@@ -146,7 +134,7 @@ async def test_a_shared_long_prefix_goes_to_the_replica_holding_it(
     shared = len(_hashes(stack, [first[0]])) - 1
     assert shared >= 20
     async with aiohttp.ClientSession() as session:
-        home = await _chat(session, stack, first)
+        home = await chat_replica(session, stack.api, stack.key, _body(first))
         other = next(a.replica.id for a in stack.agents if a.replica.id != home)
 
         async def learned() -> bool:
@@ -154,7 +142,7 @@ async def test_a_shared_long_prefix_goes_to_the_replica_holding_it(
             return held.get(ReplicaId(home), 0) == len(first_hashes)
 
         await wait_until(learned)
-        hits_before = {rid: await _prefix_hits_tokens(session, stack.url_of(rid))
+        hits_before = {rid: await prefix_hits_tokens(session, stack.url_of(rid))
                        for rid in (home, other)}
         for n in range(1, FOLLOW_UPS + 1):
             async def settled() -> bool:
@@ -162,14 +150,14 @@ async def test_a_shared_long_prefix_goes_to_the_replica_holding_it(
 
             await wait_until(settled)
             follow_up = _conversation(f"Question {n}: and now?")
-            placed = await _chat(session, stack, follow_up)
+            placed = await chat_replica(session, stack.api, stack.key, _body(follow_up))
             assert placed == home, f"follow-up {n} went to {placed}"
             # Decided by the blocks the replica announced, not by a fallback.
             candidates = core.explain_last()["candidates"]  # type: ignore[index]
             assert candidates[home]["scores"]["prefix-precise"] >= shared / len(
                 _hashes(stack, follow_up))
             assert candidates[other]["scores"]["prefix-precise"] == 0.0
-        hits_after = {rid: await _prefix_hits_tokens(session, stack.url_of(rid))
+        hits_after = {rid: await prefix_hits_tokens(session, stack.url_of(rid))
                       for rid in (home, other)}
     block = stack.settings.block_size_tokens
     assert hits_after[home] - hits_before[home] >= FOLLOW_UPS * shared * block

@@ -17,10 +17,8 @@ import msgspec
 import pytest
 import pytest_asyncio
 
-from actors.control_store import connect_redis
-from deploy.procs import start_nats
-from scheduler.config import RedisConfig, SaturationConfig, SchedulerConfig
-from tests.harness import MODEL, Switchyard, make_config, start_switchyard
+from scheduler.config import Config, SaturationConfig, SchedulerConfig
+from tests.harness import MODEL, Switchyard, private_switchyard
 
 pytestmark = pytest.mark.integration
 MAX_QUEUE_S = 1.5
@@ -32,23 +30,18 @@ CAPACITY = 4
 @pytest_asyncio.fixture(scope="module")
 async def yard(session_dir: Path, redis_url: str,
                ray_cluster: None) -> AsyncIterator[Switchyard]:
-    work = session_dir / "saturation-stack"
-    nats_proc, nats_url = await start_nats(work / "nats", work / "logs")
-    base = make_config(work, nats_url, redis_url.removesuffix("/0") + "/7")
-    cfg = msgspec.structs.replace(
-        base,
-        ingress=msgspec.structs.replace(base.ingress, max_queue_s=MAX_QUEUE_S),
-        scheduler=SchedulerConfig(saturation=SaturationConfig(max_num_seqs=1,
-                                                              waiting_requests=1)),
-        simulator=msgspec.structs.replace(base.simulator,
-                                          decode_ms_per_token=DECODE_MS_PER_TOKEN))
-    redis = connect_redis(RedisConfig(url=cfg.redis.url))
-    await redis.flushdb()
-    await redis.aclose()
-    stack = await start_switchyard(cfg)
-    yield stack
-    await stack.aclose()
-    await nats_proc.stop()
+    def saturating(cfg: Config) -> Config:
+        return msgspec.structs.replace(
+            cfg,
+            ingress=msgspec.structs.replace(cfg.ingress, max_queue_s=MAX_QUEUE_S),
+            scheduler=SchedulerConfig(saturation=SaturationConfig(max_num_seqs=1,
+                                                                  waiting_requests=1)),
+            simulator=msgspec.structs.replace(cfg.simulator,
+                                              decode_ms_per_token=DECODE_MS_PER_TOKEN))
+
+    async with private_switchyard(session_dir / "saturation-stack", redis_url, 7,
+                                  saturating) as stack:
+        yield stack
 
 
 async def _chat(session: aiohttp.ClientSession, yard: Switchyard, max_tokens: int,

@@ -21,10 +21,8 @@ import msgspec
 import pytest
 import pytest_asyncio
 
-from actors.control_store import connect_redis
-from deploy.procs import start_nats
-from scheduler.config import RedisConfig, SchedulerConfig
-from tests.harness import MODEL, Switchyard, make_config, start_switchyard, wait_until
+from scheduler.config import Config, SchedulerConfig
+from tests.harness import MODEL, Switchyard, private_switchyard, wait_until
 
 pytestmark = pytest.mark.integration
 ACTORS = 3
@@ -35,20 +33,15 @@ async def yard(session_dir: Path, redis_url: str,
                ray_cluster: None) -> AsyncIterator[Switchyard]:
     """A stack of its own (NATS, Redis database, ingress, Ray actors) with three
     scheduler actors, so killing one leaves the session's stack alone."""
-    work = session_dir / "peers-stack"
-    nats_proc, nats_url = await start_nats(work / "nats", work / "logs")
-    base = make_config(work, nats_url, redis_url.removesuffix("/0") + "/4")
-    # Slow tokens: a burst's streams stay open while the views are compared.
-    cfg = msgspec.structs.replace(
-        base, scheduler=SchedulerConfig(actors=ACTORS),
-        simulator=msgspec.structs.replace(base.simulator, decode_ms_per_token=20.0))
-    redis = connect_redis(RedisConfig(url=cfg.redis.url))
-    await redis.flushdb()
-    await redis.aclose()
-    stack = await start_switchyard(cfg)
-    yield stack
-    await stack.aclose()
-    await nats_proc.stop()
+    def with_peers(cfg: Config) -> Config:
+        # Slow tokens: a burst's streams stay open while the views are compared.
+        return msgspec.structs.replace(
+            cfg, scheduler=SchedulerConfig(actors=ACTORS),
+            simulator=msgspec.structs.replace(cfg.simulator, decode_ms_per_token=20.0))
+
+    async with private_switchyard(session_dir / "peers-stack", redis_url, 4,
+                                  with_peers) as stack:
+        yield stack
 
 
 def _chat(max_tokens: int, stream: bool = False) -> dict[str, object]:

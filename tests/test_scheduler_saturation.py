@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
-import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
@@ -17,7 +15,6 @@ from nats.aio.subscription import Subscription
 
 from actors.control_store import ReplicaRegistry, connect_redis
 from actors.scheduler import SchedulerService
-from deploy.procs import start_nats
 from scheduler.config import Config, NatsConfig, RedisConfig, SaturationConfig, SchedulerConfig
 from scheduler.wire import (
     DONE_SUBJECT,
@@ -39,13 +36,6 @@ from tests.harness import wait_until
 pytestmark = pytest.mark.integration
 MODEL = "m"
 Start = Callable[..., Awaitable[SchedulerService]]
-
-
-@pytest_asyncio.fixture(scope="module")
-async def private_bus(session_dir: Path) -> AsyncIterator[str]:
-    proc, url = await start_nats(session_dir / "saturation-nats", session_dir / "logs")
-    yield url
-    await proc.stop()
 
 
 @pytest_asyncio.fixture
@@ -70,13 +60,6 @@ async def start_service(private_bus: str, redis_url: str) -> AsyncIterator[Start
     yield start
     for svc in services:
         await svc.aclose()
-
-
-@pytest_asyncio.fixture
-async def nc(private_bus: str) -> AsyncIterator[NATS]:
-    client = await nats.connect(private_bus)
-    yield client
-    await client.drain()
 
 
 async def _send(nc: NATS, request_id: str, tenant: str = "t", priority: int = 0,

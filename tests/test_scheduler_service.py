@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
 
 from actors.control_store import ReplicaRegistry, connect_redis
 from actors.scheduler import SchedulerService
-from deploy.procs import LOOPBACK, free_port, start_nats
+from deploy.procs import LOOPBACK, free_port
 from scheduler.config import Config, NatsConfig, RedisConfig
 from scheduler.kv_events import BlockStored, KVEventBatch, encode_batch
 from scheduler.wire import (
@@ -42,13 +40,6 @@ pytestmark = pytest.mark.integration
 MODEL = "m"
 
 
-@pytest_asyncio.fixture(scope="module")
-async def private_bus(session_dir: Path) -> AsyncIterator[str]:
-    proc, url = await start_nats(session_dir / "sched-nats", session_dir / "logs")
-    yield url
-    await proc.stop()
-
-
 @pytest_asyncio.fixture
 async def service(private_bus: str, redis_url: str) -> AsyncIterator[SchedulerService]:
     cfg = Config(nats=NatsConfig(url=private_bus),
@@ -64,13 +55,6 @@ async def service(private_bus: str, redis_url: str) -> AsyncIterator[SchedulerSe
     await svc.start()
     yield svc
     await svc.aclose()
-
-
-@pytest_asyncio.fixture
-async def nc(private_bus: str) -> AsyncIterator[NATS]:
-    client = await nats.connect(private_bus)
-    yield client
-    await client.drain()
 
 
 async def _place(nc: NATS, request_id: str) -> str:

@@ -38,10 +38,9 @@ from router.prompt_tokens import load_tokenizer
 from router.requests import parse_request
 from scheduler.config import IngressConfig, ModelConfig, SchedulerConfig
 from scheduler.framework import ReplicaId
-from scheduler.replica_metrics import parse_metrics
 from scheduler.wire import USAGE_SUBJECTS, KvEventsRelay, ReplicaInfo, encode, kv_subject
 from tests.fixtures_vllm import VllmReplicas
-from tests.harness import MODEL, make_config, wait_until
+from tests.harness import MODEL, chat_replica, make_config, prefix_hits_tokens, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -129,19 +128,8 @@ def _hashes(messages: list[dict[str, str]], *, add_generation_prompt: bool = Tru
     return hashes
 
 
-async def _chat(session: aiohttp.ClientSession, stack: VllmPreciseStack,
-                messages: list[dict[str, str]]) -> str:
-    async with session.post(stack.api + "/chat/completions", headers={
-            "Authorization": f"Bearer {stack.key}"}, json={
-            "model": MODEL, "messages": messages, "max_tokens": 2, **FIXED}) as resp:
-        assert resp.status == 200, await resp.text()
-        await resp.read()
-        return resp.headers["x-switchyard-replica"]
-
-
-async def _hits_tokens(session: aiohttp.ClientSession, url: str) -> int:
-    async with session.get(url + "/metrics") as resp:
-        return parse_metrics(await resp.text()).prefix_cache_hits_tokens
+def _body(messages: list[dict[str, str]]) -> dict[str, object]:
+    return {"model": MODEL, "messages": messages, "max_tokens": 2, **FIXED}
 
 
 async def test_real_vllm_holds_the_ingress_blocks_and_gets_the_repeats(
@@ -153,7 +141,7 @@ async def test_real_vllm_holds_the_ingress_blocks_and_gets_the_repeats(
     shared = len(_hashes([first[0]], add_generation_prompt=False)) - 1
     assert shared >= 15
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        home = await _chat(session, stack, first)
+        home = await chat_replica(session, stack.api, stack.key, _body(first))
         other = next(rid for rid in stack.urls if rid != home)
 
         async def learned() -> bool:
@@ -162,17 +150,20 @@ async def test_real_vllm_holds_the_ingress_blocks_and_gets_the_repeats(
 
         # The ingress's hashes are the blocks vLLM announced, every one of them.
         await wait_until(learned, DEADLINE_S)
-        hits_before = {rid: await _hits_tokens(session, url) for rid, url in stack.urls.items()}
+        hits_before = {rid: await prefix_hits_tokens(session, url)
+                       for rid, url in stack.urls.items()}
         for n in range(1, FOLLOW_UPS + 1):
             async def settled() -> bool:
                 return core.in_flight_count() == 0
 
             await wait_until(settled, DEADLINE_S)
-            placed = await _chat(session, stack, _conversation(f"Question {n}: and then?"))
+            follow_up = _conversation(f"Question {n}: and then?")
+            placed = await chat_replica(session, stack.api, stack.key, _body(follow_up))
             assert placed == home, f"follow-up {n} went to {placed}"
             scores = core.explain_last()["candidates"]  # type: ignore[index]
             assert scores[home]["scores"]["prefix-precise"] > 0.5
             assert scores[other]["scores"]["prefix-precise"] == 0.0
-        hits_after = {rid: await _hits_tokens(session, url) for rid, url in stack.urls.items()}
+        hits_after = {rid: await prefix_hits_tokens(session, url)
+                      for rid, url in stack.urls.items()}
     assert hits_after[home] - hits_before[home] >= FOLLOW_UPS * shared * SETTINGS.block_size_tokens
     assert hits_after[other] == hits_before[other]
