@@ -118,7 +118,7 @@ def test_round_robin_cycles_by_id() -> None:
 
 @pytest.mark.parametrize(("held", "request_blocks", "expected"), [
     ({"a": [1, 2, 3, 4]}, [1, 2, 3, 4], {"a": 4, "b": 0}),
-    ({"a": [1, 2, 4, 5]}, [1, 2, 3, 4, 5], {"a": 2, "b": 0}),  # a gap at block 2 stops the run
+    ({"a": [1, 2, 4, 5]}, [1, 2, 3, 6, 7], {"a": 2, "b": 0}),  # block 2 not held ends the run
     ({"a": [2, 3]}, [1, 2, 3], {"a": 0, "b": 0}),              # no block 0: no overlap
     ({"a": [1, 2], "b": [1, 2, 3]}, [1, 2, 3, 9], {"a": 2, "b": 3}),
     ({"a": [1]}, [], {"a": 0, "b": 0}),
