@@ -29,6 +29,7 @@ import hashlib
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from scheduler.framework import ReplicaId
 from scheduler.prefix_index import ReplicaBits, consume
@@ -118,10 +119,10 @@ class ApproxIndex(ReplicaBits):
                 lo = mid
             else:
                 hi = mid
-        # A dict, so a key repeated within `keys` is listed once.
-        fresh = dict.fromkeys(keys[hi:], serial)
+        # A key repeated within `keys` is listed twice; forgetting it counts it once.
+        fresh = keys[hi:]
         if fresh:
-            generation_of.update(fresh)
+            generation_of.update(zip(fresh, repeat(serial)))
             generation.keys += fresh
         generation.expires_at_s = now_s + self.ttl_s
         self._evict_over_capacity(replica)

@@ -257,10 +257,13 @@ class SchedulerCore:
         """A completion notice: releases the request wherever it was counted.
         Remembered, so a peer's broadcast of it heard later counts nothing."""
         self._forget(request_id)
-        self._done_ids[request_id] = None
-        self._done_ids.move_to_end(request_id)
-        if len(self._done_ids) > DONE_MEMORY_IDS:
-            self._done_ids.popitem(last=False)
+        done_ids = self._done_ids
+        if request_id in done_ids:
+            done_ids.move_to_end(request_id)
+            return
+        done_ids[request_id] = None
+        if len(done_ids) > DONE_MEMORY_IDS:
+            done_ids.popitem(last=False)
 
     def _forget(self, request_id: str) -> None:
         entry = self._in_flight.pop(request_id, None)
@@ -305,7 +308,8 @@ class SchedulerCore:
     def _release(self, entry: _InFlight) -> None:
         view = self.replicas.get(entry.replica_id)
         if view is not None:
-            view.in_flight_requests = max(0, view.in_flight_requests - 1)
+            if view.in_flight_requests > 0:
+                view.in_flight_requests -= 1
             view.in_flight_tokens = max(0, view.in_flight_tokens - entry.tokens)
 
     def _rejection(self, req: SchedRequest) -> PlaceRejected:
