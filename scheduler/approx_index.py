@@ -132,8 +132,9 @@ class ApproxIndex(ReplicaBits):
         and recorded within the TTL."""
         if not keys:
             return {}
-        first = keys[0]
+        first, end = keys[0], len(keys)
         runs: dict[ReplicaId, int] = {}
+        found = 0
         for _, rid in self._replicas(self._holders.get(first, 0)):
             replica = self._replicas_by_id[rid]
             self._expire(replica, now_s)
@@ -141,14 +142,23 @@ class ApproxIndex(ReplicaBits):
             if first not in held:
                 continue
             # keys[lo] is held, keys[hi] is not (or hi is the end).
-            lo, hi = 0, len(keys)
+            lo, hi = 0, end
+            if found > 1:
+                # The holders of a prompt mostly hold the same part of it: two
+                # lookups check the run found last before any bisection.
+                if keys[found - 1] not in held:
+                    hi = found - 1
+                elif found == end or keys[found] not in held:
+                    lo, hi = found - 1, found
+                else:
+                    lo = found
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 if keys[mid] in held:
                     lo = mid
                 else:
                     hi = mid
-            runs[rid] = hi
+            runs[rid] = found = hi
         return runs
 
     def longest_prefix(self, keys: Sequence[int], replica_ids: Sequence[ReplicaId],
