@@ -29,6 +29,7 @@ import hashlib
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from scheduler.framework import ReplicaId
 from scheduler.prefix_index import ReplicaBits, consume
@@ -118,10 +119,10 @@ class ApproxIndex(ReplicaBits):
                 lo = mid
             else:
                 hi = mid
-        # A dict, so a key repeated within `keys` is listed once.
-        fresh = dict.fromkeys(keys[hi:], serial)
+        # A key repeated within `keys` is listed twice; forgetting it counts it once.
+        fresh = keys[hi:]
         if fresh:
-            generation_of.update(fresh)
+            generation_of.update(zip(fresh, repeat(serial)))
             generation.keys += fresh
         generation.expires_at_s = now_s + self.ttl_s
         self._evict_over_capacity(replica)
@@ -131,8 +132,9 @@ class ApproxIndex(ReplicaBits):
         and recorded within the TTL."""
         if not keys:
             return {}
-        first = keys[0]
+        first, end = keys[0], len(keys)
         runs: dict[ReplicaId, int] = {}
+        found = 0
         for _, rid in self._replicas(self._holders.get(first, 0)):
             replica = self._replicas_by_id[rid]
             self._expire(replica, now_s)
@@ -140,14 +142,23 @@ class ApproxIndex(ReplicaBits):
             if first not in held:
                 continue
             # keys[lo] is held, keys[hi] is not (or hi is the end).
-            lo, hi = 0, len(keys)
+            lo, hi = 0, end
+            if found > 1:
+                # The holders of a prompt mostly hold the same part of it: two
+                # lookups check the run found last before any bisection.
+                if keys[found - 1] not in held:
+                    hi = found - 1
+                elif found == end or keys[found] not in held:
+                    lo, hi = found - 1, found
+                else:
+                    lo = found
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 if keys[mid] in held:
                     lo = mid
                 else:
                     hi = mid
-            runs[rid] = hi
+            runs[rid] = found = hi
         return runs
 
     def longest_prefix(self, keys: Sequence[int], replica_ids: Sequence[ReplicaId],

@@ -142,7 +142,9 @@ DEFAULT_PROFILES: dict[str, ProfileConfig] = {
                                    ("queue-depth", 1.0)),
     "prefix-precise": _default_profile(("prefix-precise", 3.0), ("in-flight-requests", 1.0),
                                     ("queue-depth", 1.0)),
-    "cost": _default_profile(("cost", 1.0)),
+    # Dynamo's cost, plus the queue a request would wait behind: the cost sees
+    # work placed and KV used, not how much prefill is queued ahead (TTFT).
+    "cost": _default_profile(("cost", 1.0), ("queue-depth", 1.0)),
 }
 
 

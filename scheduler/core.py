@@ -10,6 +10,10 @@ completion notice is lost, so the in-flight table stays bounded.
 Several cores (one per scheduler actor) stay consistent: each applies the
 placements the others broadcast (`apply_peer`) as if it had made them, and
 every core hears every completion notice.
+
+The replicas' registry and health (models, healthy, draining) change only
+through the methods here, each of which bumps `state_version`: the profile
+reuses its filters' output while it stays the same.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ class SchedulerCore:
         self.profile = self.profiles[cfg.profile]
         self.ejections = Ejections(cfg.ejection)
         self.replicas: dict[ReplicaId, ReplicaView] = {}
+        # The views of `replicas` as the list every decision starts from.
+        self._views: list[ReplicaView] = []
+        self.state_version = 0
         # request id -> placement, oldest first (insertion order == time order).
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
         # Recently done request ids, oldest first (a bounded FIFO).
@@ -104,6 +111,8 @@ class SchedulerCore:
             # replicas without an agent.
             view.draining = info.draining
             self.replicas[rid] = view
+        self._views = list(self.replicas.values())
+        self.state_version += 1
         for rid in old.keys() - self.replicas.keys():
             self.state.drop(rid)
             self.ejections.forget(rid)
@@ -138,12 +147,15 @@ class SchedulerCore:
         view = self.replicas.get(ReplicaId(replica_id))
         if view is None:
             return False
+        before = (view.healthy, view.draining)
         if healthy is not None:
             if healthy and self.ejections.is_ejected(view.id):
                 healthy = now_s is not None and self.ejections.healthy_report(view.id, now_s)
             view.healthy = healthy
         if draining is not None:
             view.draining = draining
+        if (view.healthy, view.draining) != before:
+            self.state_version += 1
         return True
 
     def replica_failed(self, replica_id: str, now_s: float) -> float | None:
@@ -155,8 +167,9 @@ class SchedulerCore:
         if view is None or not all(self._served_without(view, m) for m in view.models):
             return None
         period_s = self.ejections.eject(view.id, now_s)
-        if period_s is not None:
+        if period_s is not None and view.healthy:
             view.healthy = False
+            self.state_version += 1
         return period_s
 
     def mark_stale(self, now_s: float, stale_s: float) -> list[str]:
@@ -167,6 +180,8 @@ class SchedulerCore:
                  and now_s - view.load_reported_at_s > stale_s]
         for view in stale:
             view.healthy = False
+        if stale:
+            self.state_version += 1
         return [view.id for view in stale]
 
     def models(self) -> tuple[ModelCard, ...]:
@@ -194,7 +209,7 @@ class SchedulerCore:
             return self._placement(req.request_id, prior.replica_id)
         if prior is not None:
             self._forget(req.request_id)
-        decision = self.profile.decide(req, list(self.replicas.values()), self.rng)
+        decision = self.profile.decide(req, self._views, self.rng, self.state_version)
         self.last_decision = decision
         if decision.chosen is None:
             return self._rejection(req)
@@ -241,10 +256,13 @@ class SchedulerCore:
         """A completion notice: releases the request wherever it was counted.
         Remembered, so a peer's broadcast of it heard later counts nothing."""
         self._forget(request_id)
-        self._done_ids[request_id] = None
-        self._done_ids.move_to_end(request_id)
-        if len(self._done_ids) > DONE_MEMORY_IDS:
-            self._done_ids.popitem(last=False)
+        done_ids = self._done_ids
+        if request_id in done_ids:
+            done_ids.move_to_end(request_id)
+            return
+        done_ids[request_id] = None
+        if len(done_ids) > DONE_MEMORY_IDS:
+            done_ids.popitem(last=False)
 
     def _forget(self, request_id: str) -> None:
         entry = self._in_flight.pop(request_id, None)
@@ -284,11 +302,13 @@ class SchedulerCore:
             if (view is not None and view.load_reported_at_s is None
                     and self.ejections.healthy_report(rid, now_s)):
                 view.healthy = True
+                self.state_version += 1
 
     def _release(self, entry: _InFlight) -> None:
         view = self.replicas.get(entry.replica_id)
         if view is not None:
-            view.in_flight_requests = max(0, view.in_flight_requests - 1)
+            if view.in_flight_requests > 0:
+                view.in_flight_requests -= 1
             view.in_flight_tokens = max(0, view.in_flight_tokens - entry.tokens)
 
     def _rejection(self, req: SchedRequest) -> PlaceRejected:

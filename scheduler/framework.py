@@ -5,6 +5,14 @@ the decision time carried by the request view (`now_s`) and the random source
 handed to pickers. Plugins that learn from decisions (approximate prefixes,
 session affinity) implement `DecisionObserver`; the profile tells them which
 replica was chosen.
+
+A decision runs on every request, so scores travel as plain lists aligned with
+the candidates: a load scorer answers one float per candidate, a prefix scorer
+a dict of the few replicas it favours, and the profile adds them up as lists.
+The per-candidate explanation is built from what the decision kept, only when
+a sampled log line asks for it. Filters whose output depends only on the
+request's model and the replicas' registry and health are run once per model
+and state version (the core counts its changes), not per request.
 """
 
 from __future__ import annotations
@@ -12,10 +20,17 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import add
 from typing import NewType, Protocol, runtime_checkable
 
 ReplicaId = NewType("ReplicaId", str)
 Scores = dict[ReplicaId, float]
+# A scorer's answer: one score per candidate, in candidate order (dense), or
+# the few replicas it favours (sparse; a replica left out scores 0).
+Answer = list[float] | Scores
+# Filtered-out results kept per model and state version; beyond this many
+# models (requests naming unknown ones) the cache starts over.
+MAX_CACHED_MODELS = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +83,13 @@ class ReplicaView:
 
 
 class Filter(Protocol):
+    """Keeps the replicas that may take the request, in their given order.
+
+    A filter whose output depends only on the request's model and the
+    replicas' `models`, `healthy` and `draining` sets `by_model_and_health =
+    True`; the profile then reuses its output while the state is unchanged.
+    """
+
     name: str
 
     def filter(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[ReplicaView]: ...
@@ -76,17 +98,21 @@ class Filter(Protocol):
 class Scorer(Protocol):
     name: str
 
-    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
-        """A score in [0, 1] per replica of `replicas`, higher is better; a
-        replica left out scores 0 (as a missing key reads in llm-d's Go maps),
-        so a scorer that favours a few replicas answers for those few only."""
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Answer:
+        """Scores in [0, 1], higher is better: a list aligned with `replicas`,
+        or a dict of the replicas the scorer favours (one left out scores 0,
+        as a missing key reads in llm-d's Go maps; one not among `replicas`
+        is ignored), so a prefix scorer's cost stays with the few holders."""
         ...
 
 
 class Picker(Protocol):
     name: str
 
-    def pick(self, req: SchedRequest, scores: Scores, rng: random.Random) -> ReplicaId: ...
+    def pick(self, req: SchedRequest, candidates: list[ReplicaId], totals: list[float],
+             rng: random.Random) -> ReplicaId:
+        """One of `candidates` (never empty), given their weighted totals in the same order."""
+        ...
 
 
 @runtime_checkable
@@ -108,21 +134,50 @@ class Decision:
     request_id: str
     chosen: ReplicaId | None
     candidates: list[ReplicaId]
-    per_scorer: dict[str, Scores] = field(default_factory=dict)
-    totals: Scores = field(default_factory=dict)
+    # Filter name -> the replicas it removed; may be shared between decisions.
     filtered_out: dict[str, list[ReplicaId]] = field(default_factory=dict)
+    scorer_names: tuple[str, ...] = ()
+    # Each scorer's answer, in `scorer_names` order, and the weighted totals
+    # aligned with `candidates`.
+    answers: list[Answer] = field(default_factory=list)
+    totals: list[float] = field(default_factory=list)
 
     def explain(self) -> dict[str, object]:
         """A structured record for a sampled log line: each candidate's scores."""
+        per_scorer = [dict(zip(self.candidates, answer, strict=True))
+                      if isinstance(answer, list) else answer for answer in self.answers]
         candidates = {
-            rid: {"total": round(self.totals.get(rid, 0.0), 6),
-                  "scores": {name: round(s.get(rid, 0.0), 6)
-                             for name, s in self.per_scorer.items()}}
-            for rid in self.candidates
+            rid: {"total": round(total, 6),
+                  "scores": {name: round(scores.get(rid, 0.0), 6)
+                             for name, scores in zip(self.scorer_names, per_scorer, strict=True)}}
+            for rid, total in zip(self.candidates, self.totals, strict=True)
         }
         return {"profile": self.profile, "request_id": self.request_id,
                 "chosen": self.chosen, "candidates": candidates,
                 "filtered_out": self.filtered_out}
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """Replicas kept by filters, their ids, each id's position, and what was removed."""
+
+    replicas: list[ReplicaView]
+    ids: list[ReplicaId]
+    position: dict[ReplicaId, int]
+    filtered_out: dict[str, list[ReplicaId]]
+
+    @classmethod
+    def of(cls, replicas: list[ReplicaView], filtered_out: dict[str, list[ReplicaId]]) -> _Kept:
+        ids = [r.id for r in replicas]
+        return cls(replicas, ids, {rid: i for i, rid in enumerate(ids)}, filtered_out)
+
+
+@dataclass(slots=True)
+class _FilterCache:
+    """Per model: what the state-only filters keep; valid for one state version."""
+
+    version: int | None = None
+    by_model: dict[str, _Kept] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,54 +190,105 @@ class Profile:
     picker: Picker
     # Found once here: a runtime protocol check per decision would cost microseconds.
     observers: tuple[DecisionObserver, ...] = field(init=False)
+    scorer_names: tuple[str, ...] = field(init=False)
+    # The leading filters that depend on the state only, and the rest.
+    _state_filters: tuple[Filter, ...] = field(init=False)
+    _request_filters: tuple[Filter, ...] = field(init=False)
+    _cache: _FilterCache = field(init=False)
 
     def __post_init__(self) -> None:
         plugins = (*self.filters, *(w.scorer for w in self.scorers), self.picker)
-        object.__setattr__(self, "observers",
-                           tuple(p for p in plugins if isinstance(p, DecisionObserver)))
+        leading = 0
+        while (leading < len(self.filters)
+               and getattr(self.filters[leading], "by_model_and_health", False)):
+            leading += 1
+        for name, value in (
+                ("observers", tuple(p for p in plugins if isinstance(p, DecisionObserver))),
+                ("scorer_names", tuple(w.scorer.name for w in self.scorers)),
+                ("_state_filters", tuple(self.filters[:leading])),
+                ("_request_filters", tuple(self.filters[leading:])),
+                ("_cache", _FilterCache())):
+            object.__setattr__(self, name, value)
 
-    def decide(self, req: SchedRequest, replicas: list[ReplicaView],
-               rng: random.Random) -> Decision:
-        decision = Decision(self.name, req.request_id, None, [])
-        for f in self.filters:
-            kept = f.filter(req, replicas)
-            if len(kept) != len(replicas):
-                kept_ids = {r.id for r in kept}
-                decision.filtered_out[f.name] = [r.id for r in replicas if r.id not in kept_ids]
-            replicas = kept
-        decision.candidates = [r.id for r in replicas]
-        if not replicas:
-            return decision
-        totals = self._weighted_totals(req, replicas, decision)
-        decision.totals = totals
-        decision.chosen = self.picker.pick(req, totals, rng)
+    def decide(self, req: SchedRequest, replicas: list[ReplicaView], rng: random.Random,
+               state_version: int | None = None) -> Decision:
+        """`state_version` names the state of `replicas` (the same list, whose
+        models, health and draining flags change only with the version), so
+        the state-only filters' output can be reused; None: run them all."""
+        kept = self._state_filtered(req, replicas, state_version)
+        for f in self._request_filters:
+            narrowed = f.filter(req, kept.replicas)
+            if len(narrowed) != len(kept.replicas):
+                kept = _Kept.of(narrowed, {**kept.filtered_out,
+                                           f.name: _removed(kept.replicas, narrowed)})
+        decision = Decision(self.name, req.request_id, None, kept.ids, kept.filtered_out,
+                            self.scorer_names)
+        if kept.ids:
+            decision.totals = self._weighted_totals(req, kept, decision.answers)
+            decision.chosen = self.picker.pick(req, kept.ids, decision.totals, rng)
         return decision
 
-    def _weighted_totals(self, req: SchedRequest, replicas: list[ReplicaView],
-                         decision: Decision) -> Scores:
-        ids = decision.candidates
-        acc: list[float] | None = None
+    def _state_filtered(self, req: SchedRequest, replicas: list[ReplicaView],
+                        state_version: int | None) -> _Kept:
+        cache = self._cache
+        if state_version is not None:
+            if cache.version != state_version or len(cache.by_model) >= MAX_CACHED_MODELS:
+                cache.version = state_version
+                cache.by_model.clear()
+            hit = cache.by_model.get(req.model)
+            if hit is not None:
+                return hit
+        filtered_out: dict[str, list[ReplicaId]] = {}
+        for f in self._state_filters:
+            narrowed = f.filter(req, replicas)
+            if len(narrowed) != len(replicas):
+                filtered_out[f.name] = _removed(replicas, narrowed)
+            replicas = narrowed
+        kept = _Kept.of(replicas, filtered_out)
+        if state_version is not None:
+            cache.by_model[req.model] = kept
+        return kept
+
+    def _weighted_totals(self, req: SchedRequest, kept: _Kept,
+                         answers: list[Answer]) -> list[float]:
+        replicas = kept.replicas
+        totals: list[float] | None = None
         sparse: list[tuple[Scores, float]] = []
         for weighted in self.scorers:
-            scores = weighted.scorer.score(req, replicas)
-            decision.per_scorer[weighted.scorer.name] = scores
+            answer = weighted.scorer.score(req, replicas)
+            answers.append(answer)
             weight = weighted.weight
-            # Load scorers answer for every candidate in candidate order: summed
-            # as lists; sparse answers (prefix scorers) are added per entry after.
-            if len(scores) != len(ids) or list(scores) != ids:
-                sparse.append((scores, weight))
-            elif acc is None:
-                acc = list(scores.values()) if weight == 1.0 else [
-                    s * weight for s in scores.values()]
+            if not isinstance(answer, list):
+                if answer:
+                    sparse.append((answer, weight))
+                continue
+            if len(answer) != len(replicas):
+                raise ValueError(f"scorer `{weighted.scorer.name}` answered {len(answer)} "
+                                 f"scores for {len(replicas)} candidates")
+            if totals is None:
+                # A fresh list either way: the answers are kept for explain().
+                totals = answer[:] if weight == 1.0 else [s * weight for s in answer]
+            elif weight == 1.0:
+                totals = list(map(add, totals, answer))
             else:
-                acc = [a + s * weight for a, s in zip(acc, scores.values(), strict=True)]
-        totals = dict.fromkeys(ids, 0.0) if acc is None else dict(zip(ids, acc, strict=True))
-        for scores, weight in sparse:
-            for rid, score in scores.items():
-                totals[rid] += score * weight
+                totals = [t + s * weight for t, s in zip(totals, answer, strict=True)]
+        if totals is None:
+            totals = [0.0] * len(replicas)
+        if sparse:
+            position = kept.position.get
+            for answer, weight in sparse:
+                for rid, score in answer.items():
+                    i = position(rid)
+                    if i is not None:
+                        totals[i] += score * weight
         return totals
 
     def observe(self, req: SchedRequest, replica: ReplicaView) -> None:
         """Tells the plugins that learn from decisions where `req` went."""
         for observer in self.observers:
             observer.placed(req, replica)
+
+
+def _removed(before: list[ReplicaView], after: list[ReplicaView]) -> list[ReplicaId]:
+    kept_ids = {r.id for r in after}
+    return [r.id for r in before if r.id not in kept_ids]

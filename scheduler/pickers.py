@@ -1,10 +1,10 @@
-"""Built-in pickers: turn total scores into one replica."""
+"""Built-in pickers: turn the candidates' weighted totals into one replica."""
 
 from __future__ import annotations
 
 import random
 
-from scheduler.framework import ReplicaId, SchedRequest, Scores
+from scheduler.framework import ReplicaId, SchedRequest
 
 
 class MaxScore:
@@ -12,10 +12,13 @@ class MaxScore:
 
     name = "max-score"
 
-    def pick(self, req: SchedRequest, scores: Scores, rng: random.Random) -> ReplicaId:
-        best = max(scores.values())
-        tied = [rid for rid, score in scores.items() if score == best]
-        return tied[0] if len(tied) == 1 else rng.choice(tied)
+    def pick(self, req: SchedRequest, candidates: list[ReplicaId], totals: list[float],
+             rng: random.Random) -> ReplicaId:
+        best = max(totals)
+        if totals.count(best) == 1:
+            return candidates[totals.index(best)]
+        return rng.choice([rid for rid, total in zip(candidates, totals, strict=True)
+                           if total == best])
 
 
 class WeightedRandom:
@@ -23,12 +26,12 @@ class WeightedRandom:
 
     name = "weighted-random"
 
-    def pick(self, req: SchedRequest, scores: Scores, rng: random.Random) -> ReplicaId:
-        ids = list(scores)
-        weights = [max(0.0, scores[rid]) for rid in ids]
+    def pick(self, req: SchedRequest, candidates: list[ReplicaId], totals: list[float],
+             rng: random.Random) -> ReplicaId:
+        weights = [total if total > 0.0 else 0.0 for total in totals]
         if sum(weights) <= 0.0:
-            return rng.choice(ids)
-        return rng.choices(ids, weights=weights)[0]
+            return rng.choice(candidates)
+        return rng.choices(candidates, weights=weights)[0]
 
 
 class RoundRobin:
@@ -39,8 +42,9 @@ class RoundRobin:
     def __init__(self) -> None:
         self._last: ReplicaId | None = None
 
-    def pick(self, req: SchedRequest, scores: Scores, rng: random.Random) -> ReplicaId:
-        ids = sorted(scores)
+    def pick(self, req: SchedRequest, candidates: list[ReplicaId], totals: list[float],
+             rng: random.Random) -> ReplicaId:
+        ids = sorted(candidates)
         after = [rid for rid in ids if self._last is None or rid > self._last]
         self._last = after[0] if after else ids[0]
         return self._last

@@ -1,11 +1,22 @@
 """Which replica holds which KV block: the precise prefix index.
 
-`ReplicaBits` maps a hash to a bitmask of replica slots, so matching one
-request against 64 replicas costs one dict lookup per block, not one per block
-and replica (a gap at any block ends a replica's run, so each block up to the
-longest run is looked at). `ReplicaHashSets` adds an LRU per replica capped at
-its KV capacity in blocks, so the index stays bounded even when a BlockRemoved
-event is lost.
+`ReplicaBits` maps a hash to a bitmask of replica slots, so one lookup tells
+which of 64 replicas hold a block. `ReplicaHashSets` adds an LRU per replica
+capped at its KV capacity in blocks, so the index stays bounded even when a
+BlockRemoved event is lost.
+
+Runs are found by bisection, assuming each replica's cached blocks are
+prefix-closed: whoever holds a block holds its ancestors. vLLM keeps its cache
+so (a request frees its blocks tail-first and a shared ancestor is freed after
+its descendants, so eviction from the free queue's head never takes an
+ancestor first, and a block is stored only after its parent). Then the
+holders of block p shrink as p grows, and a request's runs cost a few lookups
+per distinct run end rather than one per block: with a 1M-entry dict each
+lookup is a cache miss. Where the assumption fails the match looks longer
+than vLLM would hit: models with sliding-window attention, whose blocks vLLM
+frees ancestors first, or an index that missed events. The LRU keeps to it:
+a stored chain goes to the recent end first block last, so capacity eviction
+takes its tail first.
 
 `PrefixIndex` applies vLLM's KV events (BlockStored / BlockRemoved /
 AllBlocksCleared) per replica and answers the longest run of a request's block
@@ -14,12 +25,10 @@ hashes, from block 0 and without a gap, that each replica holds.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, repeat, takewhile
-from operator import and_
+from itertools import repeat
 
 from scheduler.block_hash import low64
 from scheduler.framework import ReplicaId
@@ -113,15 +122,16 @@ class ReplicaHashSets(ReplicaBits):
         self._evict_over_capacity(slot)
 
     def add_many(self, replica_id: ReplicaId, keys: Iterable[int]) -> None:
-        """Holds `keys` on the replica, the last of them most recently used."""
+        """Holds the chain `keys` on the replica, its first key most recently
+        used, so capacity eviction takes the chain tail first."""
         slot = self._slot(replica_id)
         lru, keys = slot.lru, list(keys)
         new = [key for key in keys if key not in lru]
         held_before = len(lru)
         # Bulk calls keep the per-key work in C: insert the new keys, then move
-        # every key to the recent end in order.
+        # every key to the recent end, last key first.
         lru.update(zip(new, repeat(None)))
-        consume(map(lru.move_to_end, keys))
+        consume(map(lru.move_to_end, reversed(keys)))
         self._entries += len(lru) - held_before
         self._link(slot.bit, new)
         if len(lru) > slot.capacity_blocks:
@@ -160,16 +170,39 @@ class ReplicaHashSets(ReplicaBits):
         return overlap
 
     def runs(self, keys: Sequence[int]) -> dict[ReplicaId, int]:
-        """The run length from keys[0] of every replica holding at least keys[0]."""
-        # All replicas at once, in C: the running AND of the keys' holder masks
-        # (cut where it reaches 0) only loses bits, so a replica's run is the
-        # length of the leading part of `cumulative` that has its bit.
-        masks = map(self._holders.get, keys, repeat(0))
-        cumulative = list(takewhile(bool, accumulate(masks, and_)))
-        if not cumulative:
+        """The run length from keys[0] of every replica holding at least keys[0]
+        (exact for prefix-closed caches; see the module docstring)."""
+        if not keys:
             return {}
-        return {rid: bisect_left(cumulative, True, key=lambda mask, bit=bit: not mask & bit)
-                for bit, rid in self._replicas(cumulative[0])}
+        get = self._holders.get
+        first = get(keys[0], 0)
+        if not first:
+            return {}
+        last = len(keys) - 1
+        to_end = get(keys[last], 0) & first
+        # Segments (lo, its holders, hi, its holders): the bits held at lo but
+        # not at hi end their run in (lo, hi]. Left halves first, so run ends
+        # come out in order and, where a gap breaks the assumption, a
+        # replica's first end found is kept.
+        ends: list[tuple[int, int]] = []
+        segments = [(0, first, last, to_end)] if to_end != first else []
+        while segments:
+            lo, lo_mask, hi, hi_mask = segments.pop()
+            if hi - lo == 1:
+                ends.append((lo_mask & ~hi_mask, hi))
+                continue
+            mid = (lo + hi) // 2
+            mid_mask = get(keys[mid], 0) & lo_mask
+            if mid_mask != hi_mask:
+                segments.append((mid, mid_mask, hi, hi_mask))
+            if mid_mask != lo_mask:
+                segments.append((lo, lo_mask, mid, mid_mask))
+        ends.append((to_end, last + 1))
+        runs: dict[ReplicaId, int] = {}
+        for mask, run in ends:
+            for _, rid in self._replicas(mask):
+                runs.setdefault(rid, run)
+        return runs
 
     def _slot(self, replica_id: ReplicaId) -> _Slot:
         slot = self._slots.get(replica_id)

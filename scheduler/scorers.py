@@ -1,10 +1,11 @@
-"""Built-in scorers. Each returns a score in [0, 1] per replica, higher is better.
+"""Built-in scorers. Each returns scores in [0, 1], higher is better.
 
-Load scorers rank the candidates against each other (min-max: the least
-loaded gets 1, the most loaded 0, all equal get 1), as llm-d's queue scorer
-does, so a difference of one request still separates two idle replicas.
-Prefix scorers answer only for the replicas holding some of the prompt (the
-others score 0), which keeps their cost to the few holders.
+Load scorers answer a list aligned with the candidates and rank them against
+each other (min-max: the least loaded gets 1, the most loaded 0, all equal get
+1), as llm-d's queue scorer does, so a difference of one request still
+separates two idle replicas. Prefix and session scorers answer a dict of the
+replicas they favour (the others score 0), which keeps their cost to the few
+holders; the profile ignores entries for replicas that are not candidates.
 
 Per-replica loops are comprehensions over plain lists: in Python 3.11 these
 beat map() over attrgetter/operator functions, and they run on every decision.
@@ -22,22 +23,18 @@ from scheduler.framework import ReplicaId, ReplicaView, SchedRequest, Scores
 from scheduler.prefix_index import PrefixIndex
 
 
-def lower_is_better(replicas: list[ReplicaView], values: list[float]) -> Scores:
+def lower_is_better(values: list[float]) -> list[float]:
     """Min-max scaling that gives the lowest value 1 and the highest 0."""
     lo, hi = min(values), max(values)
     if hi <= lo:
-        return dict.fromkeys([r.id for r in replicas], 1.0)
+        return [1.0] * len(values)
     scale = 1.0 / (hi - lo)
-    return {r.id: (hi - v) * scale for r, v in zip(replicas, values, strict=True)}
+    return [(hi - v) * scale for v in values]
 
 
-def fractions(overlap: dict[ReplicaId, int], total: int,
-              replicas: list[ReplicaView]) -> Scores:
-    """matched / total for the replicas in `overlap` that are among `replicas`."""
-    if not overlap:
-        return {}
-    candidates = {r.id for r in replicas}
-    return {rid: matched / total for rid, matched in overlap.items() if rid in candidates}
+def fractions(overlap: dict[ReplicaId, int], total: int) -> Scores:
+    """matched / total for each replica in `overlap`."""
+    return {rid: matched / total for rid, matched in overlap.items()}
 
 
 class InFlightRequests:
@@ -45,8 +42,8 @@ class InFlightRequests:
 
     name = "in-flight-requests"
 
-    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
-        return lower_is_better(replicas, [r.in_flight_requests for r in replicas])
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
+        return lower_is_better([r.in_flight_requests for r in replicas])
 
 
 class InFlightTokens:
@@ -54,8 +51,8 @@ class InFlightTokens:
 
     name = "in-flight-tokens"
 
-    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
-        return lower_is_better(replicas, [r.in_flight_tokens for r in replicas])
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
+        return lower_is_better([r.in_flight_tokens for r in replicas])
 
 
 class QueueDepth:
@@ -64,8 +61,8 @@ class QueueDepth:
 
     name = "queue-depth"
 
-    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
-        return lower_is_better(replicas, [r.waiting + r.placed_since_report for r in replicas])
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
+        return lower_is_better([r.waiting + r.placed_since_report for r in replicas])
 
 
 class KvCacheUsage:
@@ -73,8 +70,8 @@ class KvCacheUsage:
 
     name = "kv-cache-usage"
 
-    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
-        return {r.id: 1.0 - min(1.0, max(0.0, r.kv_cache_usage)) for r in replicas}
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
+        return [1.0 - min(1.0, max(0.0, r.kv_cache_usage)) for r in replicas]
 
 
 class SessionTable:
@@ -108,7 +105,7 @@ class SessionAffinity:
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
         home = self.sessions.get(req.session_id) if req.session_id else None
-        return {r.id: 1.0 if r.id == home else 0.0 for r in replicas}
+        return {} if home is None else {home: 1.0}
 
     def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
         if req.session_id:
@@ -154,7 +151,7 @@ class PrefixPrecise:
         blocks = req.block_hashes
         if not blocks:
             return self.fallback.score(req, replicas)
-        return fractions(self.holdings.runs(blocks, req.now_s), len(blocks), replicas)
+        return fractions(self.holdings.runs(blocks, req.now_s), len(blocks))
 
     def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
         if req.block_hashes:
@@ -176,7 +173,7 @@ class PrefixApprox:
         chunks = req.chunk_hashes
         if not chunks:
             return {}
-        return fractions(self.index.runs(chunks, req.now_s), len(chunks), replicas)
+        return fractions(self.index.runs(chunks, req.now_s), len(chunks))
 
     def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
         if req.chunk_hashes:
@@ -205,18 +202,21 @@ class Cost:
         self.prefill_weight = params.prefill_weight
         self.models = models
 
-    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
-        cached = self._cached_fraction(req, replicas).get
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
         block_size_tokens = max(1, self.models.get(req.model, DEFAULT_MODEL).block_size_tokens)
         prompt_blocks = max(len(req.block_hashes),
                             math.ceil(req.prompt_tokens / block_size_tokens))
         prefill_blocks = self.prefill_weight * prompt_blocks
-        costs = [
-            prefill_blocks * (1.0 - cached(r.id, 0.0))
-            + max(r.in_flight_tokens / block_size_tokens, r.kv_cache_usage * r.capacity_blocks)
-            for r in replicas
-        ]
-        return lower_is_better(replicas, costs)
+        # Min-max scaling ignores a constant, so the prefill every replica would
+        # pay in full is left out and only what a holder saves is subtracted
+        # from its decode load: the larger of in-flight tokens in blocks and
+        # reported usage.
+        saved = {rid: prefill_blocks * fraction
+                 for rid, fraction in self._cached_fraction(req).items()}.get
+        return lower_is_better([
+            (tokens if (tokens := r.in_flight_tokens / block_size_tokens)
+             > (used := r.kv_cache_usage * r.capacity_blocks) else used) - saved(r.id, 0.0)
+            for r in replicas])
 
     def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
         if req.block_hashes:
@@ -224,11 +224,11 @@ class Cost:
         elif req.chunk_hashes:
             self.approx.record(replica.id, req.chunk_hashes, req.now_s)
 
-    def _cached_fraction(self, req: SchedRequest, replicas: list[ReplicaView]) -> Scores:
+    def _cached_fraction(self, req: SchedRequest) -> Scores:
         if req.block_hashes:
             return fractions(self.precise.runs(req.block_hashes, req.now_s),
-                             len(req.block_hashes), replicas)
+                             len(req.block_hashes))
         if req.chunk_hashes:
             return fractions(self.approx.runs(req.chunk_hashes, req.now_s),
-                             len(req.chunk_hashes), replicas)
+                             len(req.chunk_hashes))
         return {}

@@ -5,6 +5,10 @@ which blocks the event loop or leaks tasks."""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import os
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,6 +31,30 @@ MAX_LOOP_STALL_S = 0.5
 # process that long; a blocking call in our code still shows up above it.
 MAX_LOOP_STALL_WITH_VLLM_S = 2.0
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# uvloop's close() runs the loop until every libuv handle is closed. Once, in
+# many runs, the session's loop never finished closing after every test had
+# run and every fixture was torn down. Until the handle is found, a watchdog
+# ends such a run with pytest's verdict and every thread's stack, instead of
+# hanging CI until its time limit.
+TEARDOWN_WATCHDOG_S = 120.0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is not None:
+        return
+    session = item.session
+
+    def hung() -> None:
+        sys.stderr.write(f"\nteardown still running after {TEARDOWN_WATCHDOG_S:.0f} s "
+                         f"({session.testsfailed} failed of {session.testscollected}); "
+                         "stacks follow, exiting with that verdict\n")
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(1 if session.testsfailed else 0)
+
+    watchdog = threading.Timer(TEARDOWN_WATCHDOG_S, hung)
+    watchdog.daemon = True
+    watchdog.start()
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:

@@ -35,9 +35,10 @@ def _listed(index: ApproxIndex) -> int:
 @pytest.mark.parametrize(("capacity", "adds", "held", "evicted"), [
     (4, [[1, 2, 3]], [1, 2, 3], 0),
     (4, [[1, 2, 3], [1, 1, 4]], [1, 2, 3, 4], 0),         # a repeat counts once
-    (3, [[1, 2, 3], [4]], [2, 3, 4], 1),                  # least recent goes first
+    (3, [[1, 2, 3], [4]], [1, 2, 4], 1),                  # least recent goes first: 3, the tail
+    (3, [[4], [1, 2, 3]], [1, 2, 3], 1),
     (3, [[1, 2, 3], [1], [4, 5]], [1, 4, 5], 2),          # a touch makes 1 recent
-    (2, [[1, 2, 3, 4, 5]], [4, 5], 3),                    # one add larger than the capacity
+    (2, [[1, 2, 3, 4, 5]], [1, 2], 3),                    # one add larger: its head stays
 ])
 def test_lru_sets_hold_the_most_recent_up_to_capacity(capacity, adds, held, evicted) -> None:
     sets = ReplicaHashSets(capacity)
@@ -48,15 +49,72 @@ def test_lru_sets_hold_the_most_recent_up_to_capacity(capacity, adds, held, evic
     assert sets.evicted_blocks == evicted
 
 
-@pytest.mark.parametrize(("capacity", "held"), [(10, [1, 2, 3, 4]), (2, [3, 4]), (1, [4])])
-def test_lru_sets_shrink_to_a_new_capacity(capacity: int, held: list[int]) -> None:
+@pytest.mark.parametrize(("capacity", "held", "runs"), [
+    (10, [1, 2, 3, 4], {A: 4, B: 2}),
+    (2, [1, 2], {A: 2, B: 2}),   # tail first: what is left is still a prefix
+    (1, [1], {A: 1, B: 2}),
+])
+def test_lru_sets_shrink_to_a_new_capacity(capacity: int, held: list[int], runs) -> None:
     sets = ReplicaHashSets(10)
     sets.add_many(A, [1, 2, 3, 4])
     sets.add_many(B, [1, 2])
     sets.set_capacity(A, capacity)
     assert sorted(sets._slots[A].lru) == held
-    assert sets.runs([1, 2]) == ({A: 2, B: 2} if capacity == 10 else {B: 2})
+    assert sets.runs([1, 2, 3, 4]) == runs
     assert sets.size_blocks() == len(held) + 2 == _holder_pairs(sets)
+
+
+def _linear_runs(index: ReplicaHashSets, keys: list[int]) -> dict[ReplicaId, int]:
+    """Each replica's run read block by block, stopping at its first gap."""
+    runs = {}
+    for rid, slot in index._slots.items():
+        run = next((i for i, key in enumerate(keys) if key not in slot.lru), len(keys))
+        if run:
+            runs[rid] = run
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_precise_bisection_equals_a_linear_reading_on_prefix_closed_caches(seed: int) -> None:
+    """Replicas store chains of a few shared trees and evict as vLLM does
+    (tail first, through capacity or BlockRemoved of a chain's last blocks),
+    so every cache stays prefix-closed and bisection reads what a walk reads."""
+    rng = random.Random(seed)
+    replicas = [ReplicaId(f"r{i}") for i in range(rng.choice([3, 8, 64]))]
+    index = ReplicaHashSets(default_capacity_blocks=rng.choice([16, 64, 1_000]))
+    stored: dict[ReplicaId, list[list[int]]] = {rid: [] for rid in replicas}
+    for _ in range(300):
+        query = _chain(rng.randrange(3), rng.randrange(1, 60), rng)
+        assert index.runs(query) == _linear_runs(index, query)
+        rid = rng.choice(replicas)
+        if rng.random() < 0.2 and stored[rid]:
+            chain = stored[rid].pop(rng.randrange(len(stored[rid])))
+            for key in reversed(chain[rng.randrange(len(chain)):]):
+                if not any(key in other for other in stored[rid]):
+                    index.remove(rid, key)
+        else:
+            prompt = _chain(rng.randrange(3), rng.randrange(1, 60), rng)
+            index.add_many(rid, prompt)
+            stored[rid].append(prompt)
+    assert index.size_blocks() == _holder_pairs(index)
+
+
+@pytest.mark.parametrize(("held", "keys", "bisected", "walked"), [
+    ({A: [1, 2, 4, 5]}, [1, 2, 3, 4, 5], {A: 5}, {A: 2}),  # the gap at block 2 is not seen
+    ({A: [1, 2, 4]}, [1, 2, 3, 4, 5], {A: 2}, {A: 2}),     # unless bisection lands on it
+    ({A: [1, 2, 3, 4, 6, 7, 8, 9], B: [1]}, list(range(1, 10)),
+     {A: 4, B: 1}, {A: 4, B: 1}),                          # the first end found is kept
+    ({A: [1, 2, 3], B: [1, 2]}, [1, 2, 3, 4, 5], {A: 3, B: 2}, {A: 3, B: 2}),
+])
+def test_precise_bisection_can_read_past_a_gap(held, keys, bisected, walked) -> None:
+    """Where a cache is not prefix-closed (sliding-window models, whose blocks
+    vLLM frees ancestors first, or missed events), a match can look longer than
+    vLLM would hit."""
+    index = ReplicaHashSets(100)
+    for rid, blocks in held.items():
+        index.add_many(rid, blocks)
+    assert index.runs(keys) == bisected
+    assert _linear_runs(index, keys) == walked
 
 
 # --- approximate: generations -------------------------------------------------------------

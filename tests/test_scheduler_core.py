@@ -126,3 +126,38 @@ def test_explain_lists_every_candidate_with_its_scores() -> None:
         assert entry["total"] == pytest.approx(
             3 * entry["scores"]["prefix-precise"] + entry["scores"]["in-flight-requests"]
             + entry["scores"]["queue-depth"])
+
+
+def _drain_a(core: SchedulerCore) -> None:
+    core.set_health("a", draining=True)
+
+
+def _stale_a(core: SchedulerCore) -> None:
+    core.apply_load("a", 0, 0, 0.0, now_s=0.0)
+    assert core.mark_stale(now_s=10.0, stale_s=5.0) == ["a"]
+
+
+def _a_serves_other(core: SchedulerCore) -> None:
+    core.set_replicas([ReplicaInfo(id=rid, url=f"http://{rid}", models=models)
+                       for rid, models in (("a", ("other",)), ("b", ("m",)), ("c", ("m",)))])
+
+
+@pytest.mark.parametrize("change", [
+    lambda core: core.set_health("a", healthy=False),
+    _drain_a,
+    _stale_a,
+    lambda core: core.replica_failed("a", now_s=0.0),
+    _a_serves_other,
+])
+def test_a_registry_or_health_change_is_seen_by_the_next_decision(change) -> None:
+    """The profile reuses its filters' output while the core's state is
+    unchanged; every change to it must show at once."""
+    core = _core(*THREE)
+    placed = {_replica_of(core.place_view(_view(f"warm{i}"))) for i in range(6)}
+    assert placed == {"a", "b", "c"}
+    change(core)
+    assert "a" not in {_replica_of(core.place_view(_view(f"r{i}"))) for i in range(6)}
+    core.set_replicas([ReplicaInfo(id=rid, url=f"http://{rid}", models=("m",)) for rid in "abc"])
+    core.set_health("a", healthy=True, draining=False, now_s=100.0)
+    assert "a" in {_replica_of(core.place_view(_view(f"back{i}", now_s=100.0)))
+                   for i in range(9)}

@@ -45,7 +45,7 @@ async def start_service(private_bus: str, redis_url: str) -> AsyncIterator[Start
     async def start(**saturation: object) -> SchedulerService:
         sat = SaturationConfig(**{"max_num_seqs": 1, "waiting_requests": 1, **saturation})
         cfg = Config(nats=NatsConfig(url=private_bus),
-                     redis=RedisConfig(url=redis_url.removesuffix("/0") + "/3"),
+                     redis=RedisConfig(url=redis_url.removesuffix("/0") + "/8"),
                      scheduler=SchedulerConfig(saturation=sat))
         redis = connect_redis(cfg.redis)
         await redis.flushdb()

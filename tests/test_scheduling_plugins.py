@@ -10,8 +10,14 @@ import pytest
 from scheduler.approx_index import ApproxIndex, chunk_hashes
 from scheduler.config import CostParams, ModelConfig, ProfileConfig, ScorerRef, decode_config
 from scheduler.errors import ConfigError
-from scheduler.filters import Healthy, NotDraining, ServesModel
-from scheduler.framework import ReplicaId, ReplicaView, SchedRequest
+from scheduler.filters import Healthy, NotDraining, NotExcluded, ServesModel
+from scheduler.framework import (
+    Profile,
+    ReplicaId,
+    ReplicaView,
+    SchedRequest,
+    WeightedScorer,
+)
 from scheduler.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from scheduler.pickers import MaxScore, RoundRobin, WeightedRandom
 from scheduler.prefix_index import PrefixIndex, ReplicaHashSets
@@ -74,17 +80,18 @@ def test_filters(plugin, views: list[ReplicaView], kept: list[str]) -> None:
      {"a": 0.75, "b": 0.0}),
 ])
 def test_load_scorers(scorer, views: list[ReplicaView], expected: dict[str, float]) -> None:
-    assert scorer.score(_req(), views) == pytest.approx(expected)
+    # A list aligned with the candidates.
+    assert scorer.score(_req(), views) == pytest.approx(list(expected.values()))
 
 
 def test_session_affinity_follows_the_session_and_stays_bounded() -> None:
     sessions = SessionTable(max_sessions=2)
     scorer = SessionAffinity(sessions)
     views = [_view("a"), _view("b")]
-    assert scorer.score(_req(session_id="s1"), views) == {"a": 0.0, "b": 0.0}
+    assert scorer.score(_req(session_id="s1"), views) == {}
     scorer.placed(_req(session_id="s1"), views[1])
-    assert scorer.score(_req(session_id="s1"), views) == {"a": 0.0, "b": 1.0}
-    assert scorer.score(_req(), views) == {"a": 0.0, "b": 0.0}
+    assert scorer.score(_req(session_id="s1"), views) == {"b": 1.0}
+    assert scorer.score(_req(), views) == {}
     scorer.placed(_req(session_id="s2"), views[0])
     scorer.placed(_req(session_id="s3"), views[0])
     assert len(sessions) == 2 and sessions.get("s1") is None
@@ -92,10 +99,14 @@ def test_session_affinity_follows_the_session_and_stays_bounded() -> None:
 
 # --- pickers -------------------------------------------------------------------------
 
+def _pick(picker, totals: dict[ReplicaId, float], rng: random.Random) -> ReplicaId:
+    return picker.pick(_req(), list(totals), list(totals.values()), rng)
+
+
 def test_max_score_picks_the_best_and_breaks_ties_at_random() -> None:
     rng = random.Random(3)
-    assert MaxScore().pick(_req(), {A: 0.2, B: 0.9, C: 0.5}, rng) == B
-    seen = {MaxScore().pick(_req(), {A: 1.0, B: 1.0, C: 0.0}, rng) for _ in range(50)}
+    assert _pick(MaxScore(), {A: 0.2, B: 0.9, C: 0.5}, rng) == B
+    seen = {_pick(MaxScore(), {A: 1.0, B: 1.0, C: 0.0}, rng) for _ in range(50)}
     assert seen == {A, B}
 
 
@@ -106,12 +117,12 @@ def test_max_score_picks_the_best_and_breaks_ties_at_random() -> None:
 ])
 def test_weighted_random_draws_in_proportion(scores, allowed) -> None:
     rng = random.Random(5)
-    assert {WeightedRandom().pick(_req(), scores, rng) for _ in range(100)} == allowed
+    assert {_pick(WeightedRandom(), scores, rng) for _ in range(100)} == allowed
 
 
 def test_round_robin_cycles_by_id() -> None:
     picker, rng = RoundRobin(), random.Random(0)
-    assert [picker.pick(_req(), {B: 0.0, A: 0.0, C: 0.0}, rng) for _ in range(4)] == [
+    assert [_pick(picker, {B: 0.0, A: 0.0, C: 0.0}, rng) for _ in range(4)] == [
         A, B, C, A]
 
 
@@ -119,7 +130,7 @@ def test_round_robin_cycles_by_id() -> None:
 
 @pytest.mark.parametrize(("held", "request_blocks", "expected"), [
     ({"a": [1, 2, 3, 4]}, [1, 2, 3, 4], {"a": 4, "b": 0}),
-    ({"a": [1, 2, 4, 5]}, [1, 2, 3, 4, 5], {"a": 2, "b": 0}),  # a gap at block 2 stops the run
+    ({"a": [1, 2, 4, 5]}, [1, 2, 3, 6, 7], {"a": 2, "b": 0}),  # block 2 not held ends the run
     ({"a": [2, 3]}, [1, 2, 3], {"a": 0, "b": 0}),              # no block 0: no overlap
     ({"a": [1, 2], "b": [1, 2, 3]}, [1, 2, 3, 9], {"a": 2, "b": 3}),
     ({"a": [1]}, [], {"a": 0, "b": 0}),
@@ -216,13 +227,14 @@ def test_a_prompt_just_sent_counts_as_held_until_its_events_come_or_the_ttl_ends
 
 
 def test_prefix_scorers_give_the_matched_fraction_of_holders_only() -> None:
-    # Replicas a prefix scorer leaves out score 0 (see Scorer.score).
+    # Replicas a prefix scorer leaves out score 0 (see Scorer.score); the
+    # profile ignores holders that are not candidates.
     precise, approx = PrefixIndex(100), ApproxIndex(100, ttl_s=60.0)
     precise.apply_events(A, [_stored(1, 2)])
     precise.apply_events(C, [_stored(1, 2, 3)])  # not a candidate
     views = [_view("a"), _view("b")]
     assert PrefixPrecise(_holdings(precise), PrefixApprox(approx)).score(
-        _req(block_hashes=(1, 2, 3, 4)), views) == {"a": 0.5}
+        _req(block_hashes=(1, 2, 3, 4)), views) == {"a": 0.5, "c": 0.75}
     scorer = PrefixApprox(approx)
     scorer.placed(_req(chunk_hashes=(5, 6)), views[1])
     assert scorer.score(_req(chunk_hashes=(5, 6, 7, 8), now_s=1.0), views) == {"b": 0.5}
@@ -245,8 +257,8 @@ def test_cost_prefers_cached_prefill_against_decode_load(a_fields, b_fields, bes
                   {"m": ModelConfig(block_size_tokens=16)})
     scores = scorer.score(_req(block_hashes=(1, 2, 3, 4), prompt_tokens=64),
                           [_view("a", **a_fields), _view("b", **b_fields)])
-    assert {rid for rid, s in scores.items() if s == 1.0} == best
-    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    assert {rid for rid, s in zip("ab", scores, strict=True) if s == 1.0} == best
+    assert all(0.0 <= s <= 1.0 for s in scores)
 
 
 def test_prefix_precise_falls_back_to_the_approximate_index_without_block_hashes() -> None:
@@ -273,7 +285,7 @@ def test_cost_counts_blocks_of_the_requests_model(block_size_tokens: int, best: 
                   {"m": ModelConfig(block_size_tokens=block_size_tokens)})
     scores = scorer.score(_req(block_hashes=(1, 2, 3, 4), prompt_tokens=64),
                           [_view("a"), _view("b", in_flight_tokens=96)])
-    assert max(scores, key=scores.__getitem__) == best
+    assert "ab"[scores.index(max(scores))] == best
 
 
 # --- registry and profiles --------------------------------------------------------------
@@ -308,3 +320,66 @@ def test_every_default_profile_builds_and_the_active_one_must_exist() -> None:
         "unused": {"picker": "nope"}}}}, {}).scheduler
     with pytest.raises(ConfigError, match="unknown picker `nope`"):
         build_profiles(typo, _state())
+
+
+# --- profile: lists, sparse answers, explanations, the filter cache ------------------------
+
+class _Fixed:
+    """A scorer answering what it was given, whatever the request."""
+
+    def __init__(self, name: str, answer: list[float] | dict[ReplicaId, float]) -> None:
+        self.name, self.answer = name, answer
+
+    def score(self, req: SchedRequest, replicas: list[ReplicaView]):
+        return self.answer
+
+
+@pytest.mark.parametrize(("answers", "totals"), [
+    ([([0.5, 1.0, 0.0], 1.0)], [0.5, 1.0, 0.0]),
+    ([([0.5, 1.0, 0.0], 2.0), ([1.0, 0.0, 0.5], 1.0)], [2.0, 2.0, 0.5]),
+    ([({B: 1.0, C: 0.5}, 3.0)], [0.0, 3.0, 1.5]),                         # sparse only
+    ([({A: 1.0, ReplicaId("gone"): 1.0}, 1.0), ([0.0, 1.0, 1.0], 0.5)],   # not a candidate
+     [1.0, 0.5, 0.5]),
+    ([({}, 1.0), ([1.0, 1.0, 1.0], 1.0), ([0.0, 0.5, 1.0], 2.0)], [1.0, 2.0, 3.0]),
+])
+def test_profile_adds_dense_and_sparse_answers(answers, totals) -> None:
+    scorers = [WeightedScorer(_Fixed(f"s{i}", answer), weight)
+               for i, (answer, weight) in enumerate(answers)]
+    profile = Profile("p", [Healthy()], scorers, MaxScore())
+    views = [_view("a"), _view("b"), _view("c"), _view("d", healthy=False)]
+    decision = profile.decide(_req(), views, random.Random(1))
+    assert decision.candidates == [A, B, C] and decision.totals == pytest.approx(totals)
+    explained = decision.explain()
+    assert explained["filtered_out"] == {"healthy": ["d"]}
+    for i, rid in enumerate(decision.candidates):
+        entry = explained["candidates"][rid]
+        assert entry["total"] == pytest.approx(totals[i])
+        assert entry["scores"] == pytest.approx({
+            f"s{k}": answer[i] if isinstance(answer, list) else answer.get(rid, 0.0)
+            for k, (answer, _) in enumerate(answers)})
+
+
+def test_profile_rejects_a_dense_answer_of_the_wrong_length() -> None:
+    profile = Profile("p", [], [WeightedScorer(_Fixed("short", [1.0]), 1.0)], MaxScore())
+    with pytest.raises(ValueError, match="`short` answered 1 scores for 2 candidates"):
+        profile.decide(_req(), [_view("a"), _view("b")], random.Random(1))
+
+
+@pytest.mark.parametrize(("versions", "expected"), [
+    ((None, None), [["a", "b"], ["b"]]),  # no version: every decision filters afresh
+    ((1, 1), [["a", "b"], ["a", "b"]]),   # the same version: the first result is reused
+    ((1, 2), [["a", "b"], ["b"]]),        # a new version: filtered again
+])
+def test_profile_reuses_state_filters_per_model_and_version(versions, expected) -> None:
+    profile = Profile("p", [Healthy(), NotExcluded()], [], MaxScore())
+    views = [_view("a"), _view("b")]
+    kept = []
+    for version in versions:
+        kept.append(profile.decide(_req(), views, random.Random(1), version).candidates)
+        views[0].healthy = False
+    assert kept == expected
+    # A request's own exclusions are applied after the cached filters, every time.
+    excluded = profile.decide(_req(exclude=frozenset({"b"}), model="m"), views,
+                              random.Random(1), versions[-1])
+    assert excluded.candidates == [ReplicaId(r) for r in expected[-1] if r != "b"]
+    assert excluded.filtered_out.get("not-excluded") == ["b"]

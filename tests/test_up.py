@@ -4,6 +4,7 @@ request, and leaves no process behind after SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -42,20 +43,21 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _leftovers(up_pid: int, workdir: Path) -> list[str]:
-    """Live processes that belong to an `up` run, found by what their command
-    lines name: its working directory, or its Ray session (named after the
-    driver's pid). Orphans are found too, unlike by walking the tree."""
+def _leftovers(up_pid: int, workdir: Path) -> dict[int, str]:
+    """Live processes that belong to an `up` run (pid -> command line), found
+    by what their command lines name: its working directory, or its Ray
+    session (named after the driver's pid). Orphans are found too, unlike by
+    walking the tree."""
     ray_session = re.compile(rf"session_[0-9_-]+_{up_pid}\b")
-    found = []
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if (str(workdir) in args or ray_session.search(args)) and _alive(
-                int(cmdline.parent.name)):
-            found.append(args[:120])
+        pid = int(cmdline.parent.name)
+        if (str(workdir) in args or ray_session.search(args)) and _alive(pid):
+            found[pid] = args[:120]
     return found
 
 
@@ -92,10 +94,11 @@ class UpRun:
     output on a pipe the test owns and can close, as a dying `tee` would."""
 
     def __init__(self, proc: asyncio.subprocess.Process, output: asyncio.StreamReader,
-                 transport: asyncio.ReadTransport) -> None:
+                 transport: asyncio.ReadTransport, workdir: Path) -> None:
         self.proc = proc
         self.output = output
         self._transport = transport
+        self.workdir = workdir
 
     @classmethod
     async def start(cls, workdir: Path, config: Path) -> UpRun:
@@ -108,7 +111,7 @@ class UpRun:
         output = asyncio.StreamReader()
         transport, _ = await asyncio.get_running_loop().connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(output), os.fdopen(read_fd, "rb", 0))
-        return cls(proc, output, transport)
+        return cls(proc, output, transport, workdir)
 
     async def until_up(self) -> str:
         seen = []
@@ -127,10 +130,19 @@ class UpRun:
         self._transport.close()
 
     async def aclose(self) -> None:
+        """After a failed test too: stops `up` as an operator would, then ends
+        by PID whatever of its run is left, so no test leaves servers behind."""
         if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
         self.close_output()
+        for pid in _leftovers(self.proc.pid, self.workdir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_up_names_the_part_that_failed(tmp_path: Path) -> None:
