@@ -35,8 +35,9 @@ IN_FLIGHT_WINDOW = 2_048
 MODEL = "bench-model"
 
 
-def _core(profile: str) -> SchedulerCore:
-    raw = {"scheduler": {"profile": profile, "replica_capacity_blocks": BLOCKS_PER_REPLICA}}
+def _core(profile: str, pending_ttl_s: float) -> SchedulerCore:
+    raw = {"scheduler": {"profile": profile, "replica_capacity_blocks": BLOCKS_PER_REPLICA,
+                         "plugins": {"prefix-precise": {"pending_ttl_s": pending_ttl_s}}}}
     core = SchedulerCore(decode_config(raw, {}).scheduler, random.Random(1))
     core.set_replicas([ReplicaInfo(id=f"r{i:02d}", url=f"http://10.0.0.{i}:8000",
                                    models=(MODEL,)) for i in range(REPLICAS)])
@@ -101,10 +102,10 @@ def _run(core: SchedulerCore, trace: list[SchedRequest], rng: random.Random) -> 
 
 
 def _median_run(profile: str, prefixes: list[list[int]], trace: list[SchedRequest],
-                repeats: int) -> dict:
+                repeats: int, pending_ttl_s: float) -> dict:
     runs = []
     for _ in range(repeats):
-        core = _core(profile)
+        core = _core(profile, pending_ttl_s)
         _fill_index(core, prefixes, random.Random(11))
         runs.append(_run(core, trace, random.Random(13)))
     figures = ("decisions_per_s", "decisions_per_cpu_s", "p50_us", "p99_us")
@@ -118,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profiles",
                         default="least-load,round-robin,prefix-precise,prefix-approx,cost")
+    # 0 measures precise scoring from KV events alone (no entries for prompts just sent).
+    parser.add_argument("--pending-ttl-s", type=float, default=10.0)
     args = parser.parse_args(argv)
     rng = random.Random(7)
     prefixes = _prefixes(rng)
     trace = _trace(prefixes, args.decisions, rng)
-    results = {profile: _median_run(profile, prefixes, trace, args.repeats)
+    results = {profile: _median_run(profile, prefixes, trace, args.repeats, args.pending_ttl_s)
                for profile in args.profiles.split(",")}
     print(json.dumps({"replicas": REPLICAS, "index_blocks": REPLICAS * BLOCKS_PER_REPLICA,
                       "prompt_blocks": SHARED_BLOCKS + TAIL_BLOCKS, "profiles": results}))

@@ -39,7 +39,7 @@ class PluginState:
 
     precise: PrefixIndex
     # Prompts (block hashes) sent to a replica whose KV events have not come yet.
-    pending: ApproxIndex
+    pending: ApproxIndex | None
     approx: ApproxIndex
     sessions: SessionTable
     params: PluginParams
@@ -52,7 +52,8 @@ class PluginState:
         params = cfg.plugins
         return cls(
             precise=PrefixIndex(cfg.replica_capacity_blocks),
-            pending=ApproxIndex(cfg.replica_capacity_blocks, params.prefix_precise.pending_ttl_s),
+            pending=(ApproxIndex(cfg.replica_capacity_blocks, params.prefix_precise.pending_ttl_s)
+                     if params.prefix_precise.pending_ttl_s > 0 else None),
             approx=ApproxIndex(cfg.replica_capacity_blocks, params.prefix_approx.ttl_s),
             sessions=SessionTable(params.session_affinity.max_sessions),
             params=params,
@@ -61,18 +62,21 @@ class PluginState:
 
     def drop(self, replica_id: ReplicaId) -> None:
         """Forgets a replica that left the registry, in every index."""
-        for index in (self.precise, self.pending, self.approx):
+        for index in self._indexes():
             index.drop(replica_id)
 
     def set_capacity(self, replica_id: ReplicaId, capacity_blocks: int) -> None:
         """The replica's KV capacity as it reported it: every index's bound for it."""
-        for index in (self.precise, self.pending, self.approx):
+        for index in self._indexes():
             index.set_capacity(replica_id, capacity_blocks)
+
+    def _indexes(self) -> tuple[PrefixIndex | ApproxIndex, ...]:
+        return tuple(i for i in (self.precise, self.pending, self.approx) if i is not None)
 
     def index_sizes(self) -> dict[str, int]:
         """Entries per index (the scheduler actor reports them in its stats)."""
         return {"prefix-precise": self.precise.size_blocks(),
-                "prefix-precise-pending": self.pending.size_blocks(),
+                "prefix-precise-pending": self.pending.size_blocks() if self.pending else 0,
                 "prefix-approx": self.approx.size_blocks(),
                 "session-affinity": len(self.sessions)}
 

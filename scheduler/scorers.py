@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 from scheduler.approx_index import ApproxIndex
 from scheduler.config import DEFAULT_MODEL, CostParams, ModelConfig
@@ -112,26 +113,51 @@ class SessionAffinity:
             self.sessions.record(req.session_id, replica.id)
 
 
+# A prompt just sent is remembered by the hashes of its blocks at these
+# positions only (1, 2, 4, then every PENDING_STRIDE_BLOCKS, and its last):
+# a dozen or two entries per placement instead of one per block, at the price
+# of a run found up to a stride short until the KV events give it exactly.
+PENDING_STRIDE_BLOCKS = 8
+
+
+@lru_cache(maxsize=4_096)
+def pending_positions(blocks: int) -> tuple[int, ...]:
+    """The block counts whose last block marks a prompt of `blocks` blocks."""
+    marks = {p for p in (1, 2, 4) if p < blocks}
+    marks.update(range(PENDING_STRIDE_BLOCKS, blocks, PENDING_STRIDE_BLOCKS))
+    return tuple(sorted(marks | {blocks})) if blocks else ()
+
+
 class PreciseHoldings:
     """What a replica holds by block hash: its KV events say so, or a prompt
     was sent to it within the pending TTL and its events have not come yet
     (its prefill takes a while; until then a burst sharing the prompt would
-    see no replica holding it and spread)."""
+    see no replica holding it and spread). Block hashes are chained, so the
+    marks of a prompt (`pending_positions`) are a chain too: the pending
+    index keeps them like approximate chunks."""
 
-    def __init__(self, events: PrefixIndex, pending: ApproxIndex) -> None:
+    def __init__(self, events: PrefixIndex, pending: ApproxIndex | None) -> None:
         self.events = events
+        # None: only the events count (pending_ttl_s 0).
         self.pending = pending
 
     def runs(self, blocks: Sequence[int], now_s: float) -> dict[ReplicaId, int]:
         """Each holder's run of `blocks` from block 0 (the longer of the two)."""
         runs = self.events.runs(blocks)
-        for rid, pending in self.pending.runs(blocks, now_s).items():
-            if pending > runs.get(rid, 0):
-                runs[rid] = pending
+        if self.pending is None:
+            return runs
+        positions = pending_positions(len(blocks))
+        marks = [blocks[p - 1] for p in positions]
+        for rid, matched in self.pending.runs(marks, now_s).items():
+            if matched and positions[matched - 1] > runs.get(rid, 0):
+                runs[rid] = positions[matched - 1]
         return runs
 
     def record(self, replica_id: ReplicaId, blocks: Sequence[int], now_s: float) -> None:
-        self.pending.record(replica_id, blocks, now_s)
+        if self.pending is None:
+            return
+        marks = [blocks[p - 1] for p in pending_positions(len(blocks))]
+        self.pending.record(replica_id, marks, now_s)
 
 
 class PrefixPrecise:
@@ -204,7 +230,8 @@ class Cost:
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
         block_size_tokens = max(1, self.models.get(req.model, DEFAULT_MODEL).block_size_tokens)
-        prompt_blocks = max(len(req.block_hashes),
+        # A chunk hash stands for one block of text too (prefix-approx's chunking).
+        prompt_blocks = max(len(req.block_hashes), len(req.chunk_hashes),
                             math.ceil(req.prompt_tokens / block_size_tokens))
         prefill_blocks = self.prefill_weight * prompt_blocks
         # Min-max scaling ignores a constant, so the prefill every replica would

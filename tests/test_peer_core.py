@@ -122,12 +122,17 @@ def test_peer_placements_expire_and_release_like_own_ones() -> None:
     assert peer.replicas[placement.replica_id].in_flight_tokens == 0
 
 
+# A long shared prefix: with the cost profile its saved prefill must outweigh
+# the queue depth the first placement left on its replica.
+SHARED, OTHER = tuple(range(1, 17)), (*range(1, 16), 99)
+
+
 @pytest.mark.parametrize(("profile", "fields", "follow_up"), [
-    ("prefix-approx", {"chunk_hashes": (1, 2, 3, 4)}, {"chunk_hashes": (1, 2, 3, 9)}),
-    ("cost", {"chunk_hashes": (1, 2, 3, 4)}, {"chunk_hashes": (1, 2, 3, 9)}),
+    ("prefix-approx", {"chunk_hashes": SHARED}, {"chunk_hashes": OTHER}),
+    ("cost", {"chunk_hashes": SHARED}, {"chunk_hashes": OTHER}),
     # Prompts just sent, before the replica's KV events say it holds them.
-    ("prefix-precise", {"block_hashes": (1, 2, 3, 4)}, {"block_hashes": (1, 2, 3, 9)}),
-    ("cost", {"block_hashes": (1, 2, 3, 4)}, {"block_hashes": (1, 2, 3, 9)}),
+    ("prefix-precise", {"block_hashes": SHARED}, {"block_hashes": OTHER}),
+    ("cost", {"block_hashes": SHARED}, {"block_hashes": OTHER}),
 ])
 def test_peers_learn_the_same_prefixes(profile: str, fields: dict, follow_up: dict) -> None:
     origin, peer = _core(1, profile), _core(2, profile)

@@ -226,6 +226,16 @@ def test_a_prompt_just_sent_counts_as_held_until_its_events_come_or_the_ttl_ends
     assert scorer.score(_req(block_hashes=(1, 2, 3, 4), now_s=20.0), views) == {}
 
 
+def test_without_a_pending_ttl_only_the_events_count() -> None:
+    precise = PrefixIndex(100)
+    scorer = PrefixPrecise(PreciseHoldings(precise, None), PrefixApprox(ApproxIndex(100, 60.0)))
+    views = [_view("a"), _view("b")]
+    scorer.placed(_req(block_hashes=(1, 2, 3, 4), now_s=0.0), views[1])
+    assert scorer.score(_req(block_hashes=(1, 2, 3, 4), now_s=1.0), views) == {}
+    precise.apply_events(A, [_stored(1, 2)])
+    assert scorer.score(_req(block_hashes=(1, 2, 3, 4), now_s=1.0), views) == {"a": 0.5}
+
+
 def test_prefix_scorers_give_the_matched_fraction_of_holders_only() -> None:
     # Replicas a prefix scorer leaves out score 0 (see Scorer.score); the
     # profile ignores holders that are not candidates.
