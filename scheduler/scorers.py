@@ -140,12 +140,15 @@ class PreciseHoldings:
         self.events = events
         # None: only the events count (pending_ttl_s 0).
         self.pending = pending
+        # The prompt last scored and what the events said of it, for `record`.
+        self._scored: tuple[Sequence[int], dict[ReplicaId, int]] = ((), {})
 
     def runs(self, blocks: Sequence[int], now_s: float) -> dict[ReplicaId, int]:
         """Each holder's run of `blocks` from block 0 (the longer of the two)."""
         runs = self.events.runs(blocks)
         if self.pending is None:
             return runs
+        self._scored = (blocks, dict(runs))
         positions = pending_positions(len(blocks))
         marks = [blocks[p - 1] for p in positions]
         for rid, matched in self.pending.runs(marks, now_s).items():
@@ -155,6 +158,12 @@ class PreciseHoldings:
 
     def record(self, replica_id: ReplicaId, blocks: Sequence[int], now_s: float) -> None:
         if self.pending is None:
+            return
+        scored, events_runs = self._scored
+        if scored is blocks and 2 * events_runs.get(replica_id, 0) >= len(blocks):
+            # Its events already show most of the prompt there: what is left is
+            # the prompt's own tail, which the events will show before any
+            # follow-up (the next turn comes after this one's answer).
             return
         marks = [blocks[p - 1] for p in pending_positions(len(blocks))]
         self.pending.record(replica_id, marks, now_s)

@@ -226,6 +226,22 @@ def test_a_prompt_just_sent_counts_as_held_until_its_events_come_or_the_ttl_ends
     assert scorer.score(_req(block_hashes=(1, 2, 3, 4), now_s=20.0), views) == {}
 
 
+def test_a_prompt_whose_replica_already_holds_most_of_it_adds_no_pending_entry() -> None:
+    precise = PrefixIndex(100)
+    holdings = _holdings(precise)
+    scorer = PrefixPrecise(holdings, PrefixApprox(ApproxIndex(100, 60.0)))
+    views = [_view("a"), _view("b")]
+    precise.apply_events(B, [_stored(1, 2)])
+    for blocks, recorded in [((1, 2, 3, 4), 0),   # half of it already there: nothing new
+                             ((1, 2, 3, 4, 5), 4),  # less than half: its marks (1, 2, 4, 5)
+                             ((7, 8), 2)]:          # none of it anywhere
+        req = _req(block_hashes=blocks, now_s=0.0)
+        scorer.score(req, views)
+        before = holdings.pending.size_blocks()
+        scorer.placed(req, views[1])
+        assert holdings.pending.size_blocks() - before == recorded
+
+
 def test_without_a_pending_ttl_only_the_events_count() -> None:
     precise = PrefixIndex(100)
     scorer = PrefixPrecise(PreciseHoldings(precise, None), PrefixApprox(ApproxIndex(100, 60.0)))
