@@ -31,11 +31,11 @@ MAX_LOOP_STALL_S = 0.5
 # process that long; a blocking call in our code still shows up above it.
 MAX_LOOP_STALL_WITH_VLLM_S = 2.0
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-# uvloop's close() runs the loop until every libuv handle is closed. Once, in
-# many runs, the session's loop never finished closing after every test had
-# run and every fixture was torn down. Until the handle is found, a watchdog
-# ends such a run with pytest's verdict and every thread's stack, instead of
-# hanging CI until its time limit.
+# uvloop's close() runs the loop until every libuv handle is closed; a loop
+# closed under live servers could hang there (see pytest_configure). Should a
+# session's last teardown ever hang again, a watchdog ends the run with
+# pytest's verdict and every thread's stack instead of hanging CI until its
+# time limit.
 TEARDOWN_WATCHDOG_S = 120.0
 
 
@@ -57,9 +57,13 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     watchdog.start()
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
-    """Tests run on uvloop, like the services."""
-    return {"uvloop": uvloop.new_event_loop}
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests run on uvloop, like the services. Through the policy, not
+    pytest-asyncio's loop-factory hook: the hook parametrizes only async
+    tests, so a sync test in between tore the session's loop down and built
+    another mid-run, and closing a uvloop loop with the session's servers
+    still on it could hang in epoll."""
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture(scope="session")
