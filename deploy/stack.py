@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from actors.control_plane import ControlPlane, tenant_with_key
+from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import ChildProcess, StartFailed, python_module, start_nats, start_redis
 from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
 from deploy.tiny_model import TINY_MODEL_DIR
@@ -100,8 +101,8 @@ class Stack:
                 await registry.put_replica(info)
             await self._start_actors()
             await self._start_ingress()
-            tenants = TenantStore(redis, self.cfg.auth.key_secret.encode())
-            issued = await tenants.create_key(await tenants.ensure_tenant(DEMO_TENANT))
+            _, issued = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None),
+                                              DEMO_TENANT)
         finally:
             await redis.aclose()
         self.started = True

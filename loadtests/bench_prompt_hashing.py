@@ -72,7 +72,7 @@ def _alone(parsed: ParsedRequest, rounds: int) -> dict[str, object]:
         started = time.perf_counter()
         ids = prompt_token_ids(tokenizer, parsed.body)
         tokenized = time.perf_counter()
-        request_block_hashes(tokenizer, SETTINGS, parsed.body)
+        request_block_hashes(tokenizer, SETTINGS, parsed.body, parsed.cache_salt)
         tokenize_s.append(tokenized - started)
         total_s.append(time.perf_counter() - tokenized)
     return {"prompt_tokens": len(ids or []), "tokenize": _quantiles_ms(tokenize_s),

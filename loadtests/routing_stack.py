@@ -21,7 +21,8 @@ import msgspec
 import nats
 from nats.js.api import StreamConfig
 
-from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from actors.control_plane import ControlPlane, tenant_with_key
+from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import LOOPBACK, ChildProcess, free_port, python_module, start_nats, start_redis
 from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
 from deploy.vllm import KvEventsTarget, VllmReplica, VllmReplicaSpec
@@ -164,9 +165,8 @@ class RunStack:
             registry = ReplicaRegistry(redis)
             for info in self.infos:
                 await registry.put_replica(info)
-            tenants = TenantStore(redis, self.cfg.auth.key_secret.encode())
-            self.api_key = (await tenants.create_key(await tenants.ensure_tenant("bench"))
-                            ).plaintext
+            _, key = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None), "bench")
+            self.api_key = key.plaintext
         finally:
             await redis.aclose()
         self.scheduler = SchedulerActor.remote(dump_config(self.cfg))

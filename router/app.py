@@ -12,11 +12,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from actors.bus import connect_bus
-from actors.control_store import TenantStore, connect_redis
+from actors.control_plane import ControlPlane
+from actors.control_store import connect_redis
 from router.auth import Authenticator
 from router.error_map import METRICS, error_middleware
 from router.gateway import Gateway, reads_block_hashes
-from router.http_api import GATEWAY, READINESS, add_routes
+from router.http_api import GATEWAY, READINESS, add_routes, query_credentials_guard
 from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
@@ -25,6 +26,7 @@ from router.prompt_blocks import PromptHasher
 from router.upstream import ReplicaClient
 from scheduler.config import Config
 from scheduler.errors import ConfigError
+from scheduler.wire import CONTROL_CHANGED_SUBJECT
 
 # aiohttp's default header limit (8190 bytes per line) is kept; the body
 # limit comes from the config.
@@ -34,7 +36,7 @@ def create_app(cfg: Config) -> web.Application:
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
     app = web.Application(client_max_size=cfg.ingress.max_body_bytes,
-                          middlewares=[error_middleware])
+                          middlewares=[error_middleware, query_credentials_guard])
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_services(cfg))
     add_routes(app)
@@ -58,8 +60,10 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         outbox = Outbox(nc, nc.jetstream(), cfg.ingress.usage_queue_size,
                         cfg.nats.request_timeout_s, metrics)
         outbox.start()
-        auth = Authenticator(TenantStore(redis, cfg.auth.key_secret.encode()),
-                             cfg.ingress.key_cache_ttl_s)
+        # The ingress only reads the control plane: it publishes nothing.
+        auth = Authenticator(ControlPlane(redis, cfg.auth, publish=None),
+                             cfg.auth.key_secret.encode(), cfg.ingress.key_cache_ttl_s)
+        control_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=auth.on_control_changed)
         placer = Placer(nc, cfg.ingress.placement_timeout_s,
                         cfg.ingress.placement_attempt_timeout_s, metrics)
         await placer.start()
@@ -71,6 +75,8 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         try:
             yield
         finally:
+            with contextlib.suppress(Exception):
+                await control_sub.unsubscribe()
             await nats_api.aclose()
             await placer.aclose()
             await outbox.aclose()

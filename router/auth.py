@@ -1,39 +1,91 @@
 """Bearer-key authentication: checksum first (no store lookup for a typo),
-then an in-process cache with a short TTL in front of Redis."""
+then an in-process cache with a short TTL in front of Redis.
+
+Every ingress subscribes to ControlChanged and evicts the key (or every
+cached key of the tenant) a mutation touched, so a revocation or a
+suspension takes effect within a second; the TTL bounds how long a cached
+copy lives when that broadcast is lost. Expiry and rotation grace ends are
+times in the record, checked on every request, so they need no broadcast.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import msgspec
 import redis.exceptions
+from nats.aio.msg import Msg
 
-from actors.control_store import KeyRecord, TenantStore
+from actors.control_plane import ControlPlane
 from scheduler import apikeys
-from scheduler.errors import AuthenticationFailed, ServiceUnavailable
-from scheduler.priority import PriorityRange
+from scheduler.control import KeyRecord, Role, TenantRecord
+from scheduler.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from scheduler.priority import DEFAULT_PRIORITY, PriorityRange
+from scheduler.wire import ControlChanged, control_changed_decoder
 
+log = logging.getLogger("switchyard.auth")
 MAX_CACHED_KEYS = 100_000
+# Query parameters that look like credentials. A key in a URL ends up in
+# access logs, proxies and browser history: such a request is refused and
+# the key is never looked up.
+CREDENTIAL_PARAMS = frozenset({
+    "api_key", "api-key", "apikey", "key", "token", "access_token", "auth", "authorization",
+    "bearer", "x-api-key", "secret",
+})
+_KEY_SHAPED = re.compile(rf"sy-[a-z2-7]{{{apikeys.KEY_ID_CHARS}}}-", re.IGNORECASE)
+
+Credentials = tuple[KeyRecord, TenantRecord | None]
+
+
+def refuse_query_credentials(query: Mapping[str, str]) -> None:
+    """401 when the query string carries anything that may be a key."""
+    for name, value in query.items():
+        if name.lower() in CREDENTIAL_PARAMS or _KEY_SHAPED.search(value):
+            raise AuthenticationFailed(
+                "API keys are not accepted in the URL; send `Authorization: Bearer <key>`. "
+                "Treat a key that was sent in a URL as leaked and rotate it.")
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     tenant_id: str
     key_id: str
+    role: Role
     # The tenant's default placement priority and what `x-priority` may choose.
     priority: PriorityRange
+    # None for platform admin keys, which have no tenant to bill.
+    tenant: TenantRecord | None
+
+    def inference_tenant(self) -> TenantRecord:
+        """The tenant an inference request is served and billed for."""
+        if self.tenant is None:
+            raise PermissionDenied("Platform admin keys cannot call inference; use a "
+                                   "tenant's key.")
+        if self.tenant.status != "active":
+            raise PermissionDenied("This key's tenant is suspended.",
+                                   tenant_id=self.tenant_id)
+        return self.tenant
 
 
 class Authenticator:
-    def __init__(self, store: TenantStore, cache_ttl_s: float,
-                 clock_s: Callable[[], float] = time.monotonic) -> None:
-        self._store = store
+    def __init__(self, plane: ControlPlane, server_secret: bytes, cache_ttl_s: float,
+                 clock_s: Callable[[], float] = time.monotonic,
+                 wall_clock_s: Callable[[], float] = time.time) -> None:
+        self._plane = plane
+        self._server_secret = server_secret
         self._ttl_s = cache_ttl_s
         self._clock_s = clock_s
-        # key id -> (record or None for "no such key", expires at)
-        self._cache: OrderedDict[str, tuple[KeyRecord | None, float]] = OrderedDict()
+        self._wall_clock_s = wall_clock_s
+        # key id -> (credentials or None for "no such key", expires at)
+        self._cache: OrderedDict[str, tuple[Credentials | None, float]] = OrderedDict()
+        # Bumped by every eviction: a lookup that raced one is not cached,
+        # so a copy read before a change cannot outlive its broadcast.
+        self._evictions = 0
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -43,25 +95,53 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationFailed("Expected `Authorization: Bearer <key>`.")
         parsed = apikeys.parse(token.strip())
-        record = await self._record(parsed.key_id)
-        if (record is None or record.status != "active"
-                or not apikeys.matches(self._store.server_secret, parsed, record.digest)):
+        found = await self._credentials(parsed.key_id)
+        if found is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        return Principal(tenant_id=record.tenant_id, key_id=record.key_id,
-                         priority=record.priority)
+        key, tenant = found
+        if (not key.usable_at(self._wall_clock_s())
+                or not apikeys.matches(self._server_secret, parsed, key.digest)
+                or (tenant is None and key.role != "platform_admin")):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return Principal(tenant_id=key.tenant_id, key_id=key.key_id, role=key.role,
+                         priority=tenant.priority if tenant else DEFAULT_PRIORITY,
+                         tenant=tenant)
 
-    async def _record(self, key_id: str) -> KeyRecord | None:
+    def evict(self, changed: ControlChanged) -> None:
+        """Forgets what `changed` touched: a key, or every key of a tenant
+        (a scan of the cache: tenant changes are rare admin operations)."""
+        self._evictions += 1
+        if changed.kind == "key":
+            self._cache.pop(changed.id, None)
+        elif changed.kind == "tenant":
+            for key_id in [key_id for key_id, (found, _) in self._cache.items()
+                           if found is not None and found[0].tenant_id == changed.id]:
+                del self._cache[key_id]
+
+    async def on_control_changed(self, msg: Msg) -> None:
+        """The ControlChanged subscription's callback."""
+        try:
+            self.evict(control_changed_decoder.decode(msg.data))
+        except msgspec.DecodeError:
+            # A newer peer's message may not decode here: forget everything.
+            log.warning("undecodable control change; key cache cleared")
+            self._evictions += 1
+            self._cache.clear()
+
+    async def _credentials(self, key_id: str) -> Credentials | None:
         now_s = self._clock_s()
         hit = self._cache.get(key_id)
         if hit is not None and hit[1] > now_s:
             return hit[0]
+        evictions = self._evictions
         try:
-            record = await self._store.key_record(key_id)
+            found = await self._plane.credentials(key_id)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ServiceUnavailable(f"key store unreachable: {type(exc).__name__}",
                                      retry_after_s=1.0) from None
-        self._cache[key_id] = (record, now_s + self._ttl_s)
-        self._cache.move_to_end(key_id)
-        while len(self._cache) > MAX_CACHED_KEYS:
-            self._cache.popitem(last=False)
-        return record
+        if evictions == self._evictions:
+            self._cache[key_id] = (found, now_s + self._ttl_s)
+            self._cache.move_to_end(key_id)
+            while len(self._cache) > MAX_CACHED_KEYS:
+                self._cache.popitem(last=False)
+        return found

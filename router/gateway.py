@@ -24,7 +24,14 @@ from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
 from scheduler.config import Config, model_config
-from scheduler.errors import PLACEMENT_ERRORS, BodyTooLarge, NoCapacity, UpstreamFailed, YardError
+from scheduler.errors import (
+    PLACEMENT_ERRORS,
+    BodyTooLarge,
+    ModelNotFound,
+    NoCapacity,
+    UpstreamFailed,
+    YardError,
+)
 from scheduler.retry_budget import RetryBudget
 from scheduler.wire import (
     MODELS_SUBJECT,
@@ -106,9 +113,13 @@ class Gateway:
         """`priority`: the `x-priority` header, bounded by the tenant's range."""
         started_at_s = time.monotonic()
         principal = await self._auth.authenticate(authorization)
+        tenant = principal.inference_tenant()
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
-        parsed = parse_request(route, body)
+        parsed = parse_request(route, body, tenant.cache_salt)
+        if not tenant.allows_model(parsed.model):
+            # The scheduler's answer for a model nobody serves: whether it exists is not told.
+            raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
         place_req = await self._place_request(request_id, principal, parsed,
                                               session_id or parsed.user,
                                               principal.priority.resolve(priority))
@@ -212,9 +223,12 @@ class Gateway:
         return self._replicas.call(placement.url, parsed.route, parsed.upstream_body,
                                    request_id, placement.replica_id)
 
-    async def models(self) -> tuple[ModelCard, ...]:
+    async def models(self, principal: Principal) -> tuple[ModelCard, ...]:
+        """The models served now that `principal`'s tenant may call."""
+        tenant = principal.inference_tenant()
         reply = await self._request(MODELS_SUBJECT, encode(ModelsQuery()))
-        return models_reply_decoder.decode(reply).models
+        return tuple(card for card in models_reply_decoder.decode(reply).models
+                     if tenant.allows_model(card.id))
 
     async def _place_request(self, request_id: str, principal: Principal,
                              parsed: ParsedRequest, session_id: str,

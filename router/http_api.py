@@ -7,6 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.auth import refuse_query_credentials
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, sse_error_event
 from router.gateway import SESSION_HEADER, Gateway, RequestContext, new_request_id
 from router.upstream import CLIENT_CLOSED, DONE
@@ -86,12 +87,20 @@ async def _relay_stream(request: web.Request, ctx: RequestContext,
 
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    await gateway.authenticate(request.headers.get("Authorization"))
-    cards = await gateway.models()
+    principal = await gateway.authenticate(request.headers.get("Authorization"))
+    cards = await gateway.models(principal)
     created_s = int(time.time())
     data = [{"id": c.id, "object": "model", "created": created_s, "owned_by": "switchyard"}
             for c in cards]
     return web.json_response({"object": "list", "data": data})
+
+
+@web.middleware
+async def query_credentials_guard(request: web.Request,
+                                  handler: web.Handler) -> web.StreamResponse:
+    """A key in the URL is refused (401) before any handler sees it."""
+    refuse_query_credentials(request.query)
+    return await handler(request)
 
 
 async def healthz(request: web.Request) -> web.Response:

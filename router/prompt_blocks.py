@@ -5,8 +5,9 @@ in their KV events.
 Per model (`models.<name>` in the config): its tokenizer and chat template
 (router/prompt_tokens.py), block size, hash algorithm and seed. A chat prompt
 is rendered and encoded as vLLM does, a completions prompt encoded as vLLM
-does, token ids used as given; the request's `cache_salt` goes into the first
-block's extra keys, as in vLLM. A model without a tokenizer gets no block
+does, token ids used as given; the tenant's `cache_salt` (which the ingress
+sends upstream in place of any the client chose) goes into the first block's
+extra keys, as in vLLM. A model without a tokenizer gets no block
 hashes (the ingress sends chunk hashes, which the scorer then reads).
 
 Tokenizing and hashing a 1k-token prompt costs about 1 ms here, 6k tokens
@@ -60,7 +61,8 @@ def prompt_token_ids(tokenizer: ModelTokenizer, body: ChatBody | CompletionBody
 
 
 def request_block_hashes(tokenizer: ModelTokenizer, settings: ModelConfig,
-                         body: ChatBody | CompletionBody) -> tuple[int, ...] | None:
+                         body: ChatBody | CompletionBody,
+                         cache_salt: str) -> tuple[int, ...] | None:
     """The low 64 bits of each full prompt block's digest, as KV events carry
     them; None when the prompt cannot be tokenized as one."""
     try:
@@ -73,7 +75,7 @@ def request_block_hashes(tokenizer: ModelTokenizer, settings: ModelConfig,
     digests = prompt_block_hashes(ids, settings.block_size_tokens,
                                   settings.prefix_caching_hash_algo,
                                   seed=settings.python_hash_seed or DEFAULT_NONE_HASH_SEED,
-                                  cache_salt=body.cache_salt)
+                                  cache_salt=cache_salt)
     return tuple(map(low64, digests))
 
 
@@ -132,14 +134,15 @@ class PromptHasher:
             return None
         settings = self._settings[parsed.model]
         if len(parsed.prompt_bytes) <= self._inline_max_bytes:
-            hashes = request_block_hashes(tokenizer, settings, parsed.body)
+            hashes = request_block_hashes(tokenizer, settings, parsed.body, parsed.cache_salt)
             outcome = "inline"
         elif self._slots.locked():
             hashes, outcome = None, "shed"
         else:
             async with self._slots:
                 hashes = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, request_block_hashes, tokenizer, settings, parsed.body)
+                    self._pool, request_block_hashes, tokenizer, settings, parsed.body,
+                    parsed.cache_salt)
             outcome = "pooled"
         self._outcomes.labels(outcome if hashes is not None or outcome == "shed"
                               else "untokenizable").inc()

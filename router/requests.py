@@ -42,8 +42,6 @@ class ChatBody(msgspec.Struct, frozen=True):
     user: str | None = None
     # Read for the prompt's token ids, as vLLM renders the template.
     add_generation_prompt: bool = True
-    # vLLM hashes it into the prompt's first KV block.
-    cache_salt: str | None = None
 
 
 class CompletionBody(msgspec.Struct, frozen=True):
@@ -54,8 +52,11 @@ class CompletionBody(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     user: str | None = None
-    cache_salt: str | None = None
 
+
+# Fields some clients use to pick a server. Replicas are chosen by
+# switchyard alone: a request naming one is refused, never forwarded.
+UPSTREAM_URL_FIELDS = ("api_base", "base_url", "api_url", "endpoint", "upstream_url")
 
 _decoders = {
     "chat": msgspec.json.Decoder(ChatBody),
@@ -78,10 +79,14 @@ class ParsedRequest:
     user: str
     # The decoded body, for tokenizing the prompt (precise prefix routing).
     body: ChatBody | CompletionBody
+    # The tenant's, sent upstream in place of any the client chose; vLLM
+    # hashes it into the prompt's first KV block.
+    cache_salt: str = ""
 
 
-def parse_request(route: str, body: bytes) -> ParsedRequest:
-    """Validates `body` for `route` ("chat" or "completions")."""
+def parse_request(route: str, body: bytes, cache_salt: str = "") -> ParsedRequest:
+    """Validates `body` for `route` ("chat" or "completions"); the body sent
+    upstream carries `cache_salt` (the tenant's) and no other salt."""
     try:
         parsed = _decoders[route].decode(body)
     except msgspec.ValidationError as exc:
@@ -101,21 +106,32 @@ def parse_request(route: str, body: bytes) -> ParsedRequest:
     return ParsedRequest(route=route, model=parsed.model, stream=stream,
                          include_usage=include_usage, max_tokens=max_tokens,
                          prompt_tokens_est=_estimate_tokens(parsed),
-                         upstream_body=_upstream_body(body, stream, include_usage),
+                         upstream_body=_upstream_body(body, stream, include_usage,
+                                                      cache_salt),
                          prompt_bytes=_prompt_bytes(parsed), user=parsed.user or "",
-                         body=parsed)
+                         body=parsed, cache_salt=cache_salt)
 
 
-def _upstream_body(body: bytes, stream: bool, include_usage: bool) -> bytes:
+def _upstream_body(body: bytes, stream: bool, include_usage: bool, cache_salt: str) -> bytes:
     """Streams always ask the replica for the final usage chunk, so metering
-    has true counts; the ingress strips it again when the client did not ask."""
-    if not stream or include_usage:
-        return body
+    has true counts; the ingress strips it again when the client did not ask.
+    The client's `cache_salt` is replaced by the tenant's (or dropped)."""
     raw = msgspec.json.decode(body)
-    options = raw.get("stream_options") or {}
-    options["include_usage"] = True
-    raw["stream_options"] = options
-    return msgspec.json.encode(raw)
+    for name in UPSTREAM_URL_FIELDS:
+        if name in raw:
+            raise InvalidRequest(f"`{name}` is not accepted: switchyard chooses the replica.",
+                                 param=name)
+    changed = "cache_salt" in raw
+    raw.pop("cache_salt", None)
+    if cache_salt:
+        raw["cache_salt"] = cache_salt
+        changed = True
+    if stream and not include_usage:
+        options = raw.get("stream_options") or {}
+        options["include_usage"] = True
+        raw["stream_options"] = options
+        changed = True
+    return msgspec.json.encode(raw) if changed else body
 
 
 def _estimate_tokens(parsed: ChatBody | CompletionBody) -> int:

@@ -80,6 +80,8 @@ class RayConfig(_Section):
 class AuthConfig(_Section):
     # HMAC key for stored API-key digests; `up` generates one under var/ when empty.
     key_secret: str = ""
+    # How long a rotated key keeps working beside its replacement.
+    rotation_grace_s: float = 86_400.0
 
 
 class ScorerRef(_Section):

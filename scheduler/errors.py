@@ -64,6 +64,33 @@ class AuthenticationFailed(YardError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(YardError):
+    """A valid key that may not do this: a suspended tenant, a platform admin
+    key calling inference, a role without the right."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class RecordNotFound(YardError):
+    """A control-plane record (tenant, key) that does not exist, or is
+    another tenant's: the two are not told apart."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(YardError):
+    """The record's state forbids the change (a name taken, a key already
+    revoked or rotated)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class ModelNotFound(YardError):
     status = 404
     type = "invalid_request_error"

@@ -25,6 +25,9 @@ PEER_PLACED_SUBJECT = "yard.sched.placed"
 REPLICA_FAILED_SUBJECT = "yard.replica.failed"
 # Replica registry changed: scheduler actors reload it from Redis.
 REGISTRY_CHANGED_SUBJECT = "yard.registry.changed"
+# A control-plane record changed (ControlChanged): every ingress evicts it
+# from its key cache.
+CONTROL_CHANGED_SUBJECT = "yard.control.changed"
 # Usage events (JetStream); the tenant id is the last token.
 USAGE_SUBJECT = "yard.usage.{tenant}"
 USAGE_SUBJECTS = "yard.usage.>"
@@ -186,6 +189,21 @@ class RegistryChanged(_Msg, tag="registry_changed"):
     pass
 
 
+# --- control plane ---------------------------------------------------------------
+
+
+class ControlChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """Published after a committed control-store mutation. Not part of the
+    commit: a subscriber that misses it still sees the change once its
+    cached copy expires. Untagged (its own subject; `kind` is its field)."""
+
+    kind: str  # "key" | "tenant" | "price"
+    # The key id, tenant id or model.
+    id: str
+    # The control store's global version after the change.
+    version: int = 0
+
+
 # --- replica agents ------------------------------------------------------------
 
 
@@ -324,3 +342,4 @@ usage_decoder = msgspec.json.Decoder(UsageEvent)
 usage_query_decoder = msgspec.json.Decoder(UsageQuery)
 usage_reply_decoder = msgspec.json.Decoder(UsageReply)
 api_reply_decoder = msgspec.json.Decoder(ApiReply)
+control_changed_decoder = msgspec.json.Decoder(ControlChanged)

@@ -15,7 +15,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from actors.control_plane import ControlPlane, tenant_with_key
+from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import LOOPBACK, free_port, start_nats
 from loadtests.simulator.fleet import SimFleet, start_fleet
 from loadtests.simulator.replica import SimReplica
@@ -99,9 +100,8 @@ class Switchyard:
         """A fresh tenant with one key: (tenant id, plaintext key)."""
         redis = connect_redis(self.cfg.redis)
         try:
-            tenants = TenantStore(redis, self.cfg.auth.key_secret.encode())
-            tenant_id = await tenants.ensure_tenant(name)
-            return tenant_id, (await tenants.create_key(tenant_id)).plaintext
+            tenant, key = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None), name)
+            return tenant.tenant_id, key.plaintext
         finally:
             await redis.aclose()
 
@@ -127,9 +127,7 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
         registry = ReplicaRegistry(redis)
         for i, url in enumerate(urls):
             await registry.put_replica(ReplicaInfo(id=f"{prefix}-{i}", url=url, models=(MODEL,)))
-        tenants = TenantStore(redis, cfg.auth.key_secret.encode())
-        tenant_id = await tenants.ensure_tenant("tests")
-        key = await tenants.create_key(tenant_id)
+        tenant, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "tests")
     finally:
         await redis.aclose()
     config_json = dump_config(cfg)
@@ -142,7 +140,7 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
     runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
-    return Switchyard(cfg, fleet, key.plaintext, tenant_id, actors, runner, schedulers)
+    return Switchyard(cfg, fleet, key.plaintext, tenant.tenant_id, actors, runner, schedulers)
 
 
 @contextlib.asynccontextmanager

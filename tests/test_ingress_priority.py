@@ -13,8 +13,9 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
 
-from actors.control_store import PRIORITY_FIELDS, TENANT_KEY, TenantStore, connect_redis
-from scheduler import apikeys
+from actors.control_plane import TENANT_KEY, ControlPlane, tenant_with_key
+from actors.control_store import connect_redis
+from scheduler.control import PRIORITY_FIELDS, SYSTEM
 from scheduler.priority import DEFAULT_PRIORITY, PRIORITY_HEADER, PriorityRange
 from scheduler.wire import place_request_decoder, place_subject
 from tests.harness import MODEL, Switchyard
@@ -24,9 +25,9 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 
 @pytest_asyncio.fixture
-async def tenants(switchyard: Switchyard) -> AsyncIterator[TenantStore]:
+async def tenants(switchyard: Switchyard) -> AsyncIterator[ControlPlane]:
     redis = connect_redis(switchyard.cfg.redis)
-    yield TenantStore(redis, switchyard.cfg.auth.key_secret.encode())
+    yield ControlPlane(redis, switchyard.cfg.auth, None)
     await redis.aclose()
 
 
@@ -38,10 +39,10 @@ async def bus(nats_url: str) -> AsyncIterator[NATS]:
 
 
 async def test_priority_comes_from_the_tenant_and_the_header_within_its_range(
-        switchyard: Switchyard, tenants: TenantStore, bus: NATS) -> None:
-    tenant_id = await tenants.ensure_tenant("prio-" + secrets.token_hex(4),
-                                            PriorityRange(default=1, lowest=-1, highest=2))
-    key = (await tenants.create_key(tenant_id)).plaintext
+        switchyard: Switchyard, tenants: ControlPlane, bus: NATS) -> None:
+    tenant, issued = await tenant_with_key(tenants, "prio-" + secrets.token_hex(4),
+                                           PriorityRange(default=1, lowest=-1, highest=2))
+    tenant_id, key = tenant.tenant_id, issued.plaintext
     # A plain subscriber hears every placement request the scheduler's queue group gets.
     watch = await bus.subscribe(place_subject(MODEL))
     await bus.flush()
@@ -66,16 +67,14 @@ async def test_priority_comes_from_the_tenant_and_the_header_within_its_range(
 
 
 async def test_a_tenants_range_is_stored_with_it_and_defaults_when_absent(
-        tenants: TenantStore) -> None:
-    tenant_id = await tenants.ensure_tenant("range-" + secrets.token_hex(4))
-    key_id = apikeys.parse((await tenants.create_key(tenant_id)).plaintext).key_id
-    record = await tenants.key_record(key_id)
-    assert record is not None and record.priority == DEFAULT_PRIORITY
+        tenants: ControlPlane) -> None:
+    tenant, _ = await tenant_with_key(tenants, "range-" + secrets.token_hex(4))
+    assert tenant.priority == DEFAULT_PRIORITY
     wider = PriorityRange(default=0, lowest=-3, highest=5)
-    await tenants.set_priority(tenant_id, wider)
-    record = await tenants.key_record(key_id)
-    assert record is not None and record.priority == wider
+    await tenants.update_tenant(SYSTEM, "req-range", tenant.tenant_id, priority=wider)
+    stored = await tenants.tenant(tenant.tenant_id)
+    assert stored is not None and stored.priority == wider
     # Tenants stored before priorities existed have no such fields.
-    await tenants.redis.hdel(TENANT_KEY.format(tenant_id=tenant_id), *PRIORITY_FIELDS)
-    record = await tenants.key_record(key_id)
-    assert record is not None and record.priority == DEFAULT_PRIORITY
+    await tenants.redis.hdel(TENANT_KEY.format(tenant_id=tenant.tenant_id), *PRIORITY_FIELDS)
+    stored = await tenants.tenant(tenant.tenant_id)
+    assert stored is not None and stored.priority == DEFAULT_PRIORITY

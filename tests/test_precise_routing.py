@@ -21,7 +21,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from actors.control_plane import ControlPlane, tenant_with_key
+from actors.control_store import ReplicaRegistry, connect_redis
 from actors.replica_agent import ReplicaAgent
 from actors.scheduler import SchedulerService
 from deploy.procs import LOOPBACK, free_port, start_nats
@@ -50,6 +51,8 @@ class PreciseStack:
     agents: list[ReplicaAgent]
     fleets: list[SimFleet]
     settings: ModelConfig
+    # The tenant's: the ingress hashes prompts with it, as the replicas do.
+    cache_salt: str
 
     def url_of(self, replica_id: str) -> str:
         return next(a.replica.url for a in self.agents if a.replica.id == replica_id)
@@ -80,8 +83,7 @@ async def precise_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prec
         agents.append(agent)
         fleets.append(await start_fleet(msgspec.structs.replace(
             sim, kv_events_endpoint=agent.kv_events_endpoint), ports=[port]))
-    tenants = TenantStore(redis, cfg.auth.key_secret.encode())
-    key = await tenants.create_key(await tenants.ensure_tenant("precise"))
+    tenant, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "precise")
     await redis.aclose()
     nc = await nats.connect(nats_url)  # the usage stream the ingress publishes to
     await nc.jetstream().add_stream(name=cfg.nats.usage_stream, subjects=[USAGE_SUBJECTS])
@@ -98,7 +100,7 @@ async def precise_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prec
 
     await wait_until(agents_relaying)
     yield PreciseStack(f"http://{LOOPBACK}:{cfg.ingress.port}/v1", key.plaintext, scheduler,
-                       agents, fleets, settings)
+                       agents, fleets, settings, tenant.cache_salt)
     await runner.cleanup()
     await scheduler.aclose()
     for fleet in fleets:
@@ -115,7 +117,7 @@ def _conversation(question: str) -> list[dict[str, str]]:
 def _hashes(stack: PreciseStack, messages: list[dict[str, str]]) -> tuple[int, ...]:
     body = json.dumps({"model": MODEL, "messages": messages}).encode()
     hashes = request_block_hashes(load_tokenizer(str(TINY_MODEL_DIR)), stack.settings,
-                                  parse_request("chat", body).body)
+                                  parse_request("chat", body).body, stack.cache_salt)
     assert hashes
     return hashes
 

@@ -19,7 +19,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from actors.control_plane import ControlPlane, tenant_with_key
+from actors.control_store import ReplicaRegistry, connect_redis
 from actors.scheduler import SchedulerService
 from deploy.procs import LOOPBACK, free_port, start_nats
 from loadtests.simulator.fleet import start_fleet
@@ -52,8 +53,7 @@ async def prefix_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prefi
     for i, url in enumerate(fleet.urls):
         await ReplicaRegistry(redis).put_replica(ReplicaInfo(id=f"p-{i}", url=url,
                                                              models=(MODEL,)))
-    tenants = TenantStore(redis, cfg.auth.key_secret.encode())
-    key = await tenants.create_key(await tenants.ensure_tenant("prefix"))
+    _, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "prefix")
     await redis.aclose()
     nc = await nats.connect(nats_url)  # the usage stream the ingress publishes to
     await nc.jetstream().add_stream(name=cfg.nats.usage_stream, subjects=[USAGE_SUBJECTS])

@@ -55,8 +55,10 @@ def _simulator_hashes(route: str, body: dict[str, object], settings: ModelConfig
 
 def _ingress_hashes(route: str, body: dict[str, object], settings: ModelConfig
                     ) -> tuple[int, ...] | None:
-    return request_block_hashes(TOKENIZER, settings,
-                                parse_request(route, json.dumps(body).encode()).body)
+    # The ingress sends the tenant's salt; here the body's stands for it.
+    salt = str(body.get("cache_salt", ""))
+    parsed = parse_request(route, json.dumps(body).encode(), salt)
+    return request_block_hashes(TOKENIZER, settings, parsed.body, parsed.cache_salt)
 
 
 SHA256_16 = ModelConfig(block_size_tokens=16)

@@ -27,7 +27,8 @@ import pytest_asyncio
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from actors.control_store import ReplicaRegistry, TenantStore, connect_redis
+from actors.control_plane import ControlPlane, tenant_with_key
+from actors.control_store import ReplicaRegistry, connect_redis
 from actors.scheduler import SchedulerService
 from deploy.procs import LOOPBACK, free_port, start_nats
 from deploy.tiny_model import TINY_MODEL_DIR
@@ -59,6 +60,8 @@ class VllmPreciseStack:
     key: str
     scheduler: SchedulerService
     urls: dict[str, str]
+    # The tenant's: the ingress hashes prompts with it, as vLLM does.
+    cache_salt: str
 
 
 async def _forward(sink: KvEventSink, topic: str, replica_id: str, nc: NATS) -> None:
@@ -89,8 +92,7 @@ async def vllm_precise(session_dir: Path, redis_url: str,
     urls = {f"ext-{i}": url for i, url in enumerate(vllm_replicas.urls)}
     for rid, url in urls.items():
         await ReplicaRegistry(redis).put_replica(ReplicaInfo(id=rid, url=url, models=(MODEL,)))
-    tenants = TenantStore(redis, cfg.auth.key_secret.encode())
-    key = await tenants.create_key(await tenants.ensure_tenant("vllm-precise"))
+    tenant, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "vllm-precise")
     await redis.aclose()
     nc = await nats.connect(nats_url)
     await nc.jetstream().add_stream(name=cfg.nats.usage_stream, subjects=[USAGE_SUBJECTS])
@@ -104,7 +106,7 @@ async def vllm_precise(session_dir: Path, redis_url: str,
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
     yield VllmPreciseStack(f"http://{LOOPBACK}:{cfg.ingress.port}/v1", key.plaintext,
-                           scheduler, urls)
+                           scheduler, urls, tenant.cache_salt)
     await runner.cleanup()
     for task in forwarders:
         task.cancel()
@@ -118,12 +120,12 @@ def _conversation(question: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
 
 
-def _hashes(messages: list[dict[str, str]], *, add_generation_prompt: bool = True
-            ) -> tuple[int, ...]:
+def _hashes(messages: list[dict[str, str]], cache_salt: str, *,
+            add_generation_prompt: bool = True) -> tuple[int, ...]:
     body = json.dumps({"model": MODEL, "messages": messages,
                        "add_generation_prompt": add_generation_prompt}).encode()
     hashes = request_block_hashes(load_tokenizer(str(TINY_MODEL_DIR)), SETTINGS,
-                                  parse_request("chat", body).body)
+                                  parse_request("chat", body).body, cache_salt)
     assert hashes
     return hashes
 
@@ -137,8 +139,8 @@ async def test_real_vllm_holds_the_ingress_blocks_and_gets_the_repeats(
     stack = vllm_precise
     core = stack.scheduler.core
     first = _conversation("Question 0: which replica has seen this?")
-    first_hashes = _hashes(first)
-    shared = len(_hashes([first[0]], add_generation_prompt=False)) - 1
+    first_hashes = _hashes(first, stack.cache_salt)
+    shared = len(_hashes([first[0]], stack.cache_salt, add_generation_prompt=False)) - 1
     assert shared >= 15
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         home = await chat_replica(session, stack.api, stack.key, _body(first))

@@ -30,6 +30,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     aborted: bool = False
     # "stop", "length" or "abort" once finished.
     finish_reason: str | None = None
+    # The request's cache_salt as received ("" for none): what a router sent.
+    cache_salt: str = ""
     # Wall-clock Unix seconds, comparable across processes.
     started_at_s: float
     ended_at_s: float | None = None

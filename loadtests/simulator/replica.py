@@ -200,7 +200,7 @@ class SimReplica:
         """Queues the request in the engine and yields its Run; leaving early aborts it."""
         loop = asyncio.get_running_loop()
         record = RequestRecord(request_id=request_id, prompt_tokens=len(prompt_ids),
-                               started_at_s=self._wall_clock())
+                               cache_salt=cache_salt or "", started_at_s=self._wall_clock())
         self.ledger.add(record)
         arrived_at_s = loop.time()
         if self.faults.hang_before_first_byte:
