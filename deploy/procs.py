@@ -149,13 +149,18 @@ async def start_nats(data_dir: Path, log_dir: Path, port: int = 0) -> tuple[Chil
     return proc, f"nats://{LOOPBACK}:{bound[0]}"
 
 
+REDIS_DATABASES = 32
+
+
 async def start_redis(data_dir: Path, log_dir: Path, port: int = 0,
                       persist: bool = True) -> tuple[ChildProcess, str]:
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [redis_server_binary(), "--bind", LOOPBACK, "--port", str(port),
             "--dir", str(data_dir), "--save", "", "--protected-mode", "yes",
-            "--appendonly", "yes" if persist else "no"]
+            "--appendonly", "yes" if persist else "no",
+            # Tests give each integration module a database of its own.
+            "--databases", str(REDIS_DATABASES)]
     proc = ChildProcess("redis-server", argv, log_dir / "redis-server.log")
     await proc.start()
     await proc.wait_ready(lambda: tcp_answers(port, b"PING\r\n", b"+PONG"), timeout_s=15)
