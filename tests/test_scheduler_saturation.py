@@ -73,7 +73,10 @@ async def _send(nc: NATS, request_id: str, tenant: str = "t", priority: int = 0,
 
 
 async def _next(inbox: Subscription, timeout_s: float = 3.0) -> PlaceReply:
-    return place_reply_decoder.decode((await inbox.next_msg(timeout=timeout_s)).data)
+    msg = await inbox.next_msg(timeout=timeout_s)
+    # Once, under heavy load, an empty message came: say what it was if it recurs.
+    assert msg.data, f"empty message on {msg.subject}, headers {msg.headers}"
+    return place_reply_decoder.decode(msg.data)
 
 
 async def _queued(nc: NATS, request_id: str, **fields: object) -> Subscription:
