@@ -20,8 +20,9 @@ from router.admin_app import create_admin_app
 from scheduler.config import AdminConfig, AuthConfig, Config, NatsConfig, RedisConfig
 from scheduler.control import SYSTEM, Role
 
-# The Redis database of the admin tests (each module flushes it first).
-ADMIN_REDIS_DB = 13
+# The Redis database of the admin tests (each module flushes it first); 12-15
+# belong to the control plane's and the quota actors' tests.
+ADMIN_REDIS_DB = 11
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The admin API over HTTP against the real control plane (Redis db 13):
+"""The admin API over HTTP against the real control plane (Redis db 11):
 bad input is a 400 with the OpenAI error body (never a 5xx); every mutation
 leaves exactly one audit entry carrying the call's request id; tenant admins
 see only their tenant's audit entries; a route outside the operation table

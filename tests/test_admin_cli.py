@@ -1,5 +1,5 @@
 """`switchyard tenants|keys|prices|audit` against a running admin server
-(real Redis db 13, real control plane), and `switchyard admin-key`, which
+(real Redis db 11, real control plane), and `switchyard admin-key`, which
 bootstraps the first platform admin key into the store."""
 
 from __future__ import annotations
