@@ -114,11 +114,19 @@ async def _authorized_actor(request: web.Request, op: Operation) -> Actor:
         raise PermissionDenied("This key's tenant is suspended.",
                                tenant_id=principal.tenant_id)
     actor = Actor(key_id=principal.key_id, tenant_id=principal.tenant_id, role=principal.role)
-    # The tenant the call is about, when it names one (path, or the audit
-    # listing's filter); a key's tenant is checked by the control plane.
-    authorize(actor, op.action,
-              request.match_info.get("tenant_id") or request.query.get("tenant_id"))
+    authorize(actor, op.action, _tenant_named(request, op))
     return actor
+
+
+def _tenant_named(request: web.Request, op: Operation) -> str | None:
+    """The tenant the call is about, when it names one: in its path, or in a
+    query parameter it declares (the audit listing's filter). A key's tenant
+    is known only once the key is read: the control plane checks it."""
+    if "tenant_id" in request.match_info:
+        return request.match_info["tenant_id"]
+    if any(param.name == "tenant_id" for param in op.query):
+        return request.query.get("tenant_id")
+    return None
 
 
 def _endpoint(op: Operation, handler: Handler) -> web.Handler:

@@ -94,6 +94,9 @@ async def test_states_and_lookups_map_to_their_statuses(admin: AdminStack) -> No
     assert (await _call(admin, "GET", "/admin/v1/keys/nosuchkey"))[0] == 404
     assert (await _call(admin, "GET", "/admin/v1/nothing-here"))[0] == 404
     assert (await _call(admin, "DELETE", T))[0] == 405
+    # Only a declared `tenant_id` parameter names the call's tenant.
+    assert (await _call(admin, "GET", f"/admin/v1/prices?tenant_id={admin.tenant_b}",
+                        "a_viewer"))[0] == 200
     # A tenant admin cannot mint a key above its own role.
     status, answer, _ = await _call(admin, "POST", f"{T}/{admin.tenant_a}/keys", "a_admin",
                                     body={"role": "platform_admin"})
