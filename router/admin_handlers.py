@@ -8,6 +8,7 @@ again, so a handler cannot widen it.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,9 @@ async def list_keys(call: Call) -> KeyList:
 
 async def create_key(call: Call) -> IssuedKey:
     body: KeyCreate = call.body
+    if body.expires_at_s and body.expires_at_s <= time.time():
+        raise InvalidRequest("A key's expiry must be in the future (or 0: never).",
+                             param="expires_at_s")
     return _issued(await call.plane.create_key(
         call.who, call.request_id, call.path["tenant_id"], name=body.name, role=body.role,
         expires_at_s=body.expires_at_s))

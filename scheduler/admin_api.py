@@ -189,10 +189,6 @@ class Operation:
     query: tuple[QueryParam, ...] = ()
     example: dict[str, Any] | None = None
 
-    @property
-    def mutates(self) -> bool:
-        return self.method != "GET"
-
 
 _T = PREFIX + "/tenants/{tenant_id}"
 _K = PREFIX + "/keys/{key_id}"

@@ -54,6 +54,7 @@ async def _call(admin: AdminStack, method: str, path: str, identity: str = "plat
     ("PATCH", T + "/{a}", {}, None),
     ("POST", T + "/{a}/keys", {"role": "root"}, "role"),
     ("POST", T + "/{a}/keys", {"expires_at_s": -5}, "expires_at_s"),
+    ("POST", T + "/{a}/keys", {"expires_at_s": 1_000_000}, "expires_at_s"),
     ("POST", "/admin/v1/keys/{k}/rotate", {"grace_s": -1}, "grace_s"),
     ("POST", "/admin/v1/prices/m", {"effective_from_s": 4102444800}, None),
     ("POST", "/admin/v1/prices/m", {"effective_from_s": 1, "input_nusd_per_token": 1,
