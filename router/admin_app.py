@@ -1,14 +1,14 @@
 """The admin API server (`python -m router.admin_main`): its own process, on
 its own port, so several ingress workers do not each serve it.
 
-Every request passes, in order: the error middleware (router/error_map.py:
-errors become OpenAI-shaped bodies), the guard that refuses keys in the URL
-(401), and the admin guard: a route must have a row in the operation table
-(scheduler/admin_api.py) or it is refused (403, deny by default); a row with
-an action needs a valid key (401) whose role may perform it (403), on its
-own tenant unless it is a platform admin (another tenant's records: 404).
-Each request gets an id, returned in `x-request-id` and kept by the audit
-entry of the mutation it makes.
+Every request passes the error middleware (router/error_map.py: errors
+become OpenAI-shaped bodies), then the admin guard, which gives it an id
+(returned in `x-request-id`, kept by the audit entry of the mutation it
+makes) and refuses, in order: a key in the URL (401); a route without a row
+in the operation table (scheduler/admin_api.py; 403, deny by default); for
+a row with an action, a missing or invalid key (401), a role that may not
+perform it (403), and another tenant's records unless the key is a platform
+admin's (404).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from actors.control_plane import ControlPlane
 from actors.control_store import connect_redis
 from actors.control_tx import nats_publisher
 from router.admin_handlers import HANDLERS, Call, Handler, decode_body
-from router.auth import Authenticator
+from router.auth import Authenticator, refuse_query_credentials
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, error_middleware
-from router.http_api import query_credentials_guard
 from router.metrics import Metrics
 from scheduler.access import authorize
 from scheduler.admin_api import BY_ROUTE, OPERATIONS, Operation
@@ -59,7 +58,7 @@ def create_admin_app(cfg: Config) -> web.Application:
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[error_middleware, query_credentials_guard, admin_guard])
+                          middlewares=[error_middleware, admin_guard])
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_services_of(cfg))
     for op in OPERATIONS:
@@ -94,6 +93,7 @@ def operation_of(request: web.Request) -> Operation | None:
 async def admin_guard(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     request_id = "adm-" + secrets.token_hex(12)
     request[REQUEST_ID] = request_id
+    refuse_query_credentials(request.query)
     # Unknown paths and methods fall through to aiohttp's 404/405.
     if request.match_info.http_exception is None:
         op = operation_of(request)

@@ -95,6 +95,9 @@ async def test_states_and_lookups_map_to_their_statuses(admin: AdminStack) -> No
     assert (await _call(admin, "GET", "/admin/v1/keys/nosuchkey"))[0] == 404
     assert (await _call(admin, "GET", "/admin/v1/nothing-here"))[0] == 404
     assert (await _call(admin, "DELETE", T))[0] == 405
+    # A key in the URL is refused even beside a valid header, and the refusal has its id.
+    status, _, request_id = await _call(admin, "GET", f"{T}?api_key={admin.keys['platform']}")
+    assert status == 401 and request_id.startswith("adm-")
     # Only a declared `tenant_id` parameter names the call's tenant.
     assert (await _call(admin, "GET", f"/admin/v1/prices?tenant_id={admin.tenant_b}",
                         "a_viewer"))[0] == 200
