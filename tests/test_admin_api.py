@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from actors.control_tx import audit_entries, verify_audit
 from router.admin_app import create_admin_app
 from scheduler.admin_api import OPERATIONS
+from scheduler.control import SYSTEM
 from tests.admin_stack import AdminStack, running_admin
 
 pytestmark = pytest.mark.integration
@@ -188,3 +189,15 @@ async def test_a_route_outside_the_operation_table_is_refused(admin: AdminStack)
         resp = await client.get("/admin/v1/secret",
                                 headers={"Authorization": f"Bearer {admin.keys['platform']}"})
         assert resp.status == 403 and "leaked" not in await resp.text()
+
+
+async def test_a_suspended_tenants_keys_are_refused(admin: AdminStack) -> None:
+    path = f"{T}/{admin.tenant_b}"
+    assert (await _call(admin, "GET", path, "b_admin"))[0] == 200
+    await admin.plane.suspend_tenant(SYSTEM, "test-suspend", admin.tenant_b)
+    try:
+        status, answer, _ = await _call(admin, "GET", path, "b_admin")
+        assert status == 403 and "suspended" in answer["error"]["message"]
+    finally:
+        await admin.plane.resume_tenant(SYSTEM, "test-resume", admin.tenant_b)
+    assert (await _call(admin, "GET", path, "b_admin"))[0] == 200
