@@ -1,4 +1,5 @@
-"""The `switchyard` command: `up` (the local stack), `usage`, `replicas`, `sim`."""
+"""The `switchyard` command: `up` (the local stack), `usage`, `replicas`, `sim`, and the
+admin API's `tenants`, `keys`, `prices`, `audit` (plus `admin-key` to bootstrap)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from deploy.admin_cli import ADMIN_COMMANDS
+from deploy.admin_cli import add_parsers as add_admin_parsers
 from deploy.replicas_cli import add_parser as add_replicas_parser
 from scheduler.config import Config, ReplicaConfig, load_config
 from scheduler.errors import ConfigError, YardError
@@ -32,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"TOML config (default: {RUN_CONFIG} of a running stack)")
     usage.add_argument("--tenant", help="only this tenant id")
     add_replicas_parser(sub, f"TOML config (default: {RUN_CONFIG} of a running stack)")
+    add_admin_parsers(sub, f"TOML config (default: {RUN_CONFIG} of a running stack)")
+    admin_key = sub.add_parser("admin-key", help="issue a platform admin key into the store "
+                               "directly and print it (once)")
+    admin_key.add_argument("--config", type=Path,
+                           help=f"TOML config (default: {RUN_CONFIG} of a running stack)")
+    admin_key.add_argument("--name", default="bootstrap")
     sim = sub.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
     sim.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -98,6 +107,23 @@ def cmd_replicas(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from deploy.admin_cli import bootstrap_admin_key, run_admin
+
+    cfg = _running_stack_config(args)
+    try:
+        if args.command == "admin-key":
+            return asyncio.run(bootstrap_admin_key(cfg, args.name, sys.stdout))
+        return asyncio.run(run_admin(cfg, args, sys.stdout))
+    except YardError as exc:
+        print(f"switchyard: {exc.message}", file=sys.stderr)
+    except RedisError as exc:
+        print(f"switchyard: Redis unreachable: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sim"]:
@@ -112,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "replicas":
             return cmd_replicas(args)
+        if args.command in (*ADMIN_COMMANDS, "admin-key"):
+            return cmd_admin(args)
         return cmd_usage(args)
     except ConfigError as exc:
         print(f"switchyard: {exc.message}", file=sys.stderr)

@@ -101,6 +101,8 @@ class Stack:
                 await registry.put_replica(info)
             await self._start_actors()
             await self._start_ingress()
+            if self.cfg.admin.enabled:
+                await self._start_admin()
             _, issued = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None),
                                               DEMO_TENANT)
         finally:
@@ -134,6 +136,17 @@ class Stack:
         await proc.start()
         self.children.append(proc)
         url = f"http://127.0.0.1:{self.cfg.ingress.port}/readyz"
+        async with aiohttp.ClientSession() as session:
+            await proc.wait_ready(lambda: healthy(session, url), timeout_s=30)
+
+    async def _start_admin(self) -> None:
+        """Its own process, beside the ingress (however many workers that has)."""
+        proc = ChildProcess("admin", python_module("router.admin_main", "--config",
+                                                   str(self.var / "run" / "config.json")),
+                            self.logs / "admin.log")
+        await proc.start()
+        self.children.append(proc)
+        url = f"http://127.0.0.1:{self.cfg.admin.port}/healthz"
         async with aiohttp.ClientSession() as session:
             await proc.wait_ready(lambda: healthy(session, url), timeout_s=30)
 
@@ -194,7 +207,10 @@ async def run_stack(cfg: Config) -> int:
     try:
         key = await stack.start()
         api = f"http://{cfg.ingress.host}:{cfg.ingress.port}/v1"
-        print_line(f"switchyard is up: API {api}  demo key {key}  (Ctrl-C stops everything)")
+        admin = (f"  admin http://{cfg.admin.host}:{cfg.admin.port}/admin/v1"
+                 if cfg.admin.enabled else "")
+        print_line(f"switchyard is up: API {api}  demo key {key}{admin}  "
+                   "(Ctrl-C stops everything)")
         await stack.wait_for_exit(stop)
         return 0
     except StartFailed as exc:

@@ -59,6 +59,8 @@ async def start_stack(workdir: Path,
     config.write_text(f"""
 [ingress]
 port = {api_port}
+[admin]
+port = {free_port()}
 [nats]
 url = "nats://127.0.0.1:{free_port()}"
 [redis]

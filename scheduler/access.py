@@ -2,8 +2,9 @@
 
 `user` keys call inference only; `viewer` keys also read their own tenant's
 admin data; `tenant_admin` keys also create, rotate and revoke their own
-tenant's keys; `platform_admin` keys (of the platform pseudo-tenant) do
-everything, and nothing else may touch tenants or prices. A key acting on
+tenant's keys and read its audit entries; `platform_admin` keys (of the
+platform pseudo-tenant) do everything, and nothing else may touch tenants or
+prices. A key acting on
 another tenant's records is told they do not exist (404), never that they
 are someone else's (403), so ids cannot be probed.
 """
@@ -31,6 +32,8 @@ OWN_TENANT_ROLES: dict[Action, frozenset[Role]] = {
     "key.revoke": frozenset({"tenant_admin"}),
     # What a tenant is billed at is no secret to it.
     "price.read": frozenset({"viewer", "tenant_admin"}),
+    # The entries about their own tenant and its keys (the admin API filters).
+    "audit.read": frozenset({"tenant_admin"}),
 }
 # The roles a key may grant when it creates another key: never above its own.
 GRANTABLE: dict[Role, frozenset[Role]] = {

@@ -43,6 +43,15 @@ class IngressConfig(_Section):
     tokenizer_threads: int = 2
 
 
+class AdminConfig(_Section):
+    """The admin API (tenants, keys, prices, audit): its own process, on
+    loopback unless told otherwise."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8090
+
+
 class RetriesConfig(_Section):
     """The ingress asks for another replica when the placed one fails before
     the client got a byte (connect error, 5xx, stream dying before its first
@@ -305,6 +314,7 @@ class ReplicaConfig(_Section):
 class Config(_Section):
     var_dir: str = "var"
     ingress: IngressConfig = IngressConfig()
+    admin: AdminConfig = AdminConfig()
     retries: RetriesConfig = RetriesConfig()
     nats: NatsConfig = NatsConfig()
     redis: RedisConfig = RedisConfig()

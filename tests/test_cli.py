@@ -13,6 +13,8 @@ import pytest
     (["up", "--help"], "--replica"),
     (["usage", "--help"], "--tenant"),
     (["sim", "--help"], "--replicas"),
+    (["tenants", "update", "--help"], "--max-concurrent"),
+    (["keys", "rotate", "--help"], "--grace-s"),
 ])
 def test_subcommands_parse_their_flags(args: list[str], expect: str) -> None:
     done = subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,

@@ -74,6 +74,8 @@ def _config(tmp_path: Path, nats_port: int = 0, metrics_port: int = 0) -> Path:
     path.write_text(f"""
 [ingress]
 port = {free_port()}
+[admin]
+port = {free_port()}
 [nats]
 url = "nats://127.0.0.1:{nats_port or free_port()}"
 [redis]
@@ -205,6 +207,10 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -
         api = re.search(r"API (\S+)", line).group(1)
         key = re.search(r"demo key (\S+)", line).group(1)
         assert api.startswith("http://127.0.0.1:")
+        admin = re.search(r"admin (\S+)", line).group(1)
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"{admin}/openapi.json") as resp:
+            assert resp.status == 200 and (await resp.json())["openapi"] == "3.1.0"
         children = _descendants(proc.pid)
         assert len(children) >= 4  # nats, redis, simulator, ingress, Ray's
         assert len(_leftovers(proc.pid, tmp_path)) >= 4  # the check can see them
