@@ -28,7 +28,7 @@ request or lease id: a settled id is remembered for at least 60 s.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import msgspec
 
@@ -46,6 +46,9 @@ from scheduler.tenancy import TenantLimits
 
 # A settled id answers retried calls for at least this long.
 REMEMBER_S = 60.0
+# A reservation never committed nor released (its ingress died) is settled
+# as fully spent after this long, like a placement without a completion notice.
+RESERVATION_TTL_S = 900.0
 META_FIELD = "meta"
 CHARGE_PREFIX = "c:"
 
@@ -83,11 +86,14 @@ _encode = msgspec.json.Encoder().encode
 
 class TenantLedger:
     def __init__(self, retry_after_s: float = 1.0,
-                 return_grace_s: float = LeaseSizing().return_grace_s) -> None:
+                 return_grace_s: float = LeaseSizing().return_grace_s,
+                 reservation_ttl_s: float = RESERVATION_TTL_S) -> None:
         """`retry_after_s`: what a refusal that may clear any moment says;
-        `return_grace_s`: how long past its expiry a lease may be returned."""
+        `return_grace_s`: how long past its expiry a lease may be returned;
+        `reservation_ttl_s`: how long a reservation may stay open."""
         self.retry_after_s = retry_after_s
         self.return_grace_s = return_grace_s
+        self.reservation_ttl_s = reservation_ttl_s
         self.charges: dict[str, Charge] = {}
         self.meta = Meta()
         self.reserved_nusd = 0
@@ -98,16 +104,18 @@ class TenantLedger:
         self._window_heap: list[tuple[float, str]] = []
         self._forget_heap: list[tuple[float, str]] = []
         self._open_leases: set[str] = set()
+        self._open_requests: list[tuple[float, str]] = []
         # Field names changed since the last take_changes().
         self._dirty: set[str] = set()
 
     # --- persistence ---------------------------------------------------------
 
     @classmethod
-    def restore(cls, fields: dict[str, bytes], now_s: float, retry_after_s: float = 1.0,
-                return_grace_s: float = LeaseSizing().return_grace_s) -> TenantLedger:
+    def restore(cls, fields: Mapping[str, bytes | str], now_s: float,
+                retry_after_s: float = 1.0, return_grace_s: float = LeaseSizing().return_grace_s,
+                reservation_ttl_s: float = RESERVATION_TTL_S) -> TenantLedger:
         """The ledger persisted as these hash fields (take_changes)."""
-        ledger = cls(retry_after_s, return_grace_s)
+        ledger = cls(retry_after_s, return_grace_s, reservation_ttl_s)
         if META_FIELD in fields:
             ledger.meta = _meta_decoder.decode(fields[META_FIELD])
         for field, raw in fields.items():
@@ -223,7 +231,8 @@ class TenantLedger:
     def advance(self, now_s: float, limits: TenantLimits) -> None:
         """Moves the window and the budget period to `now_s`. A lease never
         returned (its ingress died) is settled as fully used: its spend is
-        unknown, and counting all of it never lets spend past the budget."""
+        unknown, and counting all of it never lets spend past the budget; so
+        is a reservation open for longer than `reservation_ttl_s`."""
         period, _ = period_bounds(now_s, limits.budget_period)
         if period != self.meta.period:
             self.meta = Meta(period=period)
@@ -234,6 +243,14 @@ class TenantLedger:
             self.meta.spent_nusd += lease.reserved_nusd
             self._dirty.add(META_FIELD)
             self._settle(lease_id, lease.requests, lease.tokens, lease.until_s, now_s)
+        stale = self._open_requests
+        while stale and stale[0][0] + self.reservation_ttl_s < now_s:
+            _, request_id = heapq.heappop(stale)
+            charge = self.charges.get(request_id)
+            if charge is not None and charge.open:
+                self.meta.spent_nusd += charge.reserved_nusd
+                self._dirty.add(META_FIELD)
+                self._settle(request_id, charge.requests, charge.tokens, charge.until_s, now_s)
         heap = self._window_heap
         while heap and heap[0][0] <= now_s - WINDOW_S:
             until_s, charge_id = heapq.heappop(heap)
@@ -315,6 +332,8 @@ class TenantLedger:
             self.in_use += charge.concurrent
             if charge.lease:
                 self._open_leases.add(charge_id)
+            else:
+                heapq.heappush(self._open_requests, (charge.until_s, charge_id))
         elif restoring:
             self._schedule_forget(charge_id, charge)
 

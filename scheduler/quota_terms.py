@@ -7,6 +7,7 @@ ingress spends locally)."""
 from __future__ import annotations
 
 import calendar
+import hashlib
 import time
 from typing import Literal
 
@@ -110,6 +111,12 @@ class LeaseSizing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     return_grace_s: float = 5.0
 
 
+def shard_of(tenant_id: str, shards: int) -> int:
+    """The quota shard that owns a tenant: a hash every process computes alike."""
+    digest = hashlib.blake2b(tenant_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
 def period_bounds(now_s: float, period: Literal["day", "month"]) -> tuple[str, float]:
     """The UTC calendar period holding `now_s`: its name and when the next starts."""
     t = time.gmtime(now_s)
@@ -135,6 +142,9 @@ class QuotaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     retry_after_s: float = 1.0
     # Tenants' limits and models' prices are re-read from Redis this often.
     cache_ttl_s: float = 1.0
+    # A reservation neither committed nor released in this long (its ingress
+    # died) is settled as fully spent.
+    reservation_ttl_s: float = 900.0
     # Each tenant's ledger is the Redis hash <redis_prefix><tenant id>.
     redis_prefix: str = "sy:quota:"
     lease: LeaseSizing = LeaseSizing()

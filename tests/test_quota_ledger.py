@@ -13,6 +13,7 @@ from scheduler.quota_terms import (
     RateLimitNumbers,
     estimate,
     period_bounds,
+    shard_of,
 )
 from scheduler.tenancy import Price, TenantLimits
 
@@ -227,3 +228,20 @@ def test_rate_limit_numbers_become_openai_headers() -> None:
     assert numbers.headers() == {"x-ratelimit-limit-requests": "100",
                                  "x-ratelimit-remaining-requests": "7",
                                  "x-ratelimit-reset-requests": "1.500s"}
+
+
+def test_a_reservation_never_settled_is_spent_in_full_after_its_ttl() -> None:
+    ledger, limits = TenantLedger(reservation_ttl_s=100.0), TenantLimits(budget_nusd=1_000)
+    assert ledger.reserve("a", est(1, 600), limits, NOON_S).admitted
+    ledger.advance(NOON_S + 100, limits)
+    assert (ledger.reserved_nusd, ledger.in_use) == (600, 1)
+    ledger.advance(NOON_S + 100.1, limits)
+    assert (ledger.reserved_nusd, ledger.in_use, ledger.meta.spent_nusd) == (0, 0, 600)
+    assert not ledger.commit("a", 1, 10, NOON_S + 101)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 7])
+def test_tenants_spread_over_shards_alike_everywhere(shards: int) -> None:
+    owners = [shard_of(f"t-{i}", shards) for i in range(200)]
+    assert owners == [shard_of(f"t-{i}", shards) for i in range(200)]
+    assert set(owners) == set(range(shards))
