@@ -364,5 +364,4 @@ class TenantLedger:
             tokens=charge.tokens if limits.tokens_per_minute else None,
             nusd=charge.reserved_nusd if limits.budget_nusd else None,
             concurrent=charge.concurrent if limits.max_concurrent_requests else None,
-            ttl_s=sizing.ttl_s, max_tokens_cap=limits.max_tokens_cap,
-            budget_nusd=limits.budget_nusd)
+            ttl_s=sizing.ttl_s, max_tokens_cap=limits.max_tokens_cap)

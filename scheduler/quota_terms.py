@@ -92,7 +92,6 @@ class LeaseSlice(msgspec.Struct, frozen=True, kw_only=True):
     # To estimate the requests it admits exactly as the owner would.
     price: Price | None = None
     max_tokens_cap: int = 0
-    budget_nusd: int = 0
 
 
 class LeaseSizing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

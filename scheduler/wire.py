@@ -10,7 +10,6 @@ import msgspec
 
 from scheduler.quota_ledger import OpenRequest
 from scheduler.quota_terms import LeaseSlice, Verdict
-from scheduler.tenancy import TenantLimits
 
 # --- subjects ---------------------------------------------------------------
 
@@ -342,7 +341,6 @@ class QuotaReply(_Msg, tag="quota_reply"):
 
     verdict: Verdict = Verdict()
     lease: LeaseSlice | None = None
-    limits: TenantLimits = TenantLimits()
     error: str = ""
 
 

@@ -15,7 +15,7 @@ from scheduler.errors import (
 )
 from scheduler.quota_ledger import OpenRequest
 from scheduler.quota_terms import LeaseSlice, RateLimitNumbers, Verdict
-from scheduler.tenancy import Price, TenantLimits
+from scheduler.tenancy import Price
 from scheduler.wire import (
     QuotaCommit,
     QuotaLeaseReturn,
@@ -45,7 +45,7 @@ NUMBERS = RateLimitNumbers(limit_requests=100, remaining_requests=0, limit_token
      quota_reply_decoder),
     (QuotaReply(lease=LeaseSlice(requests=5, nusd=10, ttl_s=2.0, price=Price(
         effective_from_s=0, input_nusd_per_token=1, cached_input_nusd_per_token=0,
-        output_nusd_per_token=2)), limits=TenantLimits(budget_nusd=10)), quota_reply_decoder),
+        output_nusd_per_token=2))), quota_reply_decoder),
     (QuotaReply(error="redis"), quota_reply_decoder),
 ])
 def test_quota_messages_round_trip(message: object, decoder: msgspec.json.Decoder) -> None:
