@@ -29,6 +29,7 @@ from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import QuotaConfig, shard_of
 from scheduler.tenancy import NUSD_PER_USD, Price, TenantLimits
 from scheduler.wire import QuotaCommit, encode, quota_subject
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 13
@@ -242,3 +243,34 @@ async def test_a_shard_killed_under_load_resets_nothing(
     finally:
         await nc.drain()
     assert (await quotas.ledger(tenant_id)).meta.spent_nusd == spend_nusd
+
+
+async def test_requests_running_when_a_lease_ends_become_reservations(quotas: Quotas) -> None:
+    tenant_id = await quotas.tenant(TenantLimits(requests_per_minute=1_000,
+                                                 budget_nusd=NUSD_PER_USD))
+    # Returned 0.1 s after its expiry if requests are still running then.
+    cfg = msgspec.structs.replace(quotas.cfg.quota, lease=msgspec.structs.replace(
+        quotas.cfg.quota.lease, return_grace_s=0.2))
+    nc = await nats.connect(quotas.cfg.nats.url)
+    client = QuotaClient(nc, cfg)
+    await client.start()
+    try:
+        running = await client.admit(tenant_id, "r-running", MODEL, 5, 10)
+        done = await client.admit(tenant_id, "r-done", MODEL, 5, 10)
+        assert running.lease is not None and done.lease is running.lease
+        client.settle(done, 5, 0, 4)
+
+        async def returned() -> bool:
+            return (await quotas.ledger(tenant_id)).in_use == 1
+
+        await wait_until(returned, timeout_s=10)
+        ledger = await quotas.ledger(tenant_id)
+        assert ledger.charges["r-running"].open and ledger.window_requests == 2
+        client.settle(running, 5, 0, 9)
+        await client.drain()
+    finally:
+        await client.aclose()
+        await nc.drain()
+    ledger = await quotas.ledger(tenant_id)
+    assert (ledger.in_use, ledger.reserved_nusd) == (0, 0)
+    assert ledger.meta.spent_nusd == PRICE.cost_nusd(5, 0, 4) + PRICE.cost_nusd(5, 0, 9)
