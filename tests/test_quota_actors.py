@@ -21,10 +21,18 @@ import pytest
 import pytest_asyncio
 
 from actors.control_store import TENANT_KEY, connect_redis
+from actors.quota import QuotaService
 from actors.tenancy_reader import LIMITS_FIELD, PRICES_KEY
+from deploy.procs import free_port
 from router.quota_client import Admission, QuotaClient
 from scheduler.config import Config, NatsConfig, RedisConfig, dump_config
-from scheduler.errors import BudgetExhausted, QuotaUnavailable, RateLimited, YardError
+from scheduler.errors import (
+    BudgetExhausted,
+    ModelNotPriced,
+    QuotaUnavailable,
+    RateLimited,
+    YardError,
+)
 from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import QuotaConfig, shard_of
 from scheduler.tenancy import NUSD_PER_USD, Price, TenantLimits
@@ -163,12 +171,17 @@ async def test_a_budget_holds_under_a_burst_and_nothing_stays_reserved(
     assert (ledger.reserved_nusd, ledger.in_use) == (0, 0)
 
 
-async def test_budget_refusals_say_insufficient_quota(quotas: Quotas,
-                                                      ingresses: list[QuotaClient]) -> None:
+async def test_a_tiny_budget_admits_nothing_and_an_unpriced_model_is_refused(
+        quotas: Quotas, ingresses: list[QuotaClient]) -> None:
     tenant_id = await quotas.tenant(TenantLimits(budget_nusd=1))
+    admitted, refused = await _admit_all(ingresses, tenant_id, attempts=50, concurrency=50)
+    assert not admitted and refused == {"BudgetExhausted": 50}
     with pytest.raises(BudgetExhausted) as caught:
         await ingresses[0].admit(tenant_id, "r-1", MODEL, 5, 10)
     assert msgspec.json.decode(caught.value.payload())["error"]["code"] == "insufficient_quota"
+    with pytest.raises(ModelNotPriced):
+        await ingresses[1].admit(tenant_id, "r-2", "unpriced-model", 0, 0)
+    assert (await quotas.ledger(tenant_id)).charges == {}
 
 
 async def test_an_unreachable_owner_fails_closed_in_bounded_time(quotas: Quotas) -> None:
@@ -186,6 +199,28 @@ async def test_an_unreachable_owner_fails_closed_in_bounded_time(quotas: Quotas)
     finally:
         await client.aclose()
         await nc.drain()
+
+
+async def test_a_shard_without_its_redis_fails_closed(quotas: Quotas) -> None:
+    # Shard 2 of 3, in this process, with its Redis gone.
+    cfg = msgspec.structs.replace(
+        quotas.cfg, quota=msgspec.structs.replace(quotas.cfg.quota, shards=3),
+        redis=RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.1))
+    tenant_id = next(t for t in (f"t-{i}" for i in range(100)) if shard_of(t, 3) == 2)
+    shard = QuotaService(cfg, 2)
+    await shard.start()
+    nc = await nats.connect(quotas.cfg.nats.url)
+    client = QuotaClient(nc, cfg.quota)
+    try:
+        started_s = time.monotonic()
+        with pytest.raises(QuotaUnavailable):
+            await client.admit(tenant_id, "r-1", MODEL, 5, 10)
+        assert time.monotonic() - started_s < cfg.quota.call_timeout_s + 0.2
+        assert shard.stats()["errors"] > 1, "the call was not resent"
+    finally:
+        await client.aclose()
+        await nc.drain()
+        await shard.aclose()
 
 
 async def test_a_shard_killed_under_load_resets_nothing(
