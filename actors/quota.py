@@ -125,8 +125,10 @@ class QuotaService:
         if isinstance(call, QuotaReserve):
             price = price_at(await self._reader.prices(call.model), now_s)
             est = estimate(limits, price, call.prompt_tokens, call.max_tokens)
+            # A resent call whose request was already reserved on its own
+            # stays that reservation: a lease now would count it twice.
             lease = (ledger.grant_lease(call.lease_id, est, limits, self.cfg.quota.lease, now_s)
-                     if call.lease_id else None)
+                     if call.lease_id and call.request_id not in ledger.charges else None)
             if lease is not None:
                 self.counts["leases"] += 1
                 return tenant, QuotaReply(
