@@ -36,7 +36,14 @@ from scheduler.errors import (
 from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import QuotaConfig, shard_of
 from scheduler.tenancy import NUSD_PER_USD, Price, TenantLimits
-from scheduler.wire import QuotaCommit, encode, quota_subject
+from scheduler.wire import (
+    QuotaCommit,
+    QuotaReply,
+    QuotaReserve,
+    encode,
+    quota_reply_decoder,
+    quota_subject,
+)
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -311,3 +318,30 @@ async def test_requests_running_when_a_lease_ends_become_reservations(quotas: Qu
     ledger = await quotas.ledger(tenant_id)
     assert (ledger.in_use, ledger.reserved_nusd) == (0, 0)
     assert ledger.meta.spent_nusd == PRICE.cost_nusd(5, 0, 4) + PRICE.cost_nusd(5, 0, 9)
+
+
+async def test_a_resent_reserve_counts_its_request_once(quotas: Quotas) -> None:
+    cfg = msgspec.structs.replace(quotas.cfg, quota=msgspec.structs.replace(
+        quotas.cfg.quota, shards=3))
+    shard = QuotaService(cfg, 2)
+    await shard.start()
+    tenant_id = await quotas.tenant(TenantLimits(requests_per_minute=1_000))
+    while shard_of(tenant_id, 3) != 2:
+        tenant_id = await quotas.tenant(TenantLimits(requests_per_minute=1_000))
+    nc = await nats.connect(quotas.cfg.nats.url)
+    try:
+        async def reserve(lease_id: str) -> QuotaReply:
+            msg = await nc.request(quota_subject(2), encode(QuotaReserve(
+                tenant_id=tenant_id, request_id="r-1", model=MODEL, prompt_tokens=5,
+                max_tokens=10, lease_id=lease_id)), timeout=5)
+            return quota_reply_decoder.decode(msg.data)
+
+        # The first answer was lost (no lease asked, say, as near a limit);
+        # the resend asks for a lease: the request stays its own reservation.
+        assert (await reserve("")).verdict.admitted
+        again = await reserve("lease-1")
+        assert again.lease is None and again.verdict.admitted
+    finally:
+        await nc.drain()
+        await shard.aclose()
+    assert (await quotas.ledger(tenant_id)).window_requests == 1
