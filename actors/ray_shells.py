@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import msgspec
 import ray
 
+from actors.quota import QuotaService
 from actors.replica_agent import ReplicaAgent
 from actors.scheduler import SchedulerService
 from analytics.metering import MeteringService
@@ -57,6 +58,15 @@ class SchedulerActor(_Host):
 class MeteringActor(_Host):
     def __init__(self, config_json: bytes) -> None:
         super().__init__(MeteringService(config_from_json(config_json)))
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class QuotaShardActor(_Host):
+    """Quota shard `shard` of `quota.shards`: owns the ledgers of the tenants
+    hashed onto it; restarted by Ray, it reads them back from Redis."""
+
+    def __init__(self, config_json: bytes, shard: int) -> None:
+        super().__init__(QuotaService(config_from_json(config_json), shard))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)

@@ -2,7 +2,7 @@
 
 Order: nats-server, redis-server, the replicas with their agents (simulated
 unless URLs are given; deploy/replica_fleet.py), the replica registry, Ray
-actors (metering, schedulers), the ingress. Each part is awaited until ready;
+actors (metering, schedulers, quota shards), the ingress. Each part is awaited until ready;
 a part that fails is named with its reason. Stopping (SIGINT/SIGTERM, or any
 child dying) ends every part, the ingress first.
 """
@@ -111,7 +111,7 @@ class Stack:
         return issued.plaintext
 
     async def _start_actors(self) -> None:
-        from actors.ray_shells import MeteringActor, SchedulerActor
+        from actors.ray_shells import MeteringActor, QuotaShardActor, SchedulerActor
 
         config_json = dump_config(self.cfg)
         metering = MeteringActor.options(name="switchyard-metering").remote(config_json)
@@ -120,9 +120,12 @@ class Stack:
         schedulers = [SchedulerActor.options(name=name).remote(config_json, name,
                                                                port + i if port else 0)
                       for i, name in enumerate(names)]
-        self.actors = [metering, *schedulers]
+        quota_shards = [QuotaShardActor.options(name=f"switchyard-quota-{i}").remote(config_json, i)
+                        for i in range(self.cfg.quota.shards)]
+        self.actors = [metering, *schedulers, *quota_shards]
         for name, actor in [("metering actor", metering)] + [
-                (f"scheduler actor {i}", a) for i, a in enumerate(schedulers)]:
+                (f"scheduler actor {i}", a) for i, a in enumerate(schedulers)] + [
+                (f"quota shard {i}", a) for i, a in enumerate(quota_shards)]:
             try:
                 await asyncio.wait_for(actor.ready.remote(), ACTOR_READY_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - reported with the part's name

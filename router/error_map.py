@@ -47,7 +47,7 @@ def as_yard_error(exc: BaseException) -> YardError:
 
 
 def error_response(exc: YardError, request_id: str | None) -> web.Response:
-    headers = {}
+    headers = exc.headers()
     if request_id:
         headers[REQUEST_ID_HEADER] = request_id
     if exc.retry_after_s is not None:

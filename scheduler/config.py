@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 
 from scheduler.errors import ConfigError
+from scheduler.quota_terms import QuotaConfig
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -323,6 +324,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     agent: AgentConfig = AgentConfig()
     metering: MeteringConfig = MeteringConfig()
+    quota: QuotaConfig = QuotaConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     # Served model name -> its engine settings; `up` adds the simulated model.
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)

@@ -3,7 +3,11 @@ the ingress maps them in a single place (HTTP middleware, NATS front end)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+
+from scheduler.quota_terms import RateLimitNumbers, Verdict
 
 
 class YardError(Exception):
@@ -28,6 +32,10 @@ class YardError(Exception):
         self.retry_after_s = retry_after_s
         self.replica_id = replica_id
         self.tenant_id = tenant_id
+
+    def headers(self) -> dict[str, str]:
+        """Response headers of its own, beyond Retry-After."""
+        return {}
 
     def payload(self) -> bytes:
         """The response body, JSON-encoded."""
@@ -165,6 +173,70 @@ class ServiceUnavailable(YardError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class QuotaUnavailable(ServiceUnavailable):
+    """The owner of the tenant's quota did not answer in time: fail closed."""
+
+    code = "quota_unavailable"
+
+
+class RateLimited(YardError):
+    """Requests or tokens per minute, or concurrent requests, used up;
+    `numbers` fill OpenAI's x-ratelimit-* headers."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, numbers: RateLimitNumbers, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.numbers = numbers
+
+    def headers(self) -> dict[str, str]:
+        return self.numbers.headers()
+
+
+class TokensRateLimited(RateLimited):
+    type = "tokens"
+
+
+class BudgetExhausted(RateLimited):
+    """The tenant's budget for this period is spent (or held by requests in
+    flight); OpenAI's `insufficient_quota`, told apart from rate limits."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class ModelNotPriced(YardError):
+    """The tenant has a budget and the model no price: it is never billed at $0."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_priced"
+
+
+def quota_refusal(verdict: Verdict, tenant_id: str, model: str) -> YardError:
+    """The error for a refused quota verdict."""
+    kw: dict[str, Any] = {"numbers": verdict.numbers, "tenant_id": tenant_id,
+                          "retry_after_s": verdict.retry_after_s}
+    match verdict.refusal:
+        case "requests":
+            return RateLimited("Rate limit reached for requests per minute.", **kw)
+        case "tokens":
+            return TokensRateLimited("Rate limit reached for tokens per minute.", **kw)
+        case "too_large":
+            return TokensRateLimited(
+                "Request too large for tokens per minute: lower max_tokens or the prompt.", **kw)
+        case "concurrency":
+            return RateLimited("Too many concurrent requests.", **kw)
+        case "budget":
+            return BudgetExhausted("You exceeded your current quota (budget for this period).",
+                                   **kw)
+        case _:
+            return ModelNotPriced(f"Model {model} has no price; it cannot be used on a budget.",
+                                  param="model", tenant_id=tenant_id)
 
 
 class InternalError(YardError):

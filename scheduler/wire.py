@@ -8,6 +8,9 @@ import re
 
 import msgspec
 
+from scheduler.quota_ledger import OpenRequest
+from scheduler.quota_terms import LeaseSlice, Verdict
+
 # --- subjects ---------------------------------------------------------------
 
 # Placement requests for one model, served by scheduler actors in a queue group.
@@ -49,6 +52,9 @@ LOAD_SUBJECT = "yard.replica.load.{model}"
 # A replica's KV-cache events (KvEventsRelay) and resync notices (KvResync), in
 # order on one subject so a scheduler sees a resync exactly where it happened.
 KV_SUBJECT = "yard.kv.{model}.{replica}"
+# Quota calls for the tenants hashed onto one shard (quota_terms.shard_of);
+# exactly one quota shard actor serves each.
+QUOTA_SUBJECT = "yard.quota.{shard}"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-/:]")
 
@@ -68,6 +74,10 @@ def usage_subject(tenant_id: str) -> str:
 
 def load_subject(model: str) -> str:
     return LOAD_SUBJECT.format(model=subject_token(model))
+
+
+def quota_subject(shard: int) -> str:
+    return QUOTA_SUBJECT.format(shard=shard)
 
 
 def kv_subject(model: str, replica_id: str) -> str:
@@ -299,6 +309,61 @@ class UsageReply(_Msg, tag="usage_totals"):
     error: str = ""
 
 
+# --- quota -------------------------------------------------------------------
+
+
+class QuotaReserve(_Msg, tag="quota_reserve"):
+    """Idempotent by request id. With `lease_id`, a lease sized by this request
+    is tried first; if granted, the ingress admits the request under it."""
+
+    tenant_id: str
+    request_id: str
+    model: str
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    lease_id: str = ""
+
+
+class QuotaCommit(_Msg, tag="quota_commit"):
+    """A reserved request's true usage (the shard prices it); frees the rest."""
+
+    tenant_id: str
+    request_id: str
+    model: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class QuotaRelease(_Msg, tag="quota_release"):
+    """A reserved request failed or was abandoned: nothing spent."""
+
+    tenant_id: str
+    request_id: str
+
+
+class QuotaLeaseReturn(_Msg, tag="quota_lease_return"):
+    """Use under a lease (tokens, spend: the completed requests'); the requests
+    still running become reservations."""
+
+    tenant_id: str
+    lease_id: str
+    used_requests: int = 0
+    used_tokens: int = 0
+    spent_nusd: int = 0
+    still_open: tuple[OpenRequest, ...] = ()
+
+
+class QuotaReply(_Msg, tag="quota_reply"):
+    """`lease` granted, else `verdict`; `error`: not done (Redis away), resend."""
+
+    verdict: Verdict = Verdict()
+    lease: LeaseSlice | None = None
+    error: str = ""
+
+
+QuotaCall = QuotaReserve | QuotaCommit | QuotaRelease | QuotaLeaseReturn
+
 # --- public NATS subject API ----------------------------------------------------
 
 
@@ -343,3 +408,5 @@ usage_query_decoder = msgspec.json.Decoder(UsageQuery)
 usage_reply_decoder = msgspec.json.Decoder(UsageReply)
 api_reply_decoder = msgspec.json.Decoder(ApiReply)
 control_changed_decoder = msgspec.json.Decoder(ControlChanged)
+quota_call_decoder = msgspec.json.Decoder(QuotaCall)
+quota_reply_decoder = msgspec.json.Decoder(QuotaReply)

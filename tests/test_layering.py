@@ -1,7 +1,7 @@
 """The house layering: scheduler/ is a pure core (standard library and
 msgspec only); nothing outside router/ imports router, except the replica
 simulator, which tokenizes prompts with the ingress's own implementation,
-and the benchmark of that; each module imports on its own."""
+and the benchmarks of that and of the ingress's quota client; each module imports on its own."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ ROUTER_IMPORTS_ALLOWED = {
     ROOT / "loadtests" / "simulator": {"router.prompt_tokens"},
     ROOT / "loadtests" / "bench_prompt_hashing.py": {
         "router.prompt_tokens", "router.prompt_blocks", "router.requests"},
+    ROOT / "loadtests" / "bench_quota.py": {"router.quota_client"},
 }
 
 

@@ -1,0 +1,337 @@
+"""The ingress's side of quotas: admit a request before it is placed, settle
+it when it ends.
+
+Fast path: per (tenant, model) the ingress holds a lease, a slice of the
+tenant's allowance granted by the tenant's shard (requests, tokens, money,
+concurrent slots, for `quota.lease.ttl_s` from the ask), and admits locally
+while the lease covers the request; it settles leased requests locally too,
+and the unused part goes back to the shard when the lease ends (expired,
+exhausted or at shutdown) with what was used; requests still running then
+become reservations at the shard. Without a lease, an admission is one call
+to the shard, which grants a new lease if it is worth it (so the request is
+admitted under it) or else reserves this one request: near a limit the
+shard grants no leases and every admission is exact.
+
+The shard cannot be reached within `quota.call_timeout_s` (resending the
+same idempotent call meanwhile, e.g. while Ray restarts it): the admission
+fails closed with QuotaUnavailable (503 + Retry-After), for budgets and rate
+limits alike, so no limit is ever exceeded; a lease already held keeps
+admitting until it ends, which covers a shard restart for busy tenants.
+Settling calls (commit, release, lease return) are retried in the
+background for `SETTLE_PATIENCE_S`; one that never arrives is settled by the
+shard as fully used (reservation TTL, lease return grace)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from scheduler.errors import QuotaUnavailable, quota_refusal
+from scheduler.quota_ledger import OpenRequest
+from scheduler.quota_terms import (
+    LeaseSlice,
+    QuotaConfig,
+    RateLimitNumbers,
+    estimate,
+    shard_of,
+)
+from scheduler.tenancy import TenantLimits
+from scheduler.wire import (
+    QuotaCall,
+    QuotaCommit,
+    QuotaLeaseReturn,
+    QuotaRelease,
+    QuotaReply,
+    QuotaReserve,
+    encode,
+    quota_reply_decoder,
+    quota_subject,
+)
+
+log = logging.getLogger("switchyard.quota_client")
+# Pause before resending to a shard with no subscriber (it is restarting).
+NO_RESPONDERS_BACKOFF_S = 0.02
+# How long a commit, release or lease return keeps being resent.
+SETTLE_PATIENCE_S = 30.0
+
+
+class _Lease:
+    """What is left of a lease; None parts are not limited."""
+
+    def __init__(self, lease_id: str, granted: LeaseSlice, numbers: RateLimitNumbers,
+                 deadline_s: float) -> None:
+        self.lease_id = lease_id
+        self.granted = granted
+        self.numbers = numbers
+        self.deadline_s = deadline_s
+        self.requests_left = granted.requests
+        self.tokens_left = granted.tokens
+        self.nusd_left = granted.nusd
+        self.slots_left = granted.concurrent
+        self.used_requests = 0
+        self.used_tokens = 0
+        self.spent_nusd = 0
+        # Admitted, not yet settled: request id -> (tokens, nUSD) estimated.
+        self.open: dict[str, tuple[int, int]] = {}
+        # Once it ends, its return to the shard; `sent` once that is on its
+        # way (from then on its requests settle with the shard).
+        self.returning: asyncio.Task[None] | None = None
+        self.sent = False
+        self.drained = asyncio.Event()
+
+    def take(self, request_id: str, tokens: int, cost_nusd: int) -> bool:
+        wants = (1, tokens, cost_nusd, 1)
+        lefts = (self.requests_left, self.tokens_left, self.nusd_left, self.slots_left)
+        if any(left is not None and want > left for want, left in zip(wants, lefts, strict=True)):
+            return False
+        self.requests_left, self.tokens_left, self.nusd_left, self.slots_left = (
+            None if left is None else left - want for want, left in zip(wants, lefts, strict=True))
+        self.used_requests += 1
+        self.open[request_id] = (tokens, cost_nusd)
+        return True
+
+    def settle(self, request_id: str, tokens: int, cost_nusd: int) -> None:
+        """Local: what the request did not use may admit others under this lease."""
+        reserved_tokens, reserved_nusd = self.open.pop(request_id)
+        if not self.open and self.returning is not None:
+            self.drained.set()
+        self.used_tokens += tokens
+        self.spent_nusd += cost_nusd
+        if self.tokens_left is not None:
+            self.tokens_left += reserved_tokens - tokens
+        if self.nusd_left is not None:
+            self.nusd_left += reserved_nusd - cost_nusd
+        if self.slots_left is not None:
+            self.slots_left += 1
+
+    def as_return(self, tenant_id: str) -> QuotaLeaseReturn:
+        return QuotaLeaseReturn(
+            tenant_id=tenant_id, lease_id=self.lease_id, used_requests=self.used_requests,
+            used_tokens=self.used_tokens, spent_nusd=self.spent_nusd,
+            still_open=tuple(OpenRequest(rid, t, c) for rid, (t, c) in self.open.items()))
+
+
+@dataclass
+class Admission:
+    tenant_id: str
+    request_id: str
+    model: str
+    numbers: RateLimitNumbers
+    # Set when admitted under a lease (settled locally while the lease lasts).
+    lease: _Lease | None = None
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers (as of the last word from the shard)."""
+        return self.numbers.headers()
+
+
+class QuotaClient:
+    def __init__(self, nc: NATS, cfg: QuotaConfig,
+                 clock_s: Callable[[], float] = time.monotonic) -> None:
+        self._nc = nc
+        self.cfg = cfg
+        self.clock_s = clock_s
+        self._leases: dict[tuple[str, str], _Lease] = {}
+        # Near a limit the shard grants no lease: admit per request for a while.
+        self._no_lease_until_s: dict[tuple[str, str], float] = {}
+        # One lease ask per (tenant, model) at a time; the others wait for it.
+        self._asking: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self.counts = dict.fromkeys(("local", "calls", "leases", "reserved", "refused",
+                                     "unavailable", "settle_lost"), 0)
+
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever(), name="quota-lease-reaper")
+
+    async def aclose(self) -> None:
+        """Returns every lease (bounded by the settle patience)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        for key, lease in list(self._leases.items()):
+            self._end(key, lease)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Waits until every settling call has been answered (or given up)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def admit(self, tenant_id: str, request_id: str, model: str, prompt_tokens: int,
+                    max_tokens: int) -> Admission:
+        """Raises RateLimited, BudgetExhausted, ModelNotPriced (refused) or
+        QuotaUnavailable (the shard did not answer in time)."""
+        key = (tenant_id, model)
+        while (admitted := self._admit_leased(key, request_id, prompt_tokens,
+                                              max_tokens)) is None:
+            asking = self._asking.get(key)
+            if asking is None:
+                break
+            # Another admission is asking for a lease: this one may fit in it.
+            await asyncio.shield(asking)
+        if admitted is not None:
+            return admitted
+        if self._no_lease_until_s.get(key, 0.0) > self.clock_s():
+            return await self._reserve(key, request_id, prompt_tokens, max_tokens, lease_id="")
+        asked = self._asking[key] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._reserve(key, request_id, prompt_tokens, max_tokens,
+                                       lease_id="lease-" + uuid.uuid4().hex)
+        finally:
+            del self._asking[key]
+            asked.set_result(None)
+
+    def settle(self, adm: Admission, prompt_tokens: int, cached_tokens: int,
+               completion_tokens: int) -> None:
+        """The request ended with this usage (a partial stream: what it generated)."""
+        lease = adm.lease
+        if lease is not None and not lease.sent:
+            price = lease.granted.price
+            cost = 0 if price is None else price.cost_nusd(prompt_tokens, cached_tokens,
+                                                           completion_tokens)
+            lease.settle(adm.request_id, prompt_tokens + completion_tokens, cost)
+            return
+        self._in_background(adm.tenant_id, QuotaCommit(
+            tenant_id=adm.tenant_id, request_id=adm.request_id, model=adm.model,
+            prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+            completion_tokens=completion_tokens), after=lease)
+
+    def release(self, adm: Admission) -> None:
+        """The request failed before the replica took it, or its client left
+        first: nothing spent."""
+        lease = adm.lease
+        if lease is not None and not lease.sent:
+            lease.settle(adm.request_id, 0, 0)
+            return
+        self._in_background(adm.tenant_id, QuotaRelease(
+            tenant_id=adm.tenant_id, request_id=adm.request_id), after=lease)
+
+    # --- internals -------------------------------------------------------------
+
+    def _admit_leased(self, key: tuple[str, str], request_id: str, prompt_tokens: int,
+                      max_tokens: int) -> Admission | None:
+        lease = self._leases.get(key)
+        if lease is None:
+            return None
+        granted = lease.granted
+        est = estimate(TenantLimits(max_tokens_cap=granted.max_tokens_cap), granted.price,
+                       prompt_tokens, max_tokens)
+        if self.clock_s() < lease.deadline_s and lease.take(request_id, est.tokens,
+                                                             est.cost_nusd or 0):
+            self.counts["local"] += 1
+            return Admission(key[0], request_id, key[1], lease.numbers, lease)
+        self._end(key, lease)
+        return None
+
+    async def _reserve(self, key: tuple[str, str], request_id: str, prompt_tokens: int,
+                       max_tokens: int, lease_id: str) -> Admission:
+        tenant_id, model = key
+        asked_at_s = self.clock_s()
+        reply = await self._call(tenant_id, QuotaReserve(
+            tenant_id=tenant_id, request_id=request_id, model=model,
+            prompt_tokens=prompt_tokens, max_tokens=max_tokens, lease_id=lease_id))
+        if reply.lease is not None:
+            self.counts["leases"] += 1
+            # From the ask: the shard's own expiry is later, never earlier.
+            lease = _Lease(lease_id, reply.lease, reply.verdict.numbers,
+                           asked_at_s + reply.lease.ttl_s)
+            old = self._leases.get(key)
+            if old is not None:
+                self._end(key, old)
+            self._leases[key] = lease
+            admitted = self._admit_leased(key, request_id, prompt_tokens, max_tokens)
+            if admitted is not None:
+                return admitted
+            return await self._reserve(key, request_id, prompt_tokens, max_tokens, "")
+        if lease_id:
+            self._no_lease_until_s[key] = self.clock_s() + self.cfg.lease.ttl_s / 2
+        verdict = reply.verdict
+        if not verdict.admitted:
+            self.counts["refused"] += 1
+            raise quota_refusal(verdict, tenant_id, model)
+        self.counts["reserved"] += 1
+        return Admission(tenant_id, request_id, model, verdict.numbers)
+
+    async def _call(self, tenant_id: str, call: QuotaCall,
+                    timeout_s: float | None = None) -> QuotaReply:
+        """The shard's answer, resending the same call until `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + (timeout_s or self.cfg.call_timeout_s)
+        subject = quota_subject(shard_of(tenant_id, self.cfg.shards))
+        payload = encode(call)
+        while (left_s := deadline_s - loop.time()) > 0:
+            self.counts["calls"] += 1
+            try:
+                msg = await self._nc.request(subject, payload,
+                                             timeout=min(left_s, self.cfg.attempt_timeout_s))
+                reply = quota_reply_decoder.decode(msg.data)
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(min(NO_RESPONDERS_BACKOFF_S, max(0.0, left_s)))
+                continue
+            except (nats.errors.Error, msgspec.DecodeError):
+                continue
+            if not reply.error:
+                return reply
+            await asyncio.sleep(min(NO_RESPONDERS_BACKOFF_S, max(0.0, left_s)))
+        self.counts["unavailable"] += 1
+        raise QuotaUnavailable("The quota service did not answer in time.",
+                               retry_after_s=self.cfg.retry_after_s, tenant_id=tenant_id)
+
+    def _end(self, key: tuple[str, str], lease: _Lease) -> None:
+        """No more admissions under it; hands back what it did not use once
+        the requests it admitted have ended, or before the shard would take
+        it as abandoned: the ones still running then become reservations."""
+        if self._leases.get(key) is lease:
+            del self._leases[key]
+        if lease.returning is None:
+            if not lease.open:
+                lease.drained.set()
+            lease.returning = asyncio.create_task(self._return(key[0], lease))
+            self._background.add(lease.returning)
+            lease.returning.add_done_callback(self._background.discard)
+
+    async def _return(self, tenant_id: str, lease: _Lease) -> None:
+        wait_s = lease.deadline_s + self.cfg.lease.return_grace_s / 2 - self.clock_s()
+        # Past it, the requests still running go on as reservations.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, wait_s)):
+                await lease.drained.wait()
+        lease.sent = True
+        await self._settle_call(tenant_id, lease.as_return(tenant_id), None)
+
+    def _in_background(self, tenant_id: str, call: QuotaCall, after: _Lease | None) -> None:
+        task = asyncio.create_task(self._settle_call(tenant_id, call, after))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settle_call(self, tenant_id: str, call: QuotaCall, after: _Lease | None) -> None:
+        if after is not None and after.returning is not None:
+            # The request became a reservation with its lease's return: only
+            # once that return is in may it be committed or released.
+            await asyncio.shield(after.returning)
+        try:
+            await self._call(tenant_id, call, timeout_s=SETTLE_PATIENCE_S)
+        except QuotaUnavailable:
+            self.counts["settle_lost"] += 1
+            log.warning("quota %s for tenant %s not delivered; the shard will settle it "
+                        "as fully used", type(call).__name__, tenant_id)
+
+    async def _reap_forever(self) -> None:
+        # Leases end on time even for a tenant that sends nothing more, so the
+        # shard gets the unused part back before it would count it all as used.
+        while True:
+            await asyncio.sleep(self.cfg.lease.ttl_s / 4)
+            now_s = self.clock_s()
+            for key, lease in list(self._leases.items()):
+                if now_s >= lease.deadline_s:
+                    self._end(key, lease)
