@@ -13,10 +13,9 @@ from collections.abc import Callable
 import msgspec
 import redis.asyncio as aioredis
 
-from actors.control_store import TENANT_KEY
+from actors.control_plane import PRICES_KEY, TENANT_KEY
 from scheduler.tenancy import NO_LIMITS, Price, TenantLimits
 
-PRICES_KEY = "sy:prices"
 LIMITS_FIELD = "limits"
 
 _limits_decoder = msgspec.json.Decoder(TenantLimits)

@@ -29,7 +29,8 @@ import msgspec
 import nats
 import uvloop
 
-from actors.control_store import TENANT_KEY, connect_redis
+from actors.control_plane import TENANT_KEY
+from actors.control_store import connect_redis
 from actors.ray_runtime import init_local_ray, shutdown_ray
 from actors.tenancy_reader import LIMITS_FIELD, PRICES_KEY
 from deploy.procs import start_nats, start_redis

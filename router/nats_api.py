@@ -2,7 +2,7 @@
 
 A request on `yard.v1.chat.completions` or `yard.v1.completions` carries the
 OpenAI JSON body and an `Authorization: Bearer <key>` header, with a reply
-inbox. Replies (JSON, tagged by "kind", see scheduler/wire.py): a non-streaming
+inbox. Replies (JSON, tagged by "kind", see scheduler/wire/): a non-streaming
 request gets one `response` (or `error`); a streaming one gets `chunk`
 messages and then one `end` (or an `error`, which also ends it).
 """

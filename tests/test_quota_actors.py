@@ -20,7 +20,8 @@ import nats
 import pytest
 import pytest_asyncio
 
-from actors.control_store import TENANT_KEY, connect_redis
+from actors.control_plane import TENANT_KEY
+from actors.control_store import connect_redis
 from actors.quota import QuotaService
 from actors.tenancy_reader import LIMITS_FIELD, PRICES_KEY
 from deploy.procs import free_port
@@ -47,7 +48,7 @@ from scheduler.wire import (
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
-REDIS_DB = 13
+REDIS_DB = 9
 SHARDS = 2
 MODEL = "priced-model"
 # $1 per million output tokens, $0.5 per million prompt tokens.

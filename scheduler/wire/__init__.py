@@ -1,6 +1,7 @@
 """Every message that crosses NATS (and the replica registry in Redis), with
-the subjects beside them. JSON via msgspec; encoders/decoders built once.
-New fields always get defaults so old and new peers interoperate."""
+the subjects beside them (the quota calls in `quota.py`, re-exported here).
+JSON via msgspec; encoders/decoders built once. New fields always get
+defaults so old and new peers interoperate."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import re
 
 import msgspec
 
-from scheduler.quota_ledger import OpenRequest
-from scheduler.quota_terms import LeaseSlice, Verdict
+from scheduler.wire.base import _Msg
+from scheduler.wire.quota import QuotaCall as QuotaCall
+from scheduler.wire.quota import QuotaCommit as QuotaCommit
+from scheduler.wire.quota import QuotaLeaseReturn as QuotaLeaseReturn
+from scheduler.wire.quota import QuotaRelease as QuotaRelease
+from scheduler.wire.quota import QuotaReply as QuotaReply
+from scheduler.wire.quota import QuotaReserve as QuotaReserve
 
 # --- subjects ---------------------------------------------------------------
 
@@ -82,10 +88,6 @@ def quota_subject(shard: int) -> str:
 
 def kv_subject(model: str, replica_id: str) -> str:
     return KV_SUBJECT.format(model=subject_token(model), replica=subject_token(replica_id))
-
-
-class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
-    pass
 
 
 # --- placement ---------------------------------------------------------------
@@ -308,61 +310,6 @@ class UsageReply(_Msg, tag="usage_totals"):
     totals: tuple[UsageTotal, ...] = ()
     error: str = ""
 
-
-# --- quota -------------------------------------------------------------------
-
-
-class QuotaReserve(_Msg, tag="quota_reserve"):
-    """Idempotent by request id. With `lease_id`, a lease sized by this request
-    is tried first; if granted, the ingress admits the request under it."""
-
-    tenant_id: str
-    request_id: str
-    model: str
-    prompt_tokens: int = 0
-    max_tokens: int = 0
-    lease_id: str = ""
-
-
-class QuotaCommit(_Msg, tag="quota_commit"):
-    """A reserved request's true usage (the shard prices it); frees the rest."""
-
-    tenant_id: str
-    request_id: str
-    model: str
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class QuotaRelease(_Msg, tag="quota_release"):
-    """A reserved request failed or was abandoned: nothing spent."""
-
-    tenant_id: str
-    request_id: str
-
-
-class QuotaLeaseReturn(_Msg, tag="quota_lease_return"):
-    """Use under a lease (tokens, spend: the completed requests'); the requests
-    still running become reservations."""
-
-    tenant_id: str
-    lease_id: str
-    used_requests: int = 0
-    used_tokens: int = 0
-    spent_nusd: int = 0
-    still_open: tuple[OpenRequest, ...] = ()
-
-
-class QuotaReply(_Msg, tag="quota_reply"):
-    """`lease` granted, else `verdict`; `error`: not done (Redis away), resend."""
-
-    verdict: Verdict = Verdict()
-    lease: LeaseSlice | None = None
-    error: str = ""
-
-
-QuotaCall = QuotaReserve | QuotaCommit | QuotaRelease | QuotaLeaseReturn
 
 # --- public NATS subject API ----------------------------------------------------
 
