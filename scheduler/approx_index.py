@@ -20,12 +20,14 @@ holds the chunks before it: its run is found by bisection in a few lookups,
 and so is the part of a prompt not yet in its current generation. Chunks are
 kept per replica; only a prompt's first chunk goes into a table shared by the
 fleet (first chunk -> bitmask of the replicas holding it), so recording a
-prompt's new tail, on every decision, touches one replica's dict.
+prompt's new tail, on every decision, touches one replica's dict. (`MarkIndex`
+puts every key in that table, for prompts held by many replicas.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -101,7 +103,7 @@ class ApproxIndex(ReplicaBits):
     def drop(self, replica_id: ReplicaId) -> None:
         replica = self._replicas_by_id.pop(replica_id, None)
         if replica is not None:
-            self._unlink_firsts(replica.bit, replica.generation_of)
+            self._unlink_gone(replica.bit, replica.generation_of)
             self._free_bit(replica_id)
 
     def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float) -> None:
@@ -109,8 +111,6 @@ class ApproxIndex(ReplicaBits):
         self._expire(replica, now_s)
         generation = self._current(replica, now_s)
         serial, generation_of = generation.serial, replica.generation_of
-        if keys and keys[0] not in generation_of:
-            self._link(replica.bit, keys[:1])
         # The leading part of `keys` already in the current generation needs nothing.
         lo, hi = -1, len(keys)
         while hi - lo > 1:
@@ -122,6 +122,7 @@ class ApproxIndex(ReplicaBits):
         # A key repeated within `keys` is listed twice; forgetting it counts it once.
         fresh = keys[hi:]
         if fresh:
+            self._link_new(replica, fresh, hi == 0)
             generation_of.update(zip(fresh, repeat(serial)))
             generation.keys += fresh
         generation.expires_at_s = now_s + self.ttl_s
@@ -217,10 +218,56 @@ class ApproxIndex(ReplicaBits):
         # were not a chain (the bisection in record assumes one).
         gone = [key for key in dict.fromkeys(dropped) if generation_of.get(key) == serial]
         consume(map(generation_of.__delitem__, gone))
-        self._unlink_firsts(replica.bit, gone)
+        self._unlink_gone(replica.bit, gone)
         return len(gone)
 
-    def _unlink_firsts(self, bit: int, keys: Iterable[int]) -> None:
-        """Clears `bit` for those of `keys` that are first chunks it holds."""
+    def _link_new(self, replica: _Replica, fresh: Sequence[int], from_start: bool) -> None:
+        """Links what the shared table keeps of `fresh` keys about to be recorded
+        (`from_start`: they begin with the prompt's first): only a first key
+        the replica does not hold yet."""
+        if from_start and fresh[0] not in replica.generation_of:
+            self._link(replica.bit, fresh[:1])
+
+    def _unlink_gone(self, bit: int, keys: Iterable[int]) -> None:
+        """Clears `bit` for those of `keys`, no longer held, that are first chunks it holds."""
         holders = self._holders
         self._unlink(bit, [key for key in keys if holders.get(key, 0) & bit])
+
+
+class MarkIndex(ApproxIndex):
+    """An approximate index whose every key, not only a prompt's first, is in
+    the shared table (key -> bitmask of the replicas holding it): a run lookup
+    bisects once for all holders instead of once per holder, at the price of a
+    table update per key recorded or forgotten. It suits prompts with few keys
+    held by many replicas: the pending marks of prompts just sent, which the
+    `cost` profile, placing by load as much as by prefix, leaves on a dozen
+    replicas per prompt within the TTL.
+
+    Expired generations must be gone from the table before a lookup, so every
+    replica's are dropped once the earliest expiry has passed (a lower bound
+    kept at each record)."""
+
+    def __init__(self, default_capacity_blocks: int, ttl_s: float) -> None:
+        super().__init__(default_capacity_blocks, ttl_s)
+        self._next_expiry_s = math.inf
+
+    def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float) -> None:
+        super().record(replica_id, keys, now_s)
+        self._next_expiry_s = min(self._next_expiry_s, now_s + self.ttl_s)
+
+    def runs(self, keys: Sequence[int], now_s: float) -> dict[ReplicaId, int]:
+        if now_s >= self._next_expiry_s:
+            next_expiry_s = math.inf
+            for replica in self._replicas_by_id.values():
+                self._expire(replica, now_s)
+                if replica.generations:
+                    next_expiry_s = min(next_expiry_s, replica.generations[0].expires_at_s)
+            self._next_expiry_s = next_expiry_s
+        return self._held_runs(keys)
+
+    def _link_new(self, replica: _Replica, fresh: Sequence[int], from_start: bool) -> None:
+        held = replica.generation_of
+        self._link(replica.bit, [key for key in fresh if key not in held])
+
+    def _unlink_gone(self, bit: int, keys: Iterable[int]) -> None:
+        self._unlink(bit, keys)

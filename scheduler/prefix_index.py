@@ -88,6 +88,43 @@ class ReplicaBits:
             yield low, self._ids[low]
             bits ^= low
 
+    def _held_runs(self, keys: Sequence[int]) -> dict[ReplicaId, int]:
+        """The run length from keys[0] of every replica whose bit is set for
+        keys[0], found by bisecting on the bitmasks: a few lookups per distinct
+        run end, however many replicas hold the keys (each replica's keys
+        prefix-closed; see the module docstring)."""
+        if not keys:
+            return {}
+        get = self._holders.get
+        first = get(keys[0], 0)
+        if not first:
+            return {}
+        last = len(keys) - 1
+        to_end = get(keys[last], 0) & first
+        # Segments (lo, its holders, hi, its holders): the bits held at lo but
+        # not at hi end their run in (lo, hi]. Left halves first, so run ends
+        # come out in order and, where a gap breaks the assumption, a
+        # replica's first end found is kept.
+        ends: list[tuple[int, int]] = []
+        segments = [(0, first, last, to_end)] if to_end != first else []
+        while segments:
+            lo, lo_mask, hi, hi_mask = segments.pop()
+            if hi - lo == 1:
+                ends.append((lo_mask & ~hi_mask, hi))
+                continue
+            mid = (lo + hi) // 2
+            mid_mask = get(keys[mid], 0) & lo_mask
+            if mid_mask != hi_mask:
+                segments.append((mid, mid_mask, hi, hi_mask))
+            if mid_mask != lo_mask:
+                segments.append((lo, lo_mask, mid, mid_mask))
+        ends.append((to_end, last + 1))
+        runs: dict[ReplicaId, int] = {}
+        for mask, run in ends:
+            for _, rid in self._replicas(mask):
+                runs.setdefault(rid, run)
+        return runs
+
 
 @dataclass(slots=True)
 class _Slot:
@@ -172,37 +209,7 @@ class ReplicaHashSets(ReplicaBits):
     def runs(self, keys: Sequence[int]) -> dict[ReplicaId, int]:
         """The run length from keys[0] of every replica holding at least keys[0]
         (exact for prefix-closed caches; see the module docstring)."""
-        if not keys:
-            return {}
-        get = self._holders.get
-        first = get(keys[0], 0)
-        if not first:
-            return {}
-        last = len(keys) - 1
-        to_end = get(keys[last], 0) & first
-        # Segments (lo, its holders, hi, its holders): the bits held at lo but
-        # not at hi end their run in (lo, hi]. Left halves first, so run ends
-        # come out in order and, where a gap breaks the assumption, a
-        # replica's first end found is kept.
-        ends: list[tuple[int, int]] = []
-        segments = [(0, first, last, to_end)] if to_end != first else []
-        while segments:
-            lo, lo_mask, hi, hi_mask = segments.pop()
-            if hi - lo == 1:
-                ends.append((lo_mask & ~hi_mask, hi))
-                continue
-            mid = (lo + hi) // 2
-            mid_mask = get(keys[mid], 0) & lo_mask
-            if mid_mask != hi_mask:
-                segments.append((mid, mid_mask, hi, hi_mask))
-            if mid_mask != lo_mask:
-                segments.append((lo, lo_mask, mid, mid_mask))
-        ends.append((to_end, last + 1))
-        runs: dict[ReplicaId, int] = {}
-        for mask, run in ends:
-            for _, rid in self._replicas(mask):
-                runs.setdefault(rid, run)
-        return runs
+        return self._held_runs(keys)
 
     def _slot(self, replica_id: ReplicaId) -> _Slot:
         slot = self._slots.get(replica_id)

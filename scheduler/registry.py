@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from scheduler.approx_index import ApproxIndex
+from scheduler.approx_index import ApproxIndex, MarkIndex
 from scheduler.config import ModelConfig, PluginParams, ProfileConfig, SchedulerConfig
 from scheduler.errors import ConfigError
 from scheduler.filters import Healthy, NotDraining, NotExcluded, ServesModel
@@ -39,7 +39,7 @@ class PluginState:
 
     precise: PrefixIndex
     # Prompts (block hashes) sent to a replica whose KV events have not come yet.
-    pending: ApproxIndex | None
+    pending: MarkIndex | None
     approx: ApproxIndex
     sessions: SessionTable
     params: PluginParams
@@ -52,7 +52,7 @@ class PluginState:
         params = cfg.plugins
         return cls(
             precise=PrefixIndex(cfg.replica_capacity_blocks),
-            pending=(ApproxIndex(cfg.replica_capacity_blocks, params.prefix_precise.pending_ttl_s)
+            pending=(MarkIndex(cfg.replica_capacity_blocks, params.prefix_precise.pending_ttl_s)
                      if params.prefix_precise.pending_ttl_s > 0 else None),
             approx=ApproxIndex(cfg.replica_capacity_blocks, params.prefix_approx.ttl_s),
             sessions=SessionTable(params.session_affinity.max_sessions),

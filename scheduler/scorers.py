@@ -247,8 +247,9 @@ class Cost:
         # pay in full is left out and only what a holder saves is subtracted
         # from its decode load: the larger of in-flight tokens in blocks and
         # reported usage.
-        saved = {rid: prefill_blocks * fraction
-                 for rid, fraction in self._cached_fraction(req).items()}.get
+        held, of_blocks = self._held_runs(req)
+        saved_per_block = prefill_blocks / of_blocks if of_blocks else 0.0
+        saved = {rid: matched * saved_per_block for rid, matched in held.items()}.get
         return lower_is_better([
             (tokens if (tokens := r.in_flight_tokens / block_size_tokens)
              > (used := r.kv_cache_usage * r.capacity_blocks) else used) - saved(r.id, 0.0)
@@ -260,11 +261,10 @@ class Cost:
         elif req.chunk_hashes:
             self.approx.record(replica.id, req.chunk_hashes, req.now_s)
 
-    def _cached_fraction(self, req: SchedRequest) -> Scores:
+    def _held_runs(self, req: SchedRequest) -> tuple[dict[ReplicaId, int], int]:
+        """Each holder's cached run, and the length it is counted of."""
         if req.block_hashes:
-            return fractions(self.precise.runs(req.block_hashes, req.now_s),
-                             len(req.block_hashes))
+            return self.precise.runs(req.block_hashes, req.now_s), len(req.block_hashes)
         if req.chunk_hashes:
-            return fractions(self.approx.runs(req.chunk_hashes, req.now_s),
-                             len(req.chunk_hashes))
-        return {}
+            return self.approx.runs(req.chunk_hashes, req.now_s), len(req.chunk_hashes)
+        return {}, 0

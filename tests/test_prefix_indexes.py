@@ -8,11 +8,14 @@ import random
 
 import pytest
 
-from scheduler.approx_index import GENERATIONS, ApproxIndex
+from scheduler.approx_index import GENERATIONS, ApproxIndex, MarkIndex
 from scheduler.framework import ReplicaId
 from scheduler.prefix_index import ReplicaHashSets
 
 A, B = ReplicaId("a"), ReplicaId("b")
+# The approximate index, and the one that puts every key in the shared table:
+# the same answers.
+KINDS = pytest.mark.parametrize("kind", [ApproxIndex, MarkIndex])
 
 
 def _holder_pairs(index: ReplicaHashSets) -> int:
@@ -119,8 +122,9 @@ def test_precise_bisection_can_read_past_a_gap(held, keys, bisected, walked) -> 
 
 # --- approximate: generations -------------------------------------------------------------
 
-def test_approx_rerecording_within_a_generation_adds_nothing() -> None:
-    index = ApproxIndex(default_capacity_blocks=1_000, ttl_s=80.0)
+@KINDS
+def test_approx_rerecording_within_a_generation_adds_nothing(kind: type[ApproxIndex]) -> None:
+    index = kind(default_capacity_blocks=1_000, ttl_s=80.0)
     index.record(A, [1, 2, 3], now_s=0.0)
     index.record(A, [1, 2, 3, 4], now_s=1.0)
     generations = index._replicas_by_id[A].generations
@@ -136,8 +140,10 @@ def test_approx_rerecording_within_a_generation_adds_nothing() -> None:
     (14.9, {A: 2}),
     (15.0, {}),
 ])
-def test_approx_generations_expire_oldest_first(now_s: float, expected: dict) -> None:
-    index = ApproxIndex(default_capacity_blocks=1_000, ttl_s=10.0)
+@KINDS
+def test_approx_generations_expire_oldest_first(kind: type[ApproxIndex], now_s: float,
+                                                expected: dict) -> None:
+    index = kind(default_capacity_blocks=1_000, ttl_s=10.0)
     index.record(A, [1, 2, 3, 4], now_s=0.0)
     index.record(A, [1, 2], now_s=5.0)
     assert index.runs([1, 2, 3, 4], now_s) == expected
@@ -152,9 +158,10 @@ def test_approx_generations_expire_oldest_first(now_s: float, expected: dict) ->
     (16, [[1, 2], [3, 4], [1, 2, 5]], [1, 2, 5], 3),
     (8, [[1, 1, 2], list(range(7, 16))], [1, 2], 0),  # a key repeated in a prompt
 ])
-def test_approx_evicts_the_oldest_generation_tail_first(capacity, records, runs_of,
-                                                        expected) -> None:
-    index = ApproxIndex(default_capacity_blocks=capacity, ttl_s=100.0)
+@KINDS
+def test_approx_evicts_the_oldest_generation_tail_first(kind: type[ApproxIndex], capacity,
+                                                        records, runs_of, expected) -> None:
+    index = kind(default_capacity_blocks=capacity, ttl_s=100.0)
     for step, keys in enumerate(records):
         index.record(A, keys, now_s=float(step))
     assert index.runs(runs_of, now_s=10.0).get(A, 0) == expected
@@ -162,8 +169,9 @@ def test_approx_evicts_the_oldest_generation_tail_first(capacity, records, runs_
     assert index.replica_blocks(A) == _listed(index)
 
 
-def test_approx_capacity_change_and_drop() -> None:
-    index = ApproxIndex(default_capacity_blocks=100, ttl_s=100.0)
+@KINDS
+def test_approx_capacity_change_and_drop(kind: type[ApproxIndex]) -> None:
+    index = kind(default_capacity_blocks=100, ttl_s=100.0)
     index.record(A, [1, 2, 3, 4, 5], now_s=0.0)
     index.record(B, [1, 2], now_s=0.0)
     index.set_capacity(A, 3)
@@ -172,6 +180,8 @@ def test_approx_capacity_change_and_drop() -> None:
     assert index.runs([1, 2, 3], 1.0) == {B: 2} and index.size_blocks() == 2
     index.record(ReplicaId("c"), [1], now_s=1.0)  # reuses A's slot
     assert index.runs([1, 2], 1.0) == {B: 2, ReplicaId("c"): 1}
+    if kind is MarkIndex:
+        assert _holder_pairs(index) == index.size_blocks()
 
 
 def _chain(parent: int, length: int, rng: random.Random) -> list[int]:
@@ -184,12 +194,13 @@ def _chain(parent: int, length: int, rng: random.Random) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_approx_bisection_equals_a_linear_reading(seed: int) -> None:
+@KINDS
+def test_approx_bisection_equals_a_linear_reading(kind: type[ApproxIndex], seed: int) -> None:
     """On chained prompts the index stays prefix-closed, so the bisected runs
     equal the longest run of held chunks read one by one."""
     rng = random.Random(seed)
     replicas = [ReplicaId(f"r{i}") for i in range(5)]
-    index = ApproxIndex(default_capacity_blocks=rng.choice([8, 40, 200]), ttl_s=30.0)
+    index = kind(default_capacity_blocks=rng.choice([8, 40, 200]), ttl_s=30.0)
     for step in range(300):
         now_s = step * 0.5
         if step % 50 == 49:
@@ -206,3 +217,5 @@ def test_approx_bisection_equals_a_linear_reading(seed: int) -> None:
         assert runs == linear
         index.record(rng.choice(replicas), prompt, now_s)
     assert index.size_blocks() == _listed(index)
+    if kind is MarkIndex:
+        assert _holder_pairs(index) == index.size_blocks()
