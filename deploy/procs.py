@@ -47,8 +47,19 @@ def redis_server_binary() -> str:
     return path
 
 
+# Children started and not yet stopped by this process.
+_STARTED: set[ChildProcess] = set()
+
+
+def running_children() -> list[ChildProcess]:
+    """Children started in this process and not yet seen to exit (tests check
+    none is left behind)."""
+    return [child for child in _STARTED if not child.exited()]
+
+
 class ChildProcess:
-    """One child process with its own log file; stop() ends it and waits."""
+    """One child process with its own log file; stop() ends it and waits.
+    One that never gets ready is stopped before wait_ready raises."""
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path,
                  env: dict[str, str] | None = None) -> None:
@@ -68,6 +79,7 @@ class ChildProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                 stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True)
+        _STARTED.add(self)
 
     def exited(self) -> bool:
         return self.proc is None or self.proc.returncode is not None
@@ -85,7 +97,16 @@ class ChildProcess:
         return StartFailed(f"{self.name} failed to start: {why}{where}\n{tail}".rstrip())
 
     async def wait_ready(self, probe: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
-        """Polls `probe` until it returns True; fails fast if the process exits."""
+        """Polls `probe` until it returns True; fails fast if the process exits.
+        A process that does not get ready (or whose caller gives up waiting)
+        is stopped: nobody else holds it to stop it later."""
+        try:
+            await self._poll_ready(probe, timeout_s)
+        except BaseException:
+            await asyncio.shield(self.stop())
+            raise
+
+    async def _poll_ready(self, probe: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.exited():
@@ -99,6 +120,7 @@ class ChildProcess:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc is None or self.proc.returncode is not None:
+            _STARTED.discard(self)
             return
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
@@ -108,6 +130,7 @@ class ChildProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
+        _STARTED.discard(self)
 
 
 async def tcp_answers(port: int, send: bytes, expect: bytes) -> bool:

@@ -19,7 +19,7 @@ import pytest_asyncio
 import uvloop
 from nats.aio.client import Client as NATS
 
-from deploy.procs import start_nats, start_redis
+from deploy.procs import running_children, start_nats, start_redis
 from tests.harness import Switchyard, make_config, start_switchyard
 
 pytest_plugins = ["tests.fixtures_vllm"]
@@ -31,15 +31,16 @@ MAX_LOOP_STALL_S = 0.5
 # process that long; a blocking call in our code still shows up above it.
 MAX_LOOP_STALL_WITH_VLLM_S = 2.0
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-# uvloop's close() runs the loop until every libuv handle is closed; a loop
-# closed under live servers could hang there (see pytest_configure). Should a
-# session's last teardown ever hang again, a watchdog ends the run with
-# pytest's verdict and every thread's stack instead of hanging CI until its
-# time limit.
+# uvloop's close() runs the loop until every libuv handle is closed, and the
+# handle of a child process stays open until the child exits: a server a
+# test left running hangs the session's last teardown. The session's end
+# stops and reports such children; should the last teardown hang anyway, a
+# watchdog (armed before it starts) ends the run with pytest's verdict and
+# every thread's stack instead of hanging CI until its time limit.
 TEARDOWN_WATCHDOG_S = 120.0
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     if nextitem is not None:
         return
@@ -185,8 +186,14 @@ async def _pending_tasks(before: set[asyncio.Task[object]], only_ours: bool,
 
 @pytest_asyncio.fixture(scope="session", autouse=True)
 async def no_tasks_at_session_end() -> AsyncIterator[None]:
-    """Torn down last: every session service must have stopped its tasks."""
+    """Torn down last: every session service must have stopped its tasks,
+    and every child process must have been stopped."""
     yield
+    children = running_children()
+    for child in children:
+        await child.stop(timeout_s=5.0)
+    assert not children, "child processes left running: " + ", ".join(
+        f"{child.name} (pid {child.pid}, log {child.log_path})" for child in children)
     left = await _pending_tasks(set(), only_ours=False, grace_s=5.0)
     assert not left, f"tasks still running at session end: {left}"
 
