@@ -167,6 +167,13 @@ class ServiceUnavailable(YardError):
     code = "service_unavailable"
 
 
+class UsageSpoolFull(ServiceUnavailable):
+    """NATS is away and the ingress's usage spool is full: a request served
+    now could not be metered, so it is refused (fail closed)."""
+
+    code = "usage_spool_full"
+
+
 class InternalError(YardError):
     status = 500
     type = "server_error"
