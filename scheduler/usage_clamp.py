@@ -10,9 +10,10 @@ from __future__ import annotations
 import msgspec
 
 # A byte-level tokenizer never makes more tokens than the prompt has bytes;
-# the chat template adds a few per message (role markers) and at the start.
+# the chat template adds a few per message (role markers) and, at the start,
+# maybe a default system prompt.
 TEMPLATE_TOKENS_PER_MESSAGE = 8
-TEMPLATE_TOKENS = 16
+TEMPLATE_TOKENS = 64
 # The bound on completion tokens when the client set no max_tokens (the
 # replica's context is the real one, unknown here): beyond any model's context.
 ABSURD_COMPLETION_TOKENS = 1 << 24
