@@ -50,7 +50,8 @@ class UsageSpool:
 
     async def aclose(self) -> None:
         await self._run(self._close)
-        self._thread.shutdown(wait=True)
+        # The close above was its last job: nothing left to wait for.
+        self._thread.shutdown(wait=False)
 
     def full(self) -> bool:
         return self.depth_events >= self.max_events
