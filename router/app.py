@@ -23,6 +23,7 @@ from router.nats_api import NatsApi
 from router.outbox import Outbox
 from router.placer import Placer
 from router.prompt_blocks import PromptHasher
+from router.spool import UsageSpool, spool_path
 from router.upstream import ReplicaClient
 from scheduler.config import Config
 from scheduler.errors import ConfigError
@@ -57,8 +58,10 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         replicas = ReplicaClient(cfg.ingress.upstream_connect_timeout_s,
                                  cfg.ingress.upstream_total_timeout_s)
         await replicas.start()
+        spool = UsageSpool(spool_path(cfg), cfg.ingress.spool_max_events, metrics)
+        await spool.start()
         outbox = Outbox(nc, nc.jetstream(), cfg.ingress.usage_queue_size,
-                        cfg.nats.request_timeout_s, metrics)
+                        cfg.nats.request_timeout_s, metrics, spool)
         outbox.start()
         # The ingress only reads the control plane: it publishes nothing.
         auth = Authenticator(ControlPlane(redis, cfg.auth, publish=None),
@@ -80,6 +83,7 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             await nats_api.aclose()
             await placer.aclose()
             await outbox.aclose()
+            await spool.aclose()
             await replicas.aclose()
             if hasher is not None:
                 hasher.aclose()

@@ -20,7 +20,7 @@ from router.metrics import Metrics
 from router.outbox import Outbox
 from router.placer import Placer
 from router.prompt_blocks import PromptHasher
-from router.requests import ParsedRequest, parse_request
+from router.requests import ChatBody, ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
 from scheduler.config import Config, model_config
@@ -30,9 +30,11 @@ from scheduler.errors import (
     ModelNotFound,
     NoCapacity,
     UpstreamFailed,
+    UsageSpoolFull,
     YardError,
 )
 from scheduler.retry_budget import RetryBudget
+from scheduler.usage_clamp import Reported, clamp_usage, prompt_tokens_bound
 from scheduler.wire import (
     MODELS_SUBJECT,
     REPLICA_FAILED_SUBJECT,
@@ -56,6 +58,7 @@ SESSION_HEADER = "x-session-id"
 BLOCK_HASH_SCORERS = frozenset({"prefix-precise", "cost"})
 # The scorers that read chunk hashes in any case.
 CHUNK_HASH_SCORERS = frozenset({"prefix-approx"})
+SPOOL_FULL_RETRY_AFTER_S = 5.0
 
 
 def _profile_scorers(cfg: Config) -> set[str]:
@@ -114,6 +117,11 @@ class Gateway:
         started_at_s = time.monotonic()
         principal = await self._auth.authenticate(authorization)
         tenant = principal.inference_tenant()
+        if self._outbox.spool_full():
+            # Every servable model is priced, so a request served now could
+            # not be billed: fail closed until NATS takes the spool.
+            raise UsageSpoolFull("Usage metering is unavailable; try again shortly.",
+                                 retry_after_s=SPOOL_FULL_RETRY_AFTER_S)
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
         parsed = parse_request(route, body, tenant.cache_salt)
@@ -141,9 +149,10 @@ class Gateway:
             try:
                 await call.open()
                 if ctx.parsed.stream:
-                    first = await call.first_event(keep_usage_chunk=ctx.parsed.include_usage)
+                    first = await call.first_event(ctx.parsed.include_usage,
+                                                   ctx.parsed.continuous_usage)
                 else:
-                    first = await call.read_body()
+                    first = await call.read_body(ctx.parsed.assembled)
             except UpstreamFailed as exc:
                 call.close(failed=True)
                 if not await self._retry(ctx, exc):
@@ -166,26 +175,41 @@ class Gateway:
         the `finally` of a handler cancelled by a client disconnect."""
         now_s = time.monotonic()
         record = ctx.call.record
-        usage = record.usage
         ttft_s = (record.first_byte_at_s - ctx.started_at_s) if record.first_byte_at_s else 0.0
         if record.first_byte_at_s:
             self._metrics.ttft.labels(ctx.parsed.route).observe(ttft_s)
         if status >= 500:
             self._metrics.upstream_errors.labels(ctx.placement.replica_id).inc()
-        event = UsageEvent(
-            request_id=ctx.request_id, tenant_id=ctx.principal.tenant_id,
-            key_id=ctx.principal.key_id, model=ctx.parsed.model,
-            replica_id=ctx.placement.replica_id, route=ctx.parsed.route,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            cached_tokens=usage.cached_tokens if usage else 0,
-            # Without the final usage chunk (client gone), each content chunk
-            # is one generated token as vLLM streams them.
-            completion_tokens=usage.completion_tokens if usage else record.content_chunks,
-            ttft_ms=ttft_s * 1000, latency_ms=(now_s - ctx.started_at_s) * 1000,
-            status=status, error_code=error_code, started_at_ms=ctx.started_at_ms)
         done = PlaceDone(request_id=ctx.request_id, replica_id=ctx.placement.replica_id,
                          model=ctx.parsed.model)
+        # Billed once the replica accepted the request; refused before (by us
+        # or by every replica tried): no usage event.
+        event = self._usage_event(ctx, status, error_code, ttft_s,
+                                  now_s) if record.accepted else None
         self._outbox.request_done(done, event)
+
+    def _usage_event(self, ctx: RequestContext, status: int, error_code: str,
+                     ttft_s: float, now_s: float) -> UsageEvent:
+        record, parsed = ctx.call.record, ctx.parsed
+        usage = record.usage
+        reported = None if usage is None else Reported(
+            usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        messages = len(parsed.body.messages) if isinstance(parsed.body, ChatBody) else 1
+        billed, anomalies = clamp_usage(
+            reported, prompt_bound_tokens=prompt_tokens_bound(len(parsed.prompt_bytes), messages),
+            prompt_est_tokens=parsed.prompt_tokens_est, max_tokens=parsed.max_tokens or 0,
+            seen_completion_tokens=record.content_chunks)
+        for kind in anomalies:
+            self._metrics.usage_anomalies.labels(kind).inc()
+        return UsageEvent(
+            request_id=ctx.request_id, tenant_id=ctx.principal.tenant_id,
+            key_id=ctx.principal.key_id, model=parsed.model,
+            replica_id=ctx.placement.replica_id, route=parsed.route,
+            prompt_tokens=billed.prompt_tokens, cached_tokens=billed.cached_tokens,
+            completion_tokens=billed.completion_tokens,
+            ttft_ms=ttft_s * 1000, latency_ms=(now_s - ctx.started_at_s) * 1000,
+            status=status, error_code=error_code, started_at_ms=ctx.started_at_ms,
+            priority=ctx.place_req.priority, max_tokens=parsed.max_tokens or 0)
 
     async def _retry(self, ctx: RequestContext, exc: UpstreamFailed) -> bool:
         """Reports the failed replica and places the request again without

@@ -3,7 +3,7 @@ run several ingresses in one process)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FAST_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
@@ -43,6 +43,16 @@ class Metrics:
         self.usage_dropped = Counter(
             "switchyard_usage_events_dropped", "Usage events dropped: outbox full.",
             registry=r)
+        self.usage_anomalies = Counter(
+            "switchyard_usage_anomalies", "Replica-reported usage clamped before billing, "
+            "by kind (missing, negative, prompt_over_bound, cached_over_prompt, "
+            "completion_over_max).", ["kind"], registry=r)
+        self.usage_spooled = Counter(
+            "switchyard_usage_events_spooled", "Usage events written to the disk spool "
+            "(NATS away or no ack in time).", registry=r)
+        self.usage_spool_depth = Gauge(
+            "switchyard_usage_spool_depth_events", "Usage events in the disk spool, "
+            "waiting for NATS.", registry=r)
         self.prompt_hashing = Counter(
             "switchyard_prompt_block_hashing", "Prompts hashed for precise prefix routing, "
             "by outcome (inline, pooled, shed, untokenizable, no_tokenizer).",

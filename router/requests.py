@@ -8,6 +8,7 @@ from typing import Annotated
 
 import msgspec
 
+from router.assemble import can_assemble
 from scheduler.errors import InvalidRequest
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -82,6 +83,10 @@ class ParsedRequest:
     # The tenant's, sent upstream in place of any the client chose; vLLM
     # hashes it into the prompt's first KV block.
     cache_salt: str = ""
+    # The client asked for usage on every chunk (else the ingress strips it).
+    continuous_usage: bool = False
+    # A non-streaming request sent upstream as a stream (router/assemble.py).
+    assembled: bool = False
 
 
 def parse_request(route: str, body: bytes, cache_salt: str = "") -> ParsedRequest:
@@ -97,41 +102,44 @@ def parse_request(route: str, body: bytes, cache_salt: str = "") -> ParsedReques
         raise InvalidRequest("`model` must not be empty.", param="model")
     stream = bool(parsed.stream)
     include_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
+    continuous_usage = bool(include_usage and parsed.stream_options
+                            and parsed.stream_options.continuous_usage_stats)
     if parsed.stream_options is not None and not stream:
         raise InvalidRequest("`stream_options` is only allowed when `stream` is true.",
                              param="stream_options")
     max_tokens = parsed.max_tokens
     if isinstance(parsed, ChatBody):
         max_tokens = parsed.max_completion_tokens or max_tokens
+    upstream_body, assembled = _upstream_body(body, stream, cache_salt)
     return ParsedRequest(route=route, model=parsed.model, stream=stream,
                          include_usage=include_usage, max_tokens=max_tokens,
                          prompt_tokens_est=_estimate_tokens(parsed),
-                         upstream_body=_upstream_body(body, stream, include_usage,
-                                                      cache_salt),
+                         upstream_body=upstream_body,
                          prompt_bytes=_prompt_bytes(parsed), user=parsed.user or "",
-                         body=parsed, cache_salt=cache_salt)
+                         body=parsed, cache_salt=cache_salt,
+                         continuous_usage=continuous_usage, assembled=assembled)
 
 
-def _upstream_body(body: bytes, stream: bool, include_usage: bool, cache_salt: str) -> bytes:
-    """Streams always ask the replica for the final usage chunk, so metering
-    has true counts; the ingress strips it again when the client did not ask.
-    The client's `cache_salt` is replaced by the tenant's (or dropped)."""
+def _upstream_body(body: bytes, stream: bool, cache_salt: str) -> tuple[bytes, bool]:
+    """The body sent upstream, and whether a non-streaming request goes as a
+    stream (to be assembled). Streams ask the replica for usage on every
+    chunk (`continuous_usage_stats`), so a stream cut short still has the
+    replica's own counts; the ingress strips what the client did not ask
+    for. The client's `cache_salt` is replaced by the tenant's (or dropped)."""
     raw = msgspec.json.decode(body)
     for name in UPSTREAM_URL_FIELDS:
         if name in raw:
             raise InvalidRequest(f"`{name}` is not accepted: switchyard chooses the replica.",
                                  param=name)
-    changed = "cache_salt" in raw
     raw.pop("cache_salt", None)
     if cache_salt:
         raw["cache_salt"] = cache_salt
-        changed = True
-    if stream and not include_usage:
-        options = raw.get("stream_options") or {}
-        options["include_usage"] = True
-        raw["stream_options"] = options
-        changed = True
-    return msgspec.json.encode(raw) if changed else body
+    assembled = not stream and can_assemble(raw)
+    if stream or assembled:
+        raw["stream"] = True
+        raw["stream_options"] = {**(raw.get("stream_options") or {}),
+                                 "include_usage": True, "continuous_usage_stats": True}
+    return msgspec.json.encode(raw), assembled
 
 
 def _estimate_tokens(parsed: ChatBody | CompletionBody) -> int:

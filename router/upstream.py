@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 
+from router.assemble import Assembler
 from scheduler.errors import UpstreamFailed, UpstreamRejected, YardError
 
 ROUTE_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -49,6 +50,9 @@ class CallRecord:
     """What the call observed, for metering."""
 
     first_byte_at_s: float | None = None
+    # The replica answered 200: its request runs, so it is billed.
+    accepted: bool = False
+    # The latest usage the replica reported (on every chunk of a stream).
     usage: Usage | None = None
     content_chunks: int = 0
     # Set when a stream fails after its first byte (no HTTP error possible then).
@@ -81,7 +85,8 @@ class ReplicaClient:
     def call(self, url: str, route: str, body: bytes, request_id: str,
              replica_id: str) -> UpstreamCall:
         assert self._session is not None, "ReplicaClient.start() not awaited"
-        return UpstreamCall(self._session, url + ROUTE_PATHS[route], body, request_id, replica_id)
+        return UpstreamCall(self._session, route, url + ROUTE_PATHS[route], body, request_id,
+                            replica_id)
 
 
 class UpstreamCall:
@@ -89,9 +94,10 @@ class UpstreamCall:
     (client gone, cancellation) drops the connection, which makes the
     replica abort."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, body: bytes,
+    def __init__(self, session: aiohttp.ClientSession, route: str, url: str, body: bytes,
                  request_id: str, replica_id: str) -> None:
         self._session = session
+        self._route = route
         self._url = url
         self._body = body
         self._headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
@@ -114,13 +120,33 @@ class UpstreamCall:
                 raise UpstreamRejected(self._resp.status, body, replica_id=self.replica_id)
             raise UpstreamFailed(f"replica {self.replica_id} answered {self._resp.status}",
                                  replica_id=self.replica_id)
+        self.record.accepted = True
 
     def close(self, failed: bool) -> None:
         if self._resp is not None:
             if failed:
+                self._note_buffered()
                 self._resp.close()
             else:
                 self._resp.release()
+
+    def _note_buffered(self) -> None:
+        """Reads the usage in chunks already received but not relayed: the
+        replica counted those tokens."""
+        assert self._resp is not None
+        try:
+            data = self._resp.content.read_nowait()
+        except (RuntimeError, aiohttp.ClientError):
+            return
+        for line in data.split(b"\n"):
+            payload = line.strip()
+            if payload.startswith(b"data:") and payload[5:].lstrip() != DONE:
+                try:
+                    usage = _probe.decode(payload[5:]).usage
+                except msgspec.DecodeError:
+                    continue  # a chunk cut in half
+                if usage is not None:
+                    self.record.usage = usage
 
     async def _read_all(self) -> bytes:
         assert self._resp is not None
@@ -130,8 +156,11 @@ class UpstreamCall:
             raise UpstreamFailed(f"replica {self.replica_id} failed mid-answer: {exc!r}",
                                  replica_id=self.replica_id) from None
 
-    async def read_body(self) -> bytes:
-        """The whole non-streaming answer, verbatim; usage recorded."""
+    async def read_body(self, assembled: bool) -> bytes:
+        """The whole non-streaming answer: verbatim, or `assembled` from the
+        stream it was asked as (router/assemble.py); usage recorded."""
+        if assembled:
+            return await self._assemble()
         body = await self._read_all()
         self.record.first_byte_at_s = time.monotonic()
         try:
@@ -141,19 +170,33 @@ class UpstreamCall:
                                  replica_id=self.replica_id) from None
         return body
 
-    async def first_event(self, keep_usage_chunk: bool) -> bytes:
+    async def _assemble(self) -> bytes:
+        assembler = Assembler(self._route)
+        async for payload in self.events(keep_usage_chunk=True, keep_chunk_usage=True):
+            if payload == DONE:
+                break
+            try:
+                assembler.add(payload)
+            except msgspec.DecodeError:
+                raise UpstreamFailed(f"replica {self.replica_id} sent a malformed chunk",
+                                     replica_id=self.replica_id) from None
+        return assembler.body()
+
+    async def first_event(self, keep_usage_chunk: bool, keep_chunk_usage: bool) -> bytes:
         """Starts reading the stream: its first payload (DONE if it has none);
         `rest` yields the others."""
-        self._events = self.events(keep_usage_chunk)
+        self._events = self.events(keep_usage_chunk, keep_chunk_usage)
         return await anext(self._events, DONE)
 
     def rest(self) -> AsyncIterator[bytes]:
         assert self._events is not None, "first_event() not awaited"
         return self._events
 
-    async def events(self, keep_usage_chunk: bool) -> AsyncIterator[bytes]:
+    async def events(self, keep_usage_chunk: bool,
+                     keep_chunk_usage: bool) -> AsyncIterator[bytes]:
         """Yields each SSE data payload (JSON bytes) as it arrives, then DONE.
-        The usage-only final chunk is dropped unless `keep_usage_chunk`."""
+        The usage-only final chunk is dropped unless `keep_usage_chunk`, the
+        usage on the other chunks unless `keep_chunk_usage`."""
         assert self._resp is not None
         try:
             async for line in self._resp.content:
@@ -164,7 +207,9 @@ class UpstreamCall:
                 if payload == DONE:
                     yield DONE
                     return
-                if self._note_chunk(payload) or keep_usage_chunk:
+                if self._note_chunk(payload):
+                    yield payload if keep_chunk_usage else strip_usage(payload)
+                elif keep_usage_chunk:
                     yield payload
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise UpstreamFailed(f"replica {self.replica_id} failed mid-stream: {exc!r}",
@@ -187,3 +232,37 @@ class UpstreamCall:
             self.record.content_chunks += 1
             return True
         return probe.usage is None
+
+
+_USAGE_KEY = b',"usage":{'
+_usage_free = msgspec.json.Decoder(dict)
+
+
+def strip_usage(payload: bytes) -> bytes:
+    """The chunk without its `usage` field (asked for metering, not by the
+    client). vLLM writes it compactly after `choices`, and it holds only
+    numbers, nulls and objects, so the object ends at its matching brace;
+    any other layout is decoded and encoded again."""
+    start = payload.find(_USAGE_KEY)
+    if start < 0:
+        if b'"usage"' not in payload:
+            return payload
+        return _reencoded_without_usage(payload)
+    depth = 0
+    for end in range(start + len(_USAGE_KEY) - 1, len(payload)):
+        byte = payload[end]
+        if byte == 0x7B:  # {
+            depth += 1
+        elif byte == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return payload[:start] + payload[end + 1:]
+        elif byte == 0x22:  # a string inside usage: not vLLM's layout
+            break
+    return _reencoded_without_usage(payload)
+
+
+def _reencoded_without_usage(payload: bytes) -> bytes:
+    chunk = _usage_free.decode(payload)
+    chunk.pop("usage", None)
+    return msgspec.json.encode(chunk)

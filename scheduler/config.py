@@ -38,6 +38,9 @@ class IngressConfig(_Section):
     key_cache_ttl_s: float = 5.0
     default_max_tokens: int = 256
     usage_queue_size: int = 10_000
+    # Usage events NATS did not take (away, no ack in time) wait on disk
+    # (var_dir/spool/); once it holds this many, requests are refused (503).
+    spool_max_events: int = 100_000
     # Prompts are tokenized for precise prefix routing (models.<name>): those
     # up to this size on the event loop (about 1 ms), larger ones on threads.
     tokenize_inline_max_bytes: int = 2_048

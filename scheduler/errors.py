@@ -239,6 +239,13 @@ def quota_refusal(verdict: Verdict, tenant_id: str, model: str) -> YardError:
                                   param="model", tenant_id=tenant_id)
 
 
+class UsageSpoolFull(ServiceUnavailable):
+    """NATS is away and the ingress's usage spool is full: a request served
+    now could not be metered, so it is refused (fail closed)."""
+
+    code = "usage_spool_full"
+
+
 class InternalError(YardError):
     status = 500
     type = "server_error"

@@ -178,18 +178,46 @@ def test_mistyped_keys_fail_the_checksum(mutate) -> None:
 # --- request validation -------------------------------------------------------------------
 
 
-def test_stream_without_usage_asks_the_replica_for_it() -> None:
+CONTINUOUS = {"include_usage": True, "continuous_usage_stats": True}
+
+
+def test_stream_without_usage_asks_the_replica_for_usage_on_every_chunk() -> None:
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"x":1}'
     parsed = parse_request("chat", body)
-    assert parsed.stream and not parsed.include_usage
+    assert parsed.stream and not parsed.include_usage and not parsed.continuous_usage
     upstream = msgspec.json.decode(parsed.upstream_body)
-    assert upstream["stream_options"] == {"include_usage": True} and upstream["x"] == 1
+    assert upstream["stream_options"] == CONTINUOUS and upstream["x"] == 1
 
 
-def test_pass_through_when_nothing_to_change() -> None:
+@pytest.mark.parametrize(("options", "include", "continuous"), [
+    ({"include_usage": True}, True, False),
+    ({"include_usage": True, "continuous_usage_stats": True}, True, True),
+    ({"include_usage": False, "continuous_usage_stats": True}, False, False),
+])
+def test_what_the_client_asked_of_usage_is_kept_apart(options, include, continuous) -> None:
+    body = msgspec.json.encode({"model": "m", "prompt": "p", "stream": True,
+                                "stream_options": options})
+    parsed = parse_request("completions", body)
+    assert (parsed.include_usage, parsed.continuous_usage) == (include, continuous)
+    assert msgspec.json.decode(parsed.upstream_body)["stream_options"] == CONTINUOUS
+
+
+def test_non_streaming_request_goes_upstream_as_a_stream_to_assemble() -> None:
     body = b'{"model":"m","prompt":"hello world","max_tokens":3}'
     parsed = parse_request("completions", body)
-    assert parsed.upstream_body is body and parsed.max_tokens == 3
+    upstream = msgspec.json.decode(parsed.upstream_body)
+    assert parsed.assembled and not parsed.stream and parsed.max_tokens == 3
+    assert upstream == {"model": "m", "prompt": "hello world", "max_tokens": 3,
+                        "stream": True, "stream_options": CONTINUOUS}
+
+
+@pytest.mark.parametrize("extra", [{"n": 2}, {"logprobs": 2}, {"echo": True},
+                                   {"tools": [{"type": "function"}]}])
+def test_answers_a_stream_cannot_reproduce_go_upstream_as_asked(extra) -> None:
+    body = msgspec.json.encode({"model": "m", "prompt": "hello", **extra})
+    parsed = parse_request("completions", body)
+    upstream = msgspec.json.decode(parsed.upstream_body)
+    assert not parsed.assembled and "stream" not in upstream and "stream_options" not in upstream
 
 
 @pytest.mark.parametrize(("route", "body", "param"), [
