@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -109,42 +110,89 @@ def ray_cluster() -> Iterator[None]:
     from actors.ray_runtime import init_local_ray, shutdown_ray
 
     init_local_ray(num_cpus=2, namespace="switchyard-test")
+    _warm_ray()
     yield
     shutdown_ray()
+
+
+def _warm_ray() -> None:
+    """Ray imports pyarrow and numpy when this process first serializes for
+    a task or an actor: here, outside the loop, not in the first test that
+    creates an actor (where it held the loop for over half a second)."""
+    import ray
+
+    ray.get(ray.remote(_noop).remote())
+
+
+def _noop() -> None:
+    """A task for _warm_ray."""
 
 
 class _LoopWatch:
     """Records the longest gap between ticks of a 10 ms heartbeat while the
     test body runs (armed). The loop also pauses between fixtures, when it is
-    not running at all; the first tick after arming is dropped for that."""
+    not running at all; the first tick after arming is dropped for that.
+    A sampler thread notes where the loop's thread is while a tick is late,
+    so a stall names the code that held the loop."""
+
+    SAMPLE_EVERY_S = 0.05
 
     def __init__(self) -> None:
         self.worst_stall_s = 0.0
+        # The loop thread's stack seen most often while a tick was late.
+        self.stall_stacks: dict[str, int] = {}
         self._armed = False
         self._skip_next = False
+        self._last_tick_s = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._sampler: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     def arm(self, armed: bool) -> None:
         self._armed = armed
         self._skip_next = armed
+        self._last_tick_s = time.monotonic()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._beat(), name="loop-watch")
+        self._sampler = threading.Thread(target=self._sample, args=(threading.get_ident(),),
+                                         name="loop-watch-sampler", daemon=True)
+        self._sampler.start()
+
+    def culprit(self) -> str:
+        if not self.stall_stacks:
+            return ""
+        stack, _ = max(self.stall_stacks.items(), key=lambda item: item[1])
+        return "\nwhere the loop's thread was while it stalled:\n" + stack
 
     async def _beat(self) -> None:
         interval_s = 0.01
         while True:
             before = time.monotonic()
             await asyncio.sleep(interval_s)
+            self._last_tick_s = time.monotonic()
             if self._skip_next:
                 self._skip_next = False
             elif self._armed:
                 self.worst_stall_s = max(self.worst_stall_s, time.monotonic() - before - interval_s)
 
+    def _sample(self, loop_thread: int) -> None:
+        while not self._stopped.wait(self.SAMPLE_EVERY_S):
+            if not self._armed or time.monotonic() - self._last_tick_s < MAX_LOOP_STALL_S / 2:
+                continue
+            frame = sys._current_frames().get(loop_thread)
+            if frame is not None:
+                lines = [line for line in traceback.format_stack(frame)
+                         if not line.lstrip().startswith('File "<frozen')]
+                stack = "".join(lines[-12:])
+                self.stall_stacks[stack] = self.stall_stacks.get(stack, 0) + 1
+
     async def stop(self) -> None:
-        assert self._task is not None
+        assert self._task is not None and self._sampler is not None
+        self._stopped.set()
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(self._sampler.join)
 
 
 _WATCH = pytest.StashKey[_LoopWatch]()
@@ -212,7 +260,7 @@ async def loop_guard(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     if "allow_loop_stall" not in request.keywords:
         limit_s = MAX_LOOP_STALL_WITH_VLLM_S if "vllm" in request.keywords else MAX_LOOP_STALL_S
         assert watch.worst_stall_s < limit_s, (
-            f"event loop blocked for {watch.worst_stall_s:.3f} s")
+            f"event loop blocked for {watch.worst_stall_s:.3f} s{watch.culprit()}")
 
 @pytest_asyncio.fixture(scope="session")
 async def switchyard(session_dir: Path, nats_url: str, redis_url: str,

@@ -23,6 +23,8 @@ async def test_a_blocking_call_is_measured() -> None:
     await asyncio.sleep(0.05)
     await watch.stop()
     assert watch.worst_stall_s > MAX_LOOP_STALL_S
+    # The failure names where the loop was held.
+    assert "time.sleep(MAX_LOOP_STALL_S + 0.1)" in watch.culprit()
 
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import nats
+import nats.errors
 import pytest
 
 from scheduler.wire import UsageEvent, usage_decoder, usage_subject
@@ -39,7 +40,11 @@ async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, U
     nc = await nats.connect(yard.cfg.nats.url)
     try:
         async def counted() -> bool:
-            totals = await query_totals(nc, tenant_id)
+            try:
+                totals = await query_totals(nc, tenant_id)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                # The metering service is still reconnecting (after a NATS restart).
+                return False
             return bool(totals) and totals[0].requests >= requests
 
         await wait_until(counted, timeout_s=15.0)

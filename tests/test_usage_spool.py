@@ -96,11 +96,13 @@ async def test_nats_killed_under_load_loses_no_usage(tmp_path: Path, redis_url: 
         served: list[str] = []
         async with aiohttp.ClientSession() as session:
             async def load() -> None:
-                # About 50 stream starts a second, each about 1 s long, for 4 s.
+                # 20 stream starts a second for 1.5 s, each about 3 s long: all
+                # in flight at the kill. (More would saturate this process's
+                # loop, which also runs the simulated replicas.)
                 tasks = []
-                for i in range(200):
-                    tasks.append(asyncio.create_task(_stream(session, yard, key, 400 + i)))
-                    await asyncio.sleep(0.02)
+                for i in range(30):
+                    tasks.append(asyncio.create_task(_stream(session, yard, key, 300 + i)))
+                    await asyncio.sleep(0.05)
                 served.extend(r for r in await asyncio.gather(*tasks) if r)
 
             loading = asyncio.create_task(load())
