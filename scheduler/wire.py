@@ -280,6 +280,13 @@ class UsageEvent(_Msg, tag="usage"):
     status: int = 200
     error_code: str = ""
     started_at_ms: int = 0
+    # The request's priority (x-priority, within the tenant's range).
+    priority: int = 0
+    # The client's max_tokens; 0: it gave none (the replica's context bounds it).
+    max_tokens: int = 0
+    # Published only for requests a replica accepted, so always True on the
+    # wire; kept so a stored row says so.
+    billable: bool = True
 
 
 class UsageQuery(_Msg, tag="usage_query"):
