@@ -183,14 +183,11 @@ class UsageConsumer:
         """A store that does not answer gets the batch again later. One that
         answers has refused some event: find which, store the others, and
         dead-letter a refused event on its last allowed delivery."""
-        try:
-            await self._in_store_thread(self._store.ping)
-        except Exception:  # noqa: BLE001 - any failure to answer means "away"
-            self.counts["store_unavailable"] += 1
+        if not await self._store_answers():
             return await self._nak_all(pending, repeats)
         failed = await self._in_store_thread(isolate_failures, self._store, pending)
-        if len(failed) == len(pending):
-            # Everything failing alone looks like the store, not the events.
+        # Everything failing alone may be the store going away meanwhile.
+        if len(failed) == len(pending) and not await self._store_answers():
             return await self._nak_all(pending, repeats)
         stored = [p for i, p in enumerate(pending) if i not in failed]
         await self._settle(stored, repeats, len(stored), 0)
@@ -201,6 +198,14 @@ class UsageConsumer:
             else:
                 await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
         return 0.0
+
+    async def _store_answers(self) -> bool:
+        try:
+            await self._in_store_thread(self._store.ping)
+        except Exception:  # noqa: BLE001 - any failure to answer means "away"
+            self.counts["store_unavailable"] += 1
+            return False
+        return True
 
     async def _nak_all(self, pending: Sequence[_Pending], repeats: Sequence[Msg]) -> float:
         msgs = [p.msg for p in pending] + list(repeats)
