@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -37,6 +38,7 @@ log = logging.getLogger("switchyard.metering")
 # A failed insert is retried after this, doubling per delivery up to the cap.
 NAK_FIRST_DELAY_S = 0.5
 NAK_MAX_DELAY_S = 60.0
+ACK_FLUSH_TIMEOUT_S = 5.0
 # Pause after a consumer error (NATS away, say) so the loop does not spin.
 CONSUME_RETRY_S = 1.0
 
@@ -104,10 +106,11 @@ class UsageConsumer:
     """Consumes until cancelled. `in_store_thread` runs a function in the one
     thread that may touch the store."""
 
-    def __init__(self, cfg: MeteringConfig, js: JetStreamContext,
+    def __init__(self, cfg: MeteringConfig, nc: NATS, js: JetStreamContext,
                  sub: JetStreamContext.PullSubscription, store: UsageStore,
                  prices: PriceReader, in_store_thread: InStoreThread) -> None:
         self.cfg = cfg
+        self._nc = nc
         self._js = js
         self._sub = sub
         self._store = store
@@ -170,11 +173,16 @@ class UsageConsumer:
             await p.msg.ack()
         for msg in repeats:
             await msg.ack()
+        # Acks are buffered; once flushed, a crash does not bring the batch back.
+        await self._nc.flush(timeout=ACK_FLUSH_TIMEOUT_S)
         unpriced = [p.event for p in stored if p.cost_nusd is None]
         if unpriced:
             self.counts["unpriced"] += len(unpriced)
             log.warning("usage consumer: %d events of unpriced models %s stored at cost 0",
                         len(unpriced), sorted({e.model for e in unpriced}))
+        if already:
+            log.info("usage consumer: %d redelivered events were stored already (ack lost)",
+                     already)
         self.counts["batches"] += 1
         self.counts["inserted_rows"] += inserted
         self.counts["already_stored"] += already
