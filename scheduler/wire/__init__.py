@@ -40,6 +40,9 @@ CONTROL_CHANGED_SUBJECT = "yard.control.changed"
 # Usage events (JetStream); the tenant id is the last token.
 USAGE_SUBJECT = "yard.usage.{tenant}"
 USAGE_SUBJECTS = "yard.usage.>"
+# Usage events the metering consumer could never store (UsageDeadLetter),
+# kept in their own stream; outside yard.usage.> so the usage stream does not take them.
+USAGE_DEAD_LETTER_SUBJECT = "yard.deadletter.usage"
 # Usage totals, answered by the metering actor that owns ClickHouse.
 USAGE_QUERY_SUBJECT = "yard.analytics.usage"
 # The public subject API for internal services (served by ingress nodes).
@@ -318,6 +321,16 @@ class UsageReply(_Msg, tag="usage_totals"):
     error: str = ""
 
 
+class UsageDeadLetter(_Msg, tag="usage_dead_letter"):
+    """A usage stream message the consumer gave up on, verbatim in `payload`."""
+
+    reason: str
+    subject: str
+    stream_seq: int
+    deliveries: int = 1
+    payload: bytes = b""
+
+
 # --- public NATS subject API ----------------------------------------------------
 
 
@@ -360,6 +373,7 @@ kv_decoder = msgspec.json.Decoder(KvMessage)
 usage_decoder = msgspec.json.Decoder(UsageEvent)
 usage_query_decoder = msgspec.json.Decoder(UsageQuery)
 usage_reply_decoder = msgspec.json.Decoder(UsageReply)
+usage_dead_letter_decoder = msgspec.json.Decoder(UsageDeadLetter)
 api_reply_decoder = msgspec.json.Decoder(ApiReply)
 control_changed_decoder = msgspec.json.Decoder(ControlChanged)
 quota_call_decoder = msgspec.json.Decoder(QuotaCall)
