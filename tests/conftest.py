@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import os
 import sys
 import threading
@@ -122,6 +123,19 @@ def _warm_ray() -> None:
     import ray
 
     ray.get(ray.remote(_noop).remote())
+    _freeze_heap()
+
+
+def _freeze_heap() -> None:
+    """Moves every object alive now out of the cyclic collector's reach: a
+    full collection over the session's heap (Ray, pyarrow, the test modules)
+    took over half a second, on whatever test's loop it happened to run."""
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _freeze_heap()
 
 
 def _noop() -> None:

@@ -34,7 +34,8 @@ KEYS = 100
 PIECE_CHARS = 12
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "secrets"}], "max_tokens": 2}
 # Prints every row of every table of the metering database (run in a child:
-# chDB allows one engine per process).
+# chDB allows one engine per process), as text; aggregate states (the
+# rollups' quantiles, numbers only) cannot be read as rows and are left out.
 DUMP_CHDB = """
 import sys
 from analytics.store import open_store
@@ -42,9 +43,13 @@ from scheduler.config import config_from_json
 cfg = config_from_json(open(sys.argv[1], 'rb').read())
 store = open_store(cfg.metering.clickhouse, cfg.var_dir)
 db = cfg.metering.clickhouse.database
-for (table,) in store.client.query(f"SELECT name FROM system.tables WHERE database = '{db}'"
-                                   ).result_rows:
-    for row in store.client.query(f"SELECT * FROM {db}.`{table}`").result_rows:
+columns = {}
+for table, name, kind in store.client.query(
+        f"SELECT table, name, type FROM system.columns WHERE database = '{db}'").result_rows:
+    if not kind.startswith("AggregateFunction"):
+        columns.setdefault(table, []).append(f"toString(`{name}`)")
+for table, names in columns.items():
+    for row in store.client.query(f"SELECT {', '.join(names)} FROM {db}.`{table}`").result_rows:
         print(table, *row)
 store.close()
 """

@@ -56,7 +56,7 @@ async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, U
         while True:
             try:
                 msgs = await sub.fetch(500, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 break
             events += [usage_decoder.decode(m.data) for m in msgs]
         await sub.unsubscribe()
