@@ -22,6 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from actors.bus import connect_bus
+from analytics.billing_queries import BillingQueries
 from analytics.store import UsageStore, fits_columns, open_store
 from scheduler.config import Config
 from scheduler.wire import (
@@ -90,6 +91,7 @@ class MeteringService:
             await self._ensure_stream(js)
             self._sub = await self._subscribe(js)
             await self._nc.subscribe(USAGE_QUERY_SUBJECT, queue=QUERY_QUEUE, cb=self._on_query)
+            await BillingQueries(self._with_store, self._counts).subscribe(self._nc)
             await self._nc.flush(timeout=self.cfg.nats.request_timeout_s)
         except BaseException:
             await self.aclose()
@@ -151,6 +153,10 @@ class MeteringService:
     async def _in_store_thread(self, fn: Callable[..., T], *args: object) -> T:
         assert self._executor is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _with_store(self, fn: Callable[..., T], *args: object) -> T:
+        assert self._store is not None
+        return await self._in_store_thread(fn, self._store, *args)
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         config = StreamConfig(name=self.cfg.nats.usage_stream, subjects=[USAGE_SUBJECTS],
