@@ -18,19 +18,17 @@ from nats.aio.subscription import Subscription
 
 from analytics.store import UsageStore
 from scheduler.exports import check_groups
-from scheduler.wire import (
-    STATEMENT_SUBJECT,
-    USAGE_ROWS_SUBJECT,
+from scheduler.usage_wire import (
     StatementQuery,
     StatementReply,
     StatementUsage,
     UsageRow,
     UsageRowsQuery,
     UsageRowsReply,
-    encode,
     statement_query_decoder,
     usage_rows_query_decoder,
 )
+from scheduler.wire import STATEMENT_SUBJECT, USAGE_ROWS_SUBJECT, encode
 
 log = logging.getLogger("switchyard.billing")
 

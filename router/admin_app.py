@@ -27,11 +27,11 @@ from actors.bus import connect_bus
 from actors.control_plane import ControlPlane
 from actors.control_store import connect_redis
 from actors.control_tx import nats_publisher
+from analytics.metering_client import MeteringClient
 from router.admin_handlers import HANDLERS, Call, Handler, decode_body
 from router.auth import Authenticator, refuse_query_credentials
 from router.billing_handlers import BILLING_HANDLERS
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, error_middleware
-from router.metering_client import MeteringClient
 from router.metrics import Metrics
 from scheduler.access import authorize
 from scheduler.admin_api import BY_ROUTE, OPERATIONS, CsvExport, Operation

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from actors.audit_log import audit_page
 from actors.control_plane import ControlPlane, NewKey
-from router.metering_client import MeteringClient
+from analytics.metering_client import MeteringClient
 from scheduler.admin_api import (
     MAX_AUDIT_PAGE_ENTRIES,
     AuditPage,

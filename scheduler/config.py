@@ -260,6 +260,24 @@ class MeteringConfig(_Section):
     clickhouse: ClickHouseConfig = ClickHouseConfig()
 
 
+class WebhooksConfig(_Section):
+    """Usage records and budget alerts POSTed as signed CloudEvents."""
+    # "" : no webhook (and no budget alerts).
+    url: str = ""
+    # HMAC-SHA256 key of the signatures (SWITCHYARD_WEBHOOK_SECRET).
+    secret: str = ""
+    source: str = "switchyard"
+    timeout_s: float = 5.0
+    # Deliveries of one event; after the last failure it is a dead letter.
+    max_attempts: int = 8
+    backoff_first_s: float = 1.0
+    backoff_max_s: float = 60.0
+    batch_max: int = 100
+    budget_check_interval_s: float = 10.0
+    alert_stream: str = "YARD_ALERTS"
+    dead_letter_stream: str = "YARD_WEBHOOK_DLQ"
+
+
 class SimulatorConfig(_Section):
     """Simulated vLLM replicas (loadtests/simulator); engine knobs carry vLLM's flag names."""
 
@@ -323,6 +341,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     agent: AgentConfig = AgentConfig()
     metering: MeteringConfig = MeteringConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     # Served model name -> its engine settings; `up` adds the simulated model.
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
@@ -344,6 +363,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWITCHYARD_RAY_ADDRESS": ("ray", "address"),
     "SWITCHYARD_KEY_SECRET": ("auth", "key_secret"),
     "SWITCHYARD_CLICKHOUSE_URL": ("metering.clickhouse", "url"),
+    "SWITCHYARD_WEBHOOK_SECRET": ("webhooks", "secret"),
 }
 
 

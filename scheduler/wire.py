@@ -5,7 +5,6 @@ New fields always get defaults so old and new peers interoperate."""
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 import msgspec
 
@@ -38,6 +37,11 @@ USAGE_QUERY_SUBJECT = "yard.analytics.usage"
 # usage per model and price period (StatementQuery), answered by the same actor.
 USAGE_ROWS_SUBJECT = "yard.analytics.usage.rows"
 STATEMENT_SUBJECT = "yard.analytics.statement"
+# Budget alerts (JetStream, the webhook's alert stream); the tenant id is the last token.
+ALERT_SUBJECT = "yard.alerts.budget.{tenant}"
+ALERT_SUBJECTS = "yard.alerts.>"
+# Webhook events given up on (JetStream, its dead-letter stream), by event type.
+DEAD_WEBHOOK_SUBJECT = "yard.webhook.dead.{kind}"
 # The public subject API for internal services (served by ingress nodes).
 API_SUBJECTS = {
     "yard.v1.chat.completions": "chat",
@@ -304,71 +308,8 @@ class UsageReply(_Msg, tag="usage_totals"):
     error: str = ""
 
 
-UsageGroup = Literal["model", "key", "day", "hour", "minute"]
-TIME_GROUPS: tuple[UsageGroup, ...] = ("day", "hour", "minute")
-
-
-class UsageRowsQuery(_Msg, tag="usage_rows_query"):
-    """Usage in [from_ms, to_ms) (whole minutes: the rollup's grain), one row
-    per tenant and each group given; at most one of day/hour/minute."""
-    tenant_id: str | None = None
-    from_ms: int = 0
-    to_ms: int = 0
-    group_by: tuple[UsageGroup, ...] = ()
-
-
-class UsageRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One row of the usage API; a group's field is present only when grouped
-    by it (the time bucket's start as ISO 8601 UTC)."""
-    tenant_id: str
-    model: str | None = None
-    key_id: str | None = None
-    day: str | None = None
-    hour: str | None = None
-    minute: str | None = None
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    cost_nusd: int = 0
-    ttft_p50_ms: float = 0.0
-    ttft_p99_ms: float = 0.0
-    latency_p50_ms: float = 0.0
-    latency_p99_ms: float = 0.0
-    cache_hit_rate: float = 0.0
-
-
-class UsageRowsReply(_Msg, tag="usage_rows"):
-    rows: tuple[UsageRow, ...] = ()
-    error: str = ""
-
-
-class StatementQuery(_Msg, tag="statement_query"):
-    """A tenant's billed usage in [from_ms, to_ms), split at `breaks_s`
-    (unix seconds inside the range where some model's price changes)."""
-    tenant_id: str
-    from_ms: int
-    to_ms: int
-    breaks_s: tuple[int, ...] = ()
-
-
-class StatementUsage(msgspec.Struct, frozen=True, kw_only=True):
-    """A model's usage in one piece of the range: piece i starts at
-    breaks_s[i - 1] (piece 0 at the range's start)."""
-    model: str
-    piece: int
-    requests: int
-    uncached_input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    # As billed at ingest, request by request.
-    cost_nusd: int
-
-
-class StatementReply(_Msg, tag="statement_usage"):
-    usage: tuple[StatementUsage, ...] = ()
-    error: str = ""
+# The usage API's and the webhook's messages are in scheduler/usage_wire.py
+# (this module's size cap).
 
 
 # --- public NATS subject API ----------------------------------------------------
@@ -413,9 +354,5 @@ kv_decoder = msgspec.json.Decoder(KvMessage)
 usage_decoder = msgspec.json.Decoder(UsageEvent)
 usage_query_decoder = msgspec.json.Decoder(UsageQuery)
 usage_reply_decoder = msgspec.json.Decoder(UsageReply)
-usage_rows_query_decoder = msgspec.json.Decoder(UsageRowsQuery)
-usage_rows_reply_decoder = msgspec.json.Decoder(UsageRowsReply)
-statement_query_decoder = msgspec.json.Decoder(StatementQuery)
-statement_reply_decoder = msgspec.json.Decoder(StatementReply)
 api_reply_decoder = msgspec.json.Decoder(ApiReply)
 control_changed_decoder = msgspec.json.Decoder(ControlChanged)

@@ -8,17 +8,15 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from scheduler.errors import InternalError, ServiceUnavailable
-from scheduler.wire import (
-    STATEMENT_SUBJECT,
-    USAGE_ROWS_SUBJECT,
+from scheduler.usage_wire import (
     StatementQuery,
     StatementUsage,
     UsageRow,
     UsageRowsQuery,
-    encode,
     statement_reply_decoder,
     usage_rows_reply_decoder,
 )
+from scheduler.wire import STATEMENT_SUBJECT, USAGE_ROWS_SUBJECT, encode
 
 # ClickHouse answers a month of one tenant's rows well inside this.
 QUERY_TIMEOUT_S = 10.0
