@@ -8,30 +8,32 @@ chDB is one engine per process that must never be driven from the loop."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import msgspec
 import nats
+import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from actors.bus import connect_bus
+from actors.control_store import connect_redis
 from analytics.billing_queries import BillingQueries
-from analytics.store import UsageStore, fits_columns, open_store
+from analytics.pricing import PriceReader
+from analytics.store import UsageStore, open_store
+from analytics.usage_consumer import COUNTERS, UsageConsumer
 from scheduler.config import Config
 from scheduler.wire import (
+    USAGE_DEAD_LETTER_SUBJECT,
     USAGE_QUERY_SUBJECT,
     USAGE_SUBJECTS,
-    UsageEvent,
     UsageReply,
     encode,
-    usage_decoder,
     usage_query_decoder,
 )
 
@@ -42,31 +44,8 @@ CONSUMER_NAME = "yard-metering"
 QUERY_QUEUE = "yard-metering"
 # JetStream's "stream name already in use with a different configuration".
 _STREAM_EXISTS_ERR_CODE = 10058
-# A failed insert is retried after this, doubling per delivery up to the cap.
-NAK_FIRST_DELAY_S = 0.5
-NAK_MAX_DELAY_S = 60.0
-# Pause after a consumer error (NATS away, say) so the loop does not spin.
-CONSUME_RETRY_S = 1.0
 
 T = TypeVar("T")
-
-
-def dedup_token(events: Sequence[UsageEvent]) -> str:
-    """Same request ids, same token: a redelivered batch inserts nothing."""
-    digest = hashlib.sha256()
-    for request_id in sorted(e.request_id for e in events):
-        digest.update(request_id.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def insert_batch(store: UsageStore, events: Sequence[UsageEvent]) -> None:
-    """Runs in the store thread, so hashing the ids stays off the loop too."""
-    store.insert(events, dedup_token(events))
-
-
-def retry_delay_s(deliveries: int) -> float:
-    return min(NAK_MAX_DELAY_S, NAK_FIRST_DELAY_S * 2 ** max(0, deliveries - 1))
 
 
 class MeteringService:
@@ -74,21 +53,23 @@ class MeteringService:
         self.cfg = cfg
         self._executor: ThreadPoolExecutor | None = None
         self._store: UsageStore | None = None
+        self._redis: aioredis.Redis | None = None
         self._nc: nats.NATS | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._usage: UsageConsumer | None = None
         self._consumer: asyncio.Task[None] | None = None
-        self._counts = dict.fromkeys(
-            ("received", "inserted_rows", "batches", "rejected", "insert_failures",
-             "consume_errors", "queries", "query_failures"), 0)
+        self._counts = {"queries": 0, "query_failures": 0}
 
     async def start(self) -> None:
-        """Opens and migrates the store, ensures stream and consumer, then consumes."""
+        """Opens and migrates the store, ensures the streams and the consumer,
+        then consumes."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metering-store")
         try:
             self._store = await self._in_store_thread(self._open_store)
+            self._redis = connect_redis(self.cfg.redis)
             self._nc = await connect_bus(self.cfg.nats, "switchyard-metering")
             js = self._nc.jetstream(timeout=self.cfg.nats.request_timeout_s)
-            await self._ensure_stream(js)
+            await self._ensure_streams(js)
             self._sub = await self._subscribe(js)
             await self._nc.subscribe(USAGE_QUERY_SUBJECT, queue=QUERY_QUEUE, cb=self._on_query)
             await BillingQueries(self._with_store, self._counts).subscribe(self._nc)
@@ -96,7 +77,9 @@ class MeteringService:
         except BaseException:
             await self.aclose()
             raise
-        self._consumer = asyncio.create_task(self._consume_forever(), name="metering-consume")
+        self._usage = UsageConsumer(self.cfg.metering, js, self._sub, self._store,
+                                    PriceReader(self._redis), self._in_store_thread)
+        self._consumer = asyncio.create_task(self._usage.run_forever(), name="metering-consume")
 
     async def aclose(self) -> None:
         """Stops consuming, drains NATS (in-flight queries finish), closes the store."""
@@ -108,6 +91,9 @@ class MeteringService:
             self._consumer = None
         cancelled = await self._close_nats()
         try:
+            if self._redis is not None:
+                redis, self._redis = self._redis, None
+                await redis.aclose()
             if self._store is not None:
                 store, self._store = self._store, None
                 await self._in_store_thread(store.close)
@@ -137,9 +123,12 @@ class MeteringService:
         return task is not None and task.cancelling() > cancels_before
 
     def stats(self) -> dict[str, int]:
-        """Counters since start; `rejected` counts events terminated as undecodable
-        or out of column range, `received` counts deliveries (repeats included)."""
-        return dict(self._counts)
+        """Counters since start. `received` counts deliveries (repeats included),
+        `already_stored` redeliveries found stored (their ack was lost),
+        `dead_letters` events moved to the dead-letter stream, `unpriced`
+        events stored at cost 0 because their model had no price."""
+        consumed = self._usage.counts if self._usage else dict.fromkeys(COUNTERS, 0)
+        return {**consumed, **self._counts}
 
     def _open_store(self) -> UsageStore:
         store = open_store(self.cfg.metering.clickhouse, self.cfg.var_dir)
@@ -158,10 +147,16 @@ class MeteringService:
         assert self._store is not None
         return await self._in_store_thread(fn, self._store, *args)
 
-    async def _ensure_stream(self, js: JetStreamContext) -> None:
-        config = StreamConfig(name=self.cfg.nats.usage_stream, subjects=[USAGE_SUBJECTS],
-                              duplicate_window=self.cfg.nats.duplicate_window_s,
-                              storage=StorageType.FILE)
+    async def _ensure_streams(self, js: JetStreamContext) -> None:
+        await self._ensure_stream(js, StreamConfig(
+            name=self.cfg.nats.usage_stream, subjects=[USAGE_SUBJECTS],
+            duplicate_window=self.cfg.nats.duplicate_window_s, storage=StorageType.FILE))
+        await self._ensure_stream(js, StreamConfig(
+            name=self.cfg.metering.dead_letter_stream, subjects=[USAGE_DEAD_LETTER_SUBJECT],
+            duplicate_window=self.cfg.nats.duplicate_window_s, storage=StorageType.FILE))
+
+    @staticmethod
+    async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         try:
             await js.add_stream(config)
         except BadRequestError as exc:
@@ -173,7 +168,11 @@ class MeteringService:
         m = self.cfg.metering
         config = ConsumerConfig(
             durable_name=CONSUMER_NAME, name=CONSUMER_NAME, filter_subject=USAGE_SUBJECTS,
-            ack_policy=AckPolicy.EXPLICIT, ack_wait=m.ack_wait_s, max_deliver=m.max_deliver,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=m.ack_wait_s,
+            # Unbounded: while the store is away every event must wait, not be
+            # dropped. UsageConsumer bounds the deliveries of an event the
+            # store refuses, and dead-letters it visibly.
+            max_deliver=-1,
             # The server default (1000) would cap every fetch below batch_max;
             # twice leaves room for a batch waiting on redelivery.
             max_ack_pending=2 * m.batch_max)
@@ -181,60 +180,6 @@ class MeteringService:
         await js.add_consumer(self.cfg.nats.usage_stream, config)
         return await js.pull_subscribe_bind(durable=CONSUMER_NAME,
                                             stream=self.cfg.nats.usage_stream)
-
-    async def _consume_forever(self) -> None:
-        while True:
-            try:
-                await self._consume_batch()
-            except TimeoutError:
-                continue  # nothing arrived within fetch_wait_s
-            except Exception:
-                self._counts["consume_errors"] += 1
-                log.warning("usage consumer failed; retrying", exc_info=True)
-                await asyncio.sleep(CONSUME_RETRY_S)
-
-    async def _consume_batch(self) -> None:
-        assert self._sub is not None and self._store is not None
-        store = self._store
-        m = self.cfg.metering
-        msgs = await self._sub.fetch(batch=m.batch_max, timeout=m.fetch_wait_s)
-        self._counts["received"] += len(msgs)
-        events: dict[str, UsageEvent] = {}
-        kept: list[Msg] = []
-        for msg in msgs:
-            event = self._decode(msg)
-            if event is None:
-                await msg.term()
-                continue
-            # A redelivered event can meet its first copy in one batch.
-            events[event.request_id] = event
-            kept.append(msg)
-        if not kept:
-            return
-        batch = tuple(events.values())
-        try:
-            await self._in_store_thread(insert_batch, store, batch)
-        except Exception:
-            self._counts["insert_failures"] += 1
-            log.warning("usage insert of %d events failed; will retry", len(batch), exc_info=True)
-            for msg in kept:
-                await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
-            return
-        for msg in kept:
-            await msg.ack()
-        self._counts["batches"] += 1
-        self._counts["inserted_rows"] += len(batch)
-
-    def _decode(self, msg: Msg) -> UsageEvent | None:
-        try:
-            event = usage_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            event = None
-        if event is None or not fits_columns(event):
-            self._counts["rejected"] += 1
-            log.warning("usage consumer: terminating an unusable event on %s", msg.subject)
-            return None
-        return event
 
     async def _on_query(self, msg: Msg) -> None:
         self._counts["queries"] += 1

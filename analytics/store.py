@@ -18,11 +18,12 @@ from scheduler.wire import UsageEvent, UsageTotal
 USAGE_COLUMNS = (
     "request_id", "tenant_id", "key_id", "model", "replica_id", "route",
     "prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms", "latency_ms",
-    "status", "error_code", "started_at",
+    "status", "error_code", "started_at", "priority", "cost_nusd",
 )
 _UINT32_LIMIT = 1 << 32
 _UINT16_LIMIT = 1 << 16
 _INT64_LIMIT = 1 << 63
+_INT16_LIMIT = 1 << 15
 
 
 def fits_columns(event: UsageEvent) -> bool:
@@ -30,7 +31,8 @@ def fits_columns(event: UsageEvent) -> bool:
     such an event would fail its whole batch on every redelivery."""
     counts = (event.prompt_tokens, event.cached_tokens, event.completion_tokens)
     return (all(0 <= n < _UINT32_LIMIT for n in counts)
-            and 0 <= event.status < _UINT16_LIMIT and 0 <= event.started_at_ms < _INT64_LIMIT)
+            and 0 <= event.status < _UINT16_LIMIT and 0 <= event.started_at_ms < _INT64_LIMIT
+            and -_INT16_LIMIT <= event.priority < _INT16_LIMIT)
 
 
 def chdb_path(cfg: ClickHouseConfig, var_dir: str) -> Path:
@@ -51,9 +53,10 @@ class UsageStore:
         return apply_migrations(self.database, self.client.command,
                                 lambda sql: self.client.query(sql).result_rows)
 
-    def insert(self, events: Sequence[UsageEvent], dedup_token: str) -> None:
+    def insert(self, events: Sequence[UsageEvent], costs_nusd: Sequence[int],
+               dedup_token: str) -> None:
         """One column-oriented insert. Repeating it with the same token adds
-        nothing (insert deduplication on the table)."""
+        nothing, to usage_raw nor to the rollups its view feeds."""
         if not events:
             return
         columns = [
@@ -66,10 +69,29 @@ class UsageStore:
             [e.error_code for e in events],
             # Integers go in as DateTime64(3) ticks, i.e. epoch milliseconds.
             [e.started_at_ms for e in events],
+            [e.priority for e in events], list(costs_nusd),
         ]
         self.client.insert("usage_raw", columns, database=self.database,
                            column_names=USAGE_COLUMNS, column_oriented=True,
-                           settings={"insert_deduplication_token": dedup_token})
+                           settings={"insert_deduplication_token": dedup_token,
+                                     "deduplicate_blocks_in_dependent_materialized_views": 1})
+
+    def stored_request_ids(self, events: Sequence[UsageEvent]) -> set[str]:
+        """Which of these events' request ids usage_raw already holds (a
+        redelivery of an insert whose ack was lost). The primary key
+        (tenant_id, request_id) makes this a point lookup per id."""
+        if not events:
+            return set()
+        sql = (f"SELECT DISTINCT request_id FROM {self.database}.usage_raw"
+               " WHERE tenant_id IN {tenants:Array(String)}"
+               " AND request_id IN {ids:Array(String)}")
+        parameters = {"tenants": sorted({e.tenant_id for e in events}),
+                      "ids": [e.request_id for e in events]}
+        return {row[0] for row in self.client.query(sql, parameters=parameters).result_rows}
+
+    def ping(self) -> None:
+        """Raises when the store cannot answer."""
+        self.client.query("SELECT 1")
 
     def totals(self, tenant_id: str | None) -> tuple[UsageTotal, ...]:
         """Per-tenant totals, one row per request id (FINAL collapses repeats)."""

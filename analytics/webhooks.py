@@ -34,12 +34,13 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from actors.bus import connect_bus
-from actors.control_plane import PRICES_KEY, TENANT_KEY
+from actors.control_plane import TENANT_KEY
 from actors.control_store import connect_redis
 from analytics.metering_client import MeteringClient
+from analytics.pricing import PriceReader, event_cost_nusd
 from scheduler.billing import period_start_s
 from scheduler.config import Config
-from scheduler.tenancy import NO_LIMITS, Price, TenantLimits, price_at
+from scheduler.tenancy import NO_LIMITS, TenantLimits
 from scheduler.usage_wire import BudgetAlert, UsageRowsQuery, budget_alert_decoder
 from scheduler.webhook_events import (
     budget_cloudevent,
@@ -71,7 +72,6 @@ ALERT_MARK_KEY = "sy:budget-alert:{tenant}:{period}:{start}:{pct}"
 ROLLUP_MINUTE_MS = 60_000
 BUDGET_PERIODS = ("day", "month")
 
-_prices_decoder = msgspec.json.Decoder(tuple[Price, ...])
 _limits_decoder = msgspec.json.Decoder(TenantLimits)
 _json = msgspec.json.Encoder()
 
@@ -89,6 +89,7 @@ class WebhookService:
         self._redis: aioredis.Redis | None = None
         self._http: aiohttp.ClientSession | None = None
         self._metering: MeteringClient | None = None
+        self._prices: PriceReader | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._counts = dict.fromkeys(
             ("delivered", "failed_attempts", "dead_letters", "rejected", "alerts_raised",
@@ -112,6 +113,7 @@ class WebhookService:
             usage = await self._bind(self.cfg.nats.usage_stream, USAGE_SUBJECTS, USAGE_CONSUMER)
             alerts = await self._bind(w.alert_stream, ALERT_SUBJECTS, ALERT_CONSUMER)
             self._redis = connect_redis(self.cfg.redis)
+            self._prices = PriceReader(self._redis)
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=w.timeout_s))
             self._metering = MeteringClient(self._nc)
         except BaseException:
@@ -228,18 +230,14 @@ class WebhookService:
                 events.append(usage_decoder.decode(msg.data))
             except msgspec.DecodeError:
                 events.append(None)
-        prices = await self._prices({e.model for e in events if e is not None})
+        assert self._prices is not None
+        prices = await self._prices.for_events([e for e in events if e is not None])
         source = self.cfg.webhooks.source
         prepared: Prepared = []
         for msg, event in zip(msgs, events, strict=True):
-            if event is None:
-                prepared.append((msg, None))
-                continue
-            # The price in effect when the request started, as billed at ingest.
-            price = price_at(prices.get(event.model, ()), event.started_at_ms / 1000)
-            cost = 0 if price is None else price.cost_nusd(
-                event.prompt_tokens, event.cached_tokens, event.completion_tokens)
-            prepared.append((msg, usage_cloudevent(event, cost, source)))
+            # As billed at ingest: the price in effect when it started (0 unpriced).
+            prepared.append((msg, None if event is None else usage_cloudevent(
+                event, event_cost_nusd(event, prices) or 0, source)))
         return prepared
 
     async def _alert_events(self, msgs: list[Msg]) -> Prepared:
@@ -252,15 +250,6 @@ class WebhookService:
                 continue
             prepared.append((msg, budget_cloudevent(alert, self.cfg.webhooks.source)))
         return prepared
-
-    async def _prices(self, models: set[str]) -> dict[str, tuple[Price, ...]]:
-        assert self._redis is not None
-        if not models:
-            return {}
-        ordered = sorted(models)
-        raw = await self._redis.hmget(PRICES_KEY, ordered)
-        return {model: _prices_decoder.decode(value)
-                for model, value in zip(ordered, raw, strict=True) if value is not None}
 
     # --- budget alerts ----------------------------------------------------------------
 

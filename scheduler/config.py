@@ -256,7 +256,11 @@ class MeteringConfig(_Section):
     batch_max: int = 5_000
     fetch_wait_s: float = 0.5
     ack_wait_s: float = 30.0
+    # An event the store refuses (while it answers) on this many deliveries
+    # goes to the dead-letter stream. JetStream itself redelivers without
+    # limit, so a store outage never drops usage.
     max_deliver: int = 10
+    dead_letter_stream: str = "YARD_USAGE_DLQ"
     clickhouse: ClickHouseConfig = ClickHouseConfig()
 
 

@@ -31,6 +31,9 @@ CONTROL_CHANGED_SUBJECT = "yard.control.changed"
 # Usage events (JetStream); the tenant id is the last token.
 USAGE_SUBJECT = "yard.usage.{tenant}"
 USAGE_SUBJECTS = "yard.usage.>"
+# Usage events the metering consumer could never store (UsageDeadLetter),
+# kept in their own stream; outside yard.usage.> so the usage stream does not take them.
+USAGE_DEAD_LETTER_SUBJECT = "yard.deadletter.usage"
 # Usage totals, answered by the metering actor that owns ClickHouse.
 USAGE_QUERY_SUBJECT = "yard.analytics.usage"
 # Usage rows grouped by model/key/time bucket (UsageRowsQuery) and a statement's
@@ -289,6 +292,13 @@ class UsageEvent(_Msg, tag="usage"):
     status: int = 200
     error_code: str = ""
     started_at_ms: int = 0
+    # The request's priority (x-priority, within the tenant's range).
+    priority: int = 0
+    # The client's max_tokens; 0: it gave none (the replica's context bounds it).
+    max_tokens: int = 0
+    # Published only for requests a replica accepted, so always True on the
+    # wire; kept so a stored row says so.
+    billable: bool = True
 
 
 class UsageQuery(_Msg, tag="usage_query"):
@@ -306,6 +316,16 @@ class UsageTotal(msgspec.Struct, frozen=True, kw_only=True):
 class UsageReply(_Msg, tag="usage_totals"):
     totals: tuple[UsageTotal, ...] = ()
     error: str = ""
+
+
+class UsageDeadLetter(_Msg, tag="usage_dead_letter"):
+    """A usage stream message the consumer gave up on, verbatim in `payload`."""
+
+    reason: str
+    subject: str
+    stream_seq: int
+    deliveries: int = 1
+    payload: bytes = b""
 
 
 # The usage API's and the webhook's messages are in scheduler/usage_wire.py
@@ -354,5 +374,6 @@ kv_decoder = msgspec.json.Decoder(KvMessage)
 usage_decoder = msgspec.json.Decoder(UsageEvent)
 usage_query_decoder = msgspec.json.Decoder(UsageQuery)
 usage_reply_decoder = msgspec.json.Decoder(UsageReply)
+usage_dead_letter_decoder = msgspec.json.Decoder(UsageDeadLetter)
 api_reply_decoder = msgspec.json.Decoder(ApiReply)
 control_changed_decoder = msgspec.json.Decoder(ControlChanged)

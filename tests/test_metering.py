@@ -19,7 +19,7 @@ from analytics.metering import MeteringService
 from analytics.store import UsageStore, open_store
 from analytics.usage_cli import print_usage
 from deploy.procs import free_port, start_nats
-from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig
+from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig, RedisConfig
 from scheduler.wire import (
     USAGE_QUERY_SUBJECT,
     UsageEvent,
@@ -33,6 +33,8 @@ from scheduler.wire import (
 pytestmark = pytest.mark.integration
 
 DEADLINE_S = 10.0
+# This module's Redis database (prices; none are set here).
+REDIS_DB = 16
 
 
 def ch_config(tmp_path: Path) -> ClickHouseConfig:
@@ -67,7 +69,7 @@ def test_store_insert_and_totals(tmp_path: Path) -> None:
     events = [event(i, "acme") for i in range(50)] + [event(i, "beta") for i in range(20)]
     store = migrated_store(tmp_path)
     try:
-        store.insert(events, "token-1")
+        store.insert(events, [0] * len(events), "token-1")
         assert store.totals(None) == (expected_total("acme", events),
                                       expected_total("beta", events))
         assert store.totals("beta") == (expected_total("beta", events),)
@@ -80,11 +82,11 @@ def test_store_same_token_inserts_once(tmp_path: Path) -> None:
     events = [event(i) for i in range(30)]
     store = migrated_store(tmp_path)
     try:
-        store.insert(events, "same-token")
-        store.insert(events, "same-token")
+        store.insert(events, [0] * 30, "same-token")
+        store.insert(events, [0] * 30, "same-token")
         assert store.raw_row_count() == 30
         # A new token stores the rows again; FINAL still counts each request once.
-        store.insert(events, "other-token")
+        store.insert(events, [0] * 30, "other-token")
         assert store.raw_row_count() == 60
         assert store.totals("acme") == (expected_total("acme", events),)
     finally:
@@ -94,15 +96,16 @@ def test_store_same_token_inserts_once(tmp_path: Path) -> None:
 def test_migrations_idempotent(tmp_path: Path) -> None:
     store = open_store(ch_config(tmp_path), str(tmp_path))
     try:
-        assert store.migrate() == [1]
-        store.insert([event(1)], "t")
+        assert store.migrate() == [1, 2]
+        store.insert([event(1)], [0], "t")
     finally:
         store.close()
     store = open_store(ch_config(tmp_path), str(tmp_path))
     try:
         assert store.migrate() == []
-        rows = store.client.query("SELECT version FROM yard_test.schema_migrations").result_rows
-        assert rows == [(1,)]
+        rows = store.client.query(
+            "SELECT version FROM yard_test.schema_migrations ORDER BY version").result_rows
+        assert rows == [(1,), (2,)]
         assert store.totals(None) == (expected_total("acme", [event(1)]),)
     finally:
         store.close()
@@ -121,17 +124,21 @@ async def private_nats_url(session_dir: Path) -> AsyncIterator[str]:
 
 
 @pytest_asyncio.fixture
-async def metering_cfg(private_nats_url: str, tmp_path: Path) -> AsyncIterator[Config]:
+async def metering_cfg(private_nats_url: str, redis_url: str,
+                       tmp_path: Path) -> AsyncIterator[Config]:
     """A config with its own stream name; the stream is deleted afterwards so
     the next test can claim yard.usage.> again."""
     stream = f"USAGE_TEST_{uuid.uuid4().hex[:8]}"
     yield Config(var_dir=str(tmp_path),
                  nats=NatsConfig(url=private_nats_url, usage_stream=stream),
+                 redis=RedisConfig(url=redis_url.removesuffix("/0") + f"/{REDIS_DB}"),
                  metering=MeteringConfig(batch_max=100, fetch_wait_s=0.2,
+                                          dead_letter_stream=f"{stream}_DLQ",
                                           clickhouse=ch_config(tmp_path)))
     nc = await nats.connect(private_nats_url)
     try:
         await nc.jetstream().delete_stream(stream)
+        await nc.jetstream().delete_stream(f"{stream}_DLQ")
     finally:
         await nc.close()
 
@@ -184,7 +191,7 @@ async def test_service_end_to_end(metering_cfg: Config) -> None:
         await publish_events(nc, after_garbage)
 
         async def counted() -> bool:
-            return await query_totals(nc, None) == want and service.stats()["rejected"] == 3
+            return await query_totals(nc, None) == want and service.stats()["dead_letters"] == 3
 
         await eventually(counted, "totals over NATS to match what was published")
         assert await query_totals(nc, "beta") == want[1:]
@@ -201,10 +208,11 @@ async def test_service_retries_failed_insert(metering_cfg: Config,
     failures = [RuntimeError("store away")]
     real_insert = UsageStore.insert
 
-    def flaky_insert(self: UsageStore, events: list[UsageEvent], token: str) -> None:
+    def flaky_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
+                     token: str) -> None:
         if failures:
             raise failures.pop()
-        real_insert(self, events, token)
+        real_insert(self, events, costs, token)
 
     monkeypatch.setattr(UsageStore, "insert", flaky_insert)
     events = [event(i) for i in range(40)]

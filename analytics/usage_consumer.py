@@ -1,0 +1,238 @@
+"""UsageConsumer: the JetStream usage stream into ClickHouse, each request id
+once. One fetched batch at a time: decode, dead-letter what can never be
+stored, price, drop what a lost ack left stored already, insert, then ack.
+
+Exactly once comes from three layers: JetStream drops a repeated publish
+(Nats-Msg-Id = request id) inside its duplicate window; a redelivered event
+whose request id usage_raw already holds is acked without an insert; and
+what still slips through (a repeat published after the window) is one more
+usage_raw row that ReplacingMergeTree and FINAL collapse."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from analytics.pricing import PriceReader, event_cost_nusd
+from analytics.store import UsageStore, fits_columns
+from scheduler.config import MeteringConfig
+from scheduler.wire import (
+    USAGE_DEAD_LETTER_SUBJECT,
+    UsageDeadLetter,
+    UsageEvent,
+    encode,
+    usage_decoder,
+)
+
+log = logging.getLogger("switchyard.metering")
+
+# A failed insert is retried after this, doubling per delivery up to the cap.
+NAK_FIRST_DELAY_S = 0.5
+NAK_MAX_DELAY_S = 60.0
+# Pause after a consumer error (NATS away, say) so the loop does not spin.
+CONSUME_RETRY_S = 1.0
+
+InStoreThread = Callable[..., Any]
+
+COUNTERS = ("received", "inserted_rows", "batches", "already_stored", "dead_letters",
+            "unpriced", "insert_failures", "store_unavailable", "price_read_failures",
+            "consume_errors")
+
+
+def dedup_token(events: Sequence[UsageEvent]) -> str:
+    """Same request ids, same token: a repeated insert of a batch adds nothing."""
+    digest = hashlib.sha256()
+    for request_id in sorted(e.request_id for e in events):
+        digest.update(request_id.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def retry_delay_s(deliveries: int) -> float:
+    return min(NAK_MAX_DELAY_S, NAK_FIRST_DELAY_S * 2 ** max(0, deliveries - 1))
+
+
+@dataclass
+class _Pending:
+    msg: Msg
+    event: UsageEvent
+    cost_nusd: int | None = None
+
+
+def store_batch(store: UsageStore, batch: Sequence[_Pending]) -> tuple[int, int]:
+    """Runs in the store thread. Inserts the events usage_raw does not hold
+    yet; returns (inserted, already stored). Only redeliveries are looked up:
+    a first delivery cannot have been stored by this consumer."""
+    redelivered = [p.event for p in batch if p.msg.metadata.num_delivered > 1]
+    stored = store.stored_request_ids(redelivered) if redelivered else set()
+    fresh = [p for p in batch if p.event.request_id not in stored]
+    events = [p.event for p in fresh]
+    store.insert(events, [p.cost_nusd or 0 for p in fresh], dedup_token(events))
+    return len(fresh), len(batch) - len(fresh)
+
+
+def isolate_failures(store: UsageStore, batch: Sequence[_Pending]) -> dict[int, str]:
+    """Runs in the store thread after a batch failed on a store that answers:
+    inserts halves until each event that fails does so alone. Returns index ->
+    error of those; the others are stored (ones already stored are skipped)."""
+    failed: dict[int, str] = {}
+
+    def attempt(lo: int, hi: int) -> None:
+        try:
+            store_batch(store, batch[lo:hi])
+        except Exception as exc:  # noqa: BLE001 - narrowed down, then reported per event
+            if hi - lo == 1:
+                failed[lo] = f"{type(exc).__name__}: {exc}"[:500]
+                return
+            mid = (lo + hi) // 2
+            attempt(lo, mid)
+            attempt(mid, hi)
+
+    attempt(0, len(batch))
+    return failed
+
+
+class UsageConsumer:
+    """Consumes until cancelled. `in_store_thread` runs a function in the one
+    thread that may touch the store."""
+
+    def __init__(self, cfg: MeteringConfig, js: JetStreamContext,
+                 sub: JetStreamContext.PullSubscription, store: UsageStore,
+                 prices: PriceReader, in_store_thread: InStoreThread) -> None:
+        self.cfg = cfg
+        self._js = js
+        self._sub = sub
+        self._store = store
+        self._prices = prices
+        self._in_store_thread = in_store_thread
+        self.counts = dict.fromkeys(COUNTERS, 0)
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                pause_s = await self.consume_batch()
+            except TimeoutError:
+                continue  # nothing arrived within fetch_wait_s
+            except Exception:
+                self.counts["consume_errors"] += 1
+                log.warning("usage consumer failed; retrying", exc_info=True)
+                pause_s = CONSUME_RETRY_S
+            if pause_s:
+                await asyncio.sleep(pause_s)
+
+    async def consume_batch(self) -> float:
+        """One batch; returns how long to pause before the next (the store or
+        Redis is away: their events wait in the stream, not in a loop here)."""
+        msgs = await self._sub.fetch(batch=self.cfg.batch_max, timeout=self.cfg.fetch_wait_s)
+        self.counts["received"] += len(msgs)
+        batch: dict[str, _Pending] = {}
+        repeats: list[Msg] = []
+        for msg in msgs:
+            event = await self._decoded_or_dead_lettered(msg)
+            if event is None:
+                continue
+            # A redelivered event can meet its first copy in one batch.
+            if event.request_id in batch:
+                repeats.append(msg)
+            else:
+                batch[event.request_id] = _Pending(msg, event)
+        if not batch:
+            return 0.0
+        pending = list(batch.values())
+        try:
+            prices = await self._prices.for_events([p.event for p in pending])
+        except Exception:
+            self.counts["price_read_failures"] += 1
+            log.warning("usage consumer: prices unreadable; will retry", exc_info=True)
+            return await self._nak_all(pending, repeats)
+        for p in pending:
+            p.cost_nusd = event_cost_nusd(p.event, prices)
+        try:
+            inserted, already = await self._in_store_thread(store_batch, self._store, pending)
+        except Exception:
+            self.counts["insert_failures"] += 1
+            log.warning("usage insert of %d events failed", len(pending), exc_info=True)
+            return await self._after_failed_insert(pending, repeats)
+        await self._settle(pending, repeats, inserted, already)
+        return 0.0
+
+    async def _settle(self, stored: Sequence[_Pending], repeats: Sequence[Msg],
+                      inserted: int, already: int) -> None:
+        for p in stored:
+            await p.msg.ack()
+        for msg in repeats:
+            await msg.ack()
+        unpriced = [p.event for p in stored if p.cost_nusd is None]
+        if unpriced:
+            self.counts["unpriced"] += len(unpriced)
+            log.warning("usage consumer: %d events of unpriced models %s stored at cost 0",
+                        len(unpriced), sorted({e.model for e in unpriced}))
+        self.counts["batches"] += 1
+        self.counts["inserted_rows"] += inserted
+        self.counts["already_stored"] += already
+
+    async def _after_failed_insert(self, pending: list[_Pending], repeats: list[Msg]) -> float:
+        """A store that does not answer gets the batch again later. One that
+        answers has refused some event: find which, store the others, and
+        dead-letter a refused event on its last allowed delivery."""
+        try:
+            await self._in_store_thread(self._store.ping)
+        except Exception:  # noqa: BLE001 - any failure to answer means "away"
+            self.counts["store_unavailable"] += 1
+            return await self._nak_all(pending, repeats)
+        failed = await self._in_store_thread(isolate_failures, self._store, pending)
+        if len(failed) == len(pending):
+            # Everything failing alone looks like the store, not the events.
+            return await self._nak_all(pending, repeats)
+        stored = [p for i, p in enumerate(pending) if i not in failed]
+        await self._settle(stored, repeats, len(stored), 0)
+        for i, reason in failed.items():
+            msg = pending[i].msg
+            if msg.metadata.num_delivered >= self.cfg.max_deliver:
+                await self._dead_letter(msg, f"insert failed: {reason}")
+            else:
+                await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
+        return 0.0
+
+    async def _nak_all(self, pending: Sequence[_Pending], repeats: Sequence[Msg]) -> float:
+        msgs = [p.msg for p in pending] + list(repeats)
+        deliveries = max(m.metadata.num_delivered for m in msgs)
+        for msg in msgs:
+            await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
+        return retry_delay_s(deliveries)
+
+    async def _decoded_or_dead_lettered(self, msg: Msg) -> UsageEvent | None:
+        """Decoding is deterministic: an event that cannot be decoded or could
+        never fit the columns is dead-lettered at once, not redelivered."""
+        try:
+            event = usage_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await self._dead_letter(msg, f"undecodable: {exc}")
+            return None
+        if not fits_columns(event):
+            await self._dead_letter(msg, "a count or the priority is out of range")
+            return None
+        return event
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        """Publishes the message with the reason to the dead-letter stream, then
+        terminates it. Its Nats-Msg-Id is the usage stream's sequence, so a
+        dead letter published twice (a crash before the term) is kept once."""
+        meta = msg.metadata
+        letter = UsageDeadLetter(reason=reason, subject=msg.subject,
+                                 stream_seq=meta.sequence.stream,
+                                 deliveries=meta.num_delivered, payload=msg.data)
+        await self._js.publish(USAGE_DEAD_LETTER_SUBJECT, encode(letter),
+                               headers={"Nats-Msg-Id": f"{meta.stream}:{meta.sequence.stream}"})
+        await msg.term()
+        self.counts["dead_letters"] += 1
+        log.warning("usage consumer: dead-lettered stream seq %d (%s)",
+                    meta.sequence.stream, reason)
