@@ -26,24 +26,24 @@ class UsageRowsQuery(_Msg, tag="usage_rows_query"):
 
 class UsageRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One row of the usage API; a group's field is present only when grouped
-    by it (the time bucket's start as ISO 8601 UTC)."""
+    by it (the time bucket's start as ISO 8601 UTC), every measure always."""
     tenant_id: str
     model: str | None = None
     key_id: str | None = None
     day: str | None = None
     hour: str | None = None
     minute: str | None = None
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    cost_nusd: int = 0
-    ttft_p50_ms: float = 0.0
-    ttft_p99_ms: float = 0.0
-    latency_p50_ms: float = 0.0
-    latency_p99_ms: float = 0.0
-    cache_hit_rate: float = 0.0
+    requests: int
+    errors: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_nusd: int
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    cache_hit_rate: float
 
 
 class UsageRowsReply(_Msg, tag="usage_rows"):
