@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,8 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from deploy.admin_cli import ADMIN_KEY_ENV, run_admin
+from deploy.cli import _parser
 from scheduler.billing import parse_instant_ms
 from scheduler.tenancy import price_at
 from scheduler.usage_wire import UsageRow
@@ -169,3 +172,31 @@ async def test_bad_queries_are_400s_naming_the_parameter(
     status, _, text = await get(stack, path.format(tenant=stack.admin.tenant_a), **params)
     assert status == 400, text
     assert msgspec.json.decode(text)["error"]["param"] == param
+
+
+async def cli(stack: BillingStack, *argv: str, identity: str = "platform") -> str:
+    args = _parser().parse_args([*argv, "--admin-url", stack.admin.url])
+    out = io.StringIO()
+    env = {ADMIN_KEY_ENV: stack.admin.keys[identity]}
+    assert await run_admin(stack.admin.cfg, args, out, env) == 0
+    return out.getvalue()
+
+
+async def test_cli_usage_and_statement(stack: BillingStack) -> None:
+    tenant = stack.admin.tenant_a
+    span = ("--from", "2026-10-01T00:00:00Z", "--to", "2026-11-01T00:00:00Z")
+    rows = json.loads(await cli(stack, "usage", "--tenant", tenant, *span,
+                                "--group-by", "model,key,day"))["rows"]
+    assert {r["tenant_id"] for r in rows} == {tenant}
+    exported = await cli(stack, "usage", "--tenant", tenant, *span, "--group-by",
+                         "model,key,day", "--format", "csv")
+    assert parse_usage_csv(exported) == msgspec.convert(rows, list[UsageRow])
+    # A tenant key's usage is its own tenant's without --tenant.
+    own = json.loads(await cli(stack, "usage", *span, identity="a_viewer"))["rows"]
+    assert [r["tenant_id"] for r in own] == [tenant]
+    statement = json.loads(await cli(stack, "billing", "statement", "--tenant", tenant,
+                                     "--month", "2026-10"))
+    assert statement["totals"]["requests"] == len(october(stack, tenant)) == own[0]["requests"]
+    text = await cli(stack, "billing", "statement", "--tenant", tenant, "--month", "2026-10",
+                     "--format", "csv")
+    assert text.startswith("line,model,period_from")
