@@ -2,8 +2,7 @@
 
 Unknown keys are an error naming the key. Environment variables override
 only addresses and secrets (see ENV_OVERRIDES); everything else comes from
-the file or the defaults, which run the local stack.
-"""
+the file or the defaults, which run the local stack."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from scheduler.errors import ConfigError
+from scheduler.webhook_config import WebhooksConfig
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -262,24 +262,6 @@ class MeteringConfig(_Section):
     max_deliver: int = 10
     dead_letter_stream: str = "YARD_USAGE_DLQ"
     clickhouse: ClickHouseConfig = ClickHouseConfig()
-
-
-class WebhooksConfig(_Section):
-    """Usage records and budget alerts POSTed as signed CloudEvents."""
-    # "" : no webhook (and no budget alerts).
-    url: str = ""
-    # HMAC-SHA256 key of the signatures (SWITCHYARD_WEBHOOK_SECRET).
-    secret: str = ""
-    source: str = "switchyard"
-    timeout_s: float = 5.0
-    # Deliveries of one event; after the last failure it is a dead letter.
-    max_attempts: int = 8
-    backoff_first_s: float = 1.0
-    backoff_max_s: float = 60.0
-    batch_max: int = 100
-    budget_check_interval_s: float = 10.0
-    alert_stream: str = "YARD_ALERTS"
-    dead_letter_stream: str = "YARD_WEBHOOK_DLQ"
 
 
 class SimulatorConfig(_Section):
