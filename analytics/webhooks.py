@@ -40,6 +40,7 @@ from analytics.metering_client import MeteringClient
 from analytics.pricing import PriceReader, event_cost_nusd
 from scheduler.billing import period_start_s
 from scheduler.config import Config
+from scheduler.errors import ConfigError
 from scheduler.tenancy import NO_LIMITS, TenantLimits
 from scheduler.usage_wire import BudgetAlert, UsageRowsQuery, budget_alert_decoder
 from scheduler.webhook_events import (
@@ -102,6 +103,9 @@ class WebhookService:
         """Ensures the alert and dead-letter streams and both consumers (the
         usage stream is metering's: it must exist), then delivers."""
         w = self.cfg.webhooks
+        if not w.url or not w.secret:
+            raise ConfigError("webhooks.url and webhooks.secret (SWITCHYARD_WEBHOOK_SECRET) "
+                              "must both be set to deliver webhooks")
         try:
             self._nc = await connect_bus(self.cfg.nats, "switchyard-webhooks")
             self._js = self._nc.jetstream(timeout=self.cfg.nats.request_timeout_s)
@@ -179,7 +183,14 @@ class WebhookService:
                 for msg in msgs:
                     await msg.nak(delay=self._backoff_s(msg))
                 continue
-            await asyncio.gather(*(self._deliver(msg, event) for msg, event in prepared))
+            # Each delivery settles its own message; one failing (NATS away
+            # while acking, say) must not stop the others or this loop: its
+            # message comes back after ack_wait.
+            results = await asyncio.gather(*(self._deliver(msg, event) for msg, event in prepared),
+                                           return_exceptions=True)
+            for failed in (r for r in results if isinstance(r, Exception)):
+                self._counts["consume_errors"] += 1
+                log.warning("webhook delivery failed: %r", failed)
 
     def _backoff_s(self, msg: Msg) -> float:
         w = self.cfg.webhooks

@@ -27,6 +27,7 @@ from analytics.webhooks import WebhookService
 from deploy.procs import LOOPBACK, free_port
 from scheduler.config import AuthConfig, Config, NatsConfig, RedisConfig, WebhooksConfig
 from scheduler.control import SYSTEM
+from scheduler.errors import ConfigError
 from scheduler.tenancy import Price, TenantLimits
 from scheduler.webhook_events import BUDGET_TYPE, USAGE_TYPE, verify
 from scheduler.wire import UsageEvent
@@ -252,3 +253,9 @@ async def test_budget_alerts_fire_once_per_threshold(
         await nc.close()
         await service.aclose()
         await redis.aclose()
+
+
+async def test_an_unsigned_webhook_does_not_start() -> None:
+    service = WebhookService(Config(webhooks=WebhooksConfig(url="http://127.0.0.1:9/hook")))
+    with pytest.raises(ConfigError, match="SWITCHYARD_WEBHOOK_SECRET"):
+        await service.start()
