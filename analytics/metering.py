@@ -77,7 +77,7 @@ class MeteringService:
         except BaseException:
             await self.aclose()
             raise
-        self._usage = UsageConsumer(self.cfg.metering, js, self._sub, self._store,
+        self._usage = UsageConsumer(self.cfg.metering, self._nc, js, self._sub, self._store,
                                     PriceReader(self._redis), self._in_store_thread)
         self._consumer = asyncio.create_task(self._usage.run_forever(), name="metering-consume")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -37,6 +38,7 @@ log = logging.getLogger("switchyard.metering")
 # A failed insert is retried after this, doubling per delivery up to the cap.
 NAK_FIRST_DELAY_S = 0.5
 NAK_MAX_DELAY_S = 60.0
+ACK_FLUSH_TIMEOUT_S = 5.0
 # Pause after a consumer error (NATS away, say) so the loop does not spin.
 CONSUME_RETRY_S = 1.0
 
@@ -104,10 +106,11 @@ class UsageConsumer:
     """Consumes until cancelled. `in_store_thread` runs a function in the one
     thread that may touch the store."""
 
-    def __init__(self, cfg: MeteringConfig, js: JetStreamContext,
+    def __init__(self, cfg: MeteringConfig, nc: NATS, js: JetStreamContext,
                  sub: JetStreamContext.PullSubscription, store: UsageStore,
                  prices: PriceReader, in_store_thread: InStoreThread) -> None:
         self.cfg = cfg
+        self._nc = nc
         self._js = js
         self._sub = sub
         self._store = store
@@ -170,11 +173,16 @@ class UsageConsumer:
             await p.msg.ack()
         for msg in repeats:
             await msg.ack()
+        # Acks are buffered; once flushed, a crash does not bring the batch back.
+        await self._nc.flush(timeout=ACK_FLUSH_TIMEOUT_S)
         unpriced = [p.event for p in stored if p.cost_nusd is None]
         if unpriced:
             self.counts["unpriced"] += len(unpriced)
             log.warning("usage consumer: %d events of unpriced models %s stored at cost 0",
                         len(unpriced), sorted({e.model for e in unpriced}))
+        if already:
+            log.info("usage consumer: %d redelivered events were stored already (ack lost)",
+                     already)
         self.counts["batches"] += 1
         self.counts["inserted_rows"] += inserted
         self.counts["already_stored"] += already
@@ -183,14 +191,11 @@ class UsageConsumer:
         """A store that does not answer gets the batch again later. One that
         answers has refused some event: find which, store the others, and
         dead-letter a refused event on its last allowed delivery."""
-        try:
-            await self._in_store_thread(self._store.ping)
-        except Exception:  # noqa: BLE001 - any failure to answer means "away"
-            self.counts["store_unavailable"] += 1
+        if not await self._store_answers():
             return await self._nak_all(pending, repeats)
         failed = await self._in_store_thread(isolate_failures, self._store, pending)
-        if len(failed) == len(pending):
-            # Everything failing alone looks like the store, not the events.
+        # Everything failing alone may be the store going away meanwhile.
+        if len(failed) == len(pending) and not await self._store_answers():
             return await self._nak_all(pending, repeats)
         stored = [p for i, p in enumerate(pending) if i not in failed]
         await self._settle(stored, repeats, len(stored), 0)
@@ -201,6 +206,14 @@ class UsageConsumer:
             else:
                 await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
         return 0.0
+
+    async def _store_answers(self) -> bool:
+        try:
+            await self._in_store_thread(self._store.ping)
+        except Exception:  # noqa: BLE001 - any failure to answer means "away"
+            self.counts["store_unavailable"] += 1
+            return False
+        return True
 
     async def _nak_all(self, pending: Sequence[_Pending], repeats: Sequence[Msg]) -> float:
         msgs = [p.msg for p in pending] + list(repeats)

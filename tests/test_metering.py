@@ -14,16 +14,24 @@ import nats
 import pytest
 import pytest_asyncio
 
+from actors.control_plane import PRICES_KEY
+from actors.control_store import connect_redis
+from analytics import schema
 from analytics.metering import MeteringService
 from analytics.store import UsageStore, open_store
+from analytics.usage_consumer import UsageConsumer
 from deploy.procs import start_nats
 from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig, RedisConfig
+from scheduler.tenancy import Price
 from scheduler.wire import (
     USAGE_QUERY_SUBJECT,
+    UsageDeadLetter,
     UsageEvent,
     UsageQuery,
     UsageTotal,
     encode,
+    usage_dead_letter_decoder,
+    usage_decoder,
     usage_reply_decoder,
     usage_subject,
 )
@@ -109,6 +117,91 @@ def test_migrations_idempotent(tmp_path: Path) -> None:
         store.close()
 
 
+def rollup_sums(store: UsageStore) -> tuple[int, int, int, int]:
+    """usage_minute's requests, prompt, completion and cost, all minutes and keys."""
+    row = store.client.query(
+        "SELECT sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cost_nusd)"
+        " FROM yard_test.usage_minute").result_rows[0]
+    return tuple(int(v) for v in row)  # type: ignore[return-value]
+
+
+def test_same_batch_twice_one_copy_in_raw_rows_and_rollups(tmp_path: Path) -> None:
+    """The insert token dedups on chDB itself, without FINAL, and the view
+    feeding usage_minute does not count the dropped insert either. The
+    control, a copy of usage_raw without the dedup window, keeps both."""
+    events = [event(i) for i in range(30)]
+    costs = [7 * i for i in range(30)]
+    store = migrated_store(tmp_path)
+    try:
+        store.insert(events, costs, "same-token")
+        store.insert(events, costs, "same-token")
+        assert store.raw_row_count() == 30
+        assert rollup_sums(store) == (30, sum(e.prompt_tokens for e in events),
+                                      sum(e.completion_tokens for e in events), sum(costs))
+        store.client.command("CREATE TABLE yard_test.control AS yard_test.usage_raw")
+        store.client.command(
+            "ALTER TABLE yard_test.control MODIFY SETTING non_replicated_deduplication_window = 0")
+        for _ in range(2):
+            store.client.insert("control", [[e.request_id for e in events]],
+                                database="yard_test", column_names=["request_id"],
+                                column_oriented=True,
+                                settings={"insert_deduplication_token": "same-token"})
+        assert store.client.query("SELECT count() FROM yard_test.control").result_rows == [(60,)]
+    finally:
+        store.close()
+
+
+def test_stored_request_ids(tmp_path: Path) -> None:
+    store = migrated_store(tmp_path)
+    try:
+        store.insert([event(1), event(2), event(3, "beta")], [0, 0, 0], "t")
+        asked = [event(1), event(2, "beta"), event(3, "beta"), event(4)]
+        assert store.stored_request_ids(asked) == {"req-acme-1", "req-beta-3"}
+        assert store.stored_request_ids([]) == set()
+    finally:
+        store.close()
+
+
+def test_migration_2_on_a_store_at_version_1_with_rows(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of version 1 keep their tokens, get priority 0 and cost 0, and are
+    backfilled into usage_minute once, even if the backfill runs again."""
+    events = [event(i) for i in range(40)] + [event(i, "beta") for i in range(5)]
+    store = open_store(ch_config(tmp_path), str(tmp_path))
+    try:
+        monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        assert store.migrate() == [1]
+        v1_columns = ["request_id", "tenant_id", "key_id", "model", "prompt_tokens",
+                      "cached_tokens", "completion_tokens", "status", "started_at"]
+        store.client.insert("usage_raw", [
+            [e.request_id for e in events], [e.tenant_id for e in events],
+            [e.key_id for e in events], [e.model for e in events],
+            [e.prompt_tokens for e in events], [e.cached_tokens for e in events],
+            [e.completion_tokens for e in events], [500 if i % 10 == 0 else 200
+                                                    for i in range(len(events))],
+            [e.started_at_ms for e in events]], database="yard_test",
+            column_names=v1_columns, column_oriented=True)
+        monkeypatch.undo()
+        assert store.migrate() == [2]
+        assert store.totals("acme") == (expected_total("acme", events),)
+        assert store.client.query(
+            "SELECT sum(priority), sum(cost_nusd) FROM yard_test.usage_raw").result_rows == [(0, 0)]
+        want = (45, sum(e.prompt_tokens for e in events),
+                sum(e.completion_tokens for e in events), 0)
+        assert rollup_sums(store) == want
+        errors = store.client.query("SELECT sum(errors) FROM yard_test.usage_minute").result_rows
+        assert errors == [(5,)]
+        backfill = schema.MIGRATIONS[1][1][-1]
+        store.client.command(backfill.format(db="yard_test"))
+        assert rollup_sums(store) == want
+        # New rows reach the rollup through the view.
+        store.insert([event(100)], [9], "t")
+        assert rollup_sums(store) == (46, want[1] + event(100).prompt_tokens,
+                                      want[2] + event(100).completion_tokens, 9)
+    finally:
+        store.close()
+
+
 # --- the service ----------------------------------------------------------------
 
 
@@ -127,12 +220,14 @@ async def metering_cfg(private_nats_url: str, redis_url: str,
     """A config with its own stream name; the stream is deleted afterwards so
     the next test can claim yard.usage.> again."""
     stream = f"USAGE_TEST_{uuid.uuid4().hex[:8]}"
-    yield Config(var_dir=str(tmp_path),
+    cfg = Config(var_dir=str(tmp_path),
                  nats=NatsConfig(url=private_nats_url, usage_stream=stream),
                  redis=RedisConfig(url=redis_url.removesuffix("/0") + f"/{REDIS_DB}"),
                  metering=MeteringConfig(batch_max=100, fetch_wait_s=0.2,
                                           dead_letter_stream=f"{stream}_DLQ",
                                           clickhouse=ch_config(tmp_path)))
+    await set_prices(cfg, {})
+    yield cfg
     nc = await nats.connect(private_nats_url)
     try:
         await nc.jetstream().delete_stream(stream)
@@ -287,3 +382,192 @@ async def test_service_restart_consumes_backlog(metering_cfg: Config) -> None:
             await service.aclose()
     finally:
         await nc.close()
+
+
+# --- pricing, dead letters, lost acks, repeated publishes ---------------------------
+
+
+def priced(events: list[UsageEvent], **changes: object) -> list[UsageEvent]:
+    return [msgspec.structs.replace(e, **changes) for e in events]
+
+
+async def read_store(cfg: Config, sql: str) -> list[tuple[object, ...]]:
+    """Reads the chDB files once the service closed them (one engine per process)."""
+    def read() -> list[tuple[object, ...]]:
+        store = open_store(cfg.metering.clickhouse, cfg.var_dir)
+        try:
+            return [tuple(r) for r in store.client.query(sql).result_rows]
+        finally:
+            store.close()
+    return await asyncio.to_thread(read)
+
+
+async def set_prices(cfg: Config, prices: dict[str, tuple[Price, ...]]) -> None:
+    """The control plane's layout: sy:prices maps model -> JSON array of Price."""
+    redis = connect_redis(cfg.redis)
+    try:
+        await redis.delete(PRICES_KEY)
+        if prices:
+            await redis.hset(PRICES_KEY, mapping={
+                model: msgspec.json.encode(list(p)).decode() for model, p in prices.items()})
+    finally:
+        await redis.aclose()
+
+
+async def test_service_prices_each_event_at_its_start(metering_cfg: Config) -> None:
+    switch_s = 1_700_000_000
+    old = Price(effective_from_s=switch_s - 3600, input_nusd_per_token=150,
+                cached_input_nusd_per_token=75, output_nusd_per_token=600)
+    new = Price(effective_from_s=switch_s, input_nusd_per_token=300,
+                cached_input_nusd_per_token=150, output_nusd_per_token=1_200)
+    await set_prices(metering_cfg, {"tiny": (old, new)})
+    before = priced([event(i) for i in range(20)], started_at_ms=(switch_s - 1) * 1000, priority=3)
+    after = priced([event(i) for i in range(20, 50)], started_at_ms=switch_s * 1000, priority=-2)
+    unpriced = priced([event(i) for i in range(50, 55)], model="nobody-priced-me")
+    service = MeteringService(metering_cfg)
+    await service.start()
+    nc = await nats.connect(metering_cfg.nats.url)
+    try:
+        await publish_events(nc, before + after + unpriced)
+
+        async def stored() -> bool:
+            return service.stats()["inserted_rows"] == 55
+
+        await eventually(stored, "the events to be stored")
+        assert service.stats()["unpriced"] == 5
+    finally:
+        await nc.close()
+        await service.aclose()
+    rows = await read_store(metering_cfg, "SELECT model, priority, sum(cost_nusd), count()"
+                            " FROM yard_test.usage_raw FINAL GROUP BY model, priority"
+                            " ORDER BY model, priority")
+
+    def cost(price: Price, events: list[UsageEvent]) -> int:
+        return sum(price.cost_nusd(e.prompt_tokens, e.cached_tokens, e.completion_tokens)
+                   for e in events)
+
+    assert rows == [("nobody-priced-me", 0, 0, 5), ("tiny", -2, cost(new, after), 30),
+                    ("tiny", 3, cost(old, before), 20)]
+    minute = await read_store(metering_cfg, "SELECT sum(cost_nusd), sum(requests)"
+                              " FROM yard_test.usage_minute")
+    assert minute == [(cost(old, before) + cost(new, after), 55)]
+
+
+async def dead_letters(nc: nats.NATS, stream: str) -> list[UsageDeadLetter]:
+    js = nc.jetstream()
+    count = (await js.stream_info(stream)).state.messages
+    return [usage_dead_letter_decoder.decode((await js.get_msg(stream, seq)).data)
+            for seq in range(1, count + 1)]
+
+
+async def test_poison_events_are_dead_lettered_without_blocking_others(
+        metering_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An undecodable message goes at once; an event the store refuses goes
+    after max_deliver deliveries; the rest of their batches is stored."""
+    real_insert = UsageStore.insert
+
+    def refusing_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
+                        token: str) -> None:
+        if any(e.request_id == "poison" for e in events):
+            raise ValueError("the store refuses this one")
+        real_insert(self, events, costs, token)
+
+    monkeypatch.setattr(UsageStore, "insert", refusing_insert)
+    cfg = msgspec.structs.replace(metering_cfg, metering=msgspec.structs.replace(
+        metering_cfg.metering, max_deliver=2))
+    good = [event(i) for i in range(60)]
+    poison = msgspec.structs.replace(event(999), request_id="poison")
+    service = MeteringService(cfg)
+    await service.start()
+    nc = await nats.connect(cfg.nats.url)
+    try:
+        await nc.jetstream().publish(usage_subject("acme"), b"\x00garbage")
+        await publish_events(nc, [*good[:30], poison, *good[30:]])
+
+        async def settled() -> bool:
+            return (await query_totals(nc, None) == (expected_total("acme", good),)
+                    and service.stats()["dead_letters"] == 2)
+
+        await eventually(settled, "good events stored, two dead letters")
+        letters = await dead_letters(nc, cfg.metering.dead_letter_stream)
+        assert [(d.stream_seq, d.deliveries) for d in letters] == [(1, 1), (32, 2)]
+        assert letters[0].reason.startswith("undecodable") and letters[0].payload == b"\x00garbage"
+        assert "the store refuses this one" in letters[1].reason
+        assert usage_decoder.decode(letters[1].payload) == poison
+        assert service.stats()["insert_failures"] == 2
+    finally:
+        await nc.close()
+        await service.aclose()
+
+
+async def test_lost_ack_redelivery_is_stored_once(metering_cfg: Config,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consumer stored a batch but its acks never left (a crash between):
+    the redelivered events are found stored and acked, with no second row."""
+    real_settle = UsageConsumer._settle
+    crashes = [RuntimeError("died before the ack")]
+
+    async def settle_once_failing(self: UsageConsumer, *args: object) -> None:
+        if crashes:
+            raise crashes.pop()
+        await real_settle(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(UsageConsumer, "_settle", settle_once_failing)
+    cfg = msgspec.structs.replace(metering_cfg, metering=msgspec.structs.replace(
+        metering_cfg.metering, ack_wait_s=1.0, batch_max=1000))
+    events = [event(i) for i in range(50)]
+    service = MeteringService(cfg)
+    await service.start()
+    nc = await nats.connect(cfg.nats.url)
+    try:
+        await publish_events(nc, events)
+
+        async def redelivered() -> bool:
+            # The crashed batch is counted only as found stored, on its return.
+            stats = service.stats()
+            return stats["already_stored"] > 0 and (
+                stats["inserted_rows"] + stats["already_stored"] == 50)
+
+        await eventually(redelivered, "the unacked batch to come back and be found stored")
+        assert service.stats()["consume_errors"] == 1
+    finally:
+        await nc.close()
+        await service.aclose()
+    assert await read_store(cfg, "SELECT count(), uniqExact(request_id)"
+                            " FROM yard_test.usage_raw") == [(50, 50)]
+
+
+async def test_every_event_published_twice_is_one_row(metering_cfg: Config) -> None:
+    """T27 short form. Inside the duplicate window the stream keeps one copy
+    (the repeat's PubAck says duplicate); outside it the stream keeps both,
+    and usage_raw FINAL still has one row per request id."""
+    window_s = 1.0
+    cfg = msgspec.structs.replace(metering_cfg, nats=msgspec.structs.replace(
+        metering_cfg.nats, duplicate_window_s=window_s))
+    events = [event(i) for i in range(200)]
+    service = MeteringService(cfg)
+    await service.start()
+    nc = await nats.connect(cfg.nats.url)
+    js = nc.jetstream()
+    try:
+        assert not any(await publish_events(nc, events))
+        assert all(await publish_events(nc, events))
+        assert (await js.stream_info(cfg.nats.usage_stream)).state.messages == 200
+        # The window is the point here: nothing to await but the clock.
+        await asyncio.sleep(window_s + 0.5)
+        assert not any(await publish_events(nc, events))
+        assert (await js.stream_info(cfg.nats.usage_stream)).state.messages == 400
+
+        async def consumed() -> bool:
+            return service.stats()["received"] == 400 and (
+                await query_totals(nc, None) == (expected_total("acme", events),))
+
+        await eventually(consumed, "both copies consumed")
+    finally:
+        await nc.close()
+        await service.aclose()
+    [(final, raw)] = await read_store(
+        cfg, "SELECT (SELECT count() FROM yard_test.usage_raw FINAL),"
+        " (SELECT count() FROM yard_test.usage_raw)")
+    assert final == 200
+    print(f"T27: stream copies 400, usage_raw rows {raw} (FINAL {final})")
