@@ -14,6 +14,7 @@ from actors.quota import QuotaService
 from actors.replica_agent import ReplicaAgent
 from actors.scheduler import SchedulerService
 from analytics.metering import MeteringService
+from analytics.webhooks import WebhookService
 from scheduler.config import config_from_json
 from scheduler.wire import ReplicaInfo
 
@@ -67,6 +68,14 @@ class QuotaShardActor(_Host):
 
     def __init__(self, config_json: bytes, shard: int) -> None:
         super().__init__(QuotaService(config_from_json(config_json), shard))
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class WebhookActor(_Host):
+    """Started only when `webhooks.url` is set."""
+
+    def __init__(self, config_json: bytes) -> None:
+        super().__init__(WebhookService(config_from_json(config_json)))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)

@@ -23,6 +23,7 @@ from nats.js.errors import BadRequestError
 
 from actors.bus import connect_bus
 from actors.control_store import connect_redis
+from analytics.billing_queries import BillingQueries
 from analytics.pricing import PriceReader
 from analytics.store import UsageStore, open_store
 from analytics.usage_consumer import COUNTERS, UsageConsumer
@@ -71,6 +72,7 @@ class MeteringService:
             await self._ensure_streams(js)
             self._sub = await self._subscribe(js)
             await self._nc.subscribe(USAGE_QUERY_SUBJECT, queue=QUERY_QUEUE, cb=self._on_query)
+            await BillingQueries(self._with_store, self._counts).subscribe(self._nc)
             await self._nc.flush(timeout=self.cfg.nats.request_timeout_s)
         except BaseException:
             await self.aclose()
@@ -140,6 +142,10 @@ class MeteringService:
     async def _in_store_thread(self, fn: Callable[..., T], *args: object) -> T:
         assert self._executor is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _with_store(self, fn: Callable[..., T], *args: object) -> T:
+        assert self._store is not None
+        return await self._in_store_thread(fn, self._store, *args)
 
     async def _ensure_streams(self, js: JetStreamContext) -> None:
         await self._ensure_stream(js, StreamConfig(

@@ -1,4 +1,4 @@
-"""`switchyard tenants|keys|prices|audit ...`: the admin API from the shell,
+"""`switchyard tenants|keys|prices|audit|usage|billing ...`: the admin API from the shell,
 printing its JSON answers; and `switchyard admin-key`, which issues a
 platform admin key straight into the control store (the first one has no
 key to ask the API with).
@@ -21,13 +21,15 @@ from typing import Any, TextIO
 import aiohttp
 import msgspec
 
+from deploy.billing_cli import BILLING_COMMANDS, request_path
+from deploy.billing_cli import add_parsers as add_billing_parsers
 from scheduler.admin_api import PREFIX, KeyCreate, KeyRotate, PriceSet, TenantCreate
 from scheduler.config import Config
 from scheduler.errors import ConfigError, YardError
 from scheduler.tenancy import NUSD_PER_USD, usd_per_mtok_to_nusd_per_token
 
 ADMIN_KEY_ENV = "SWITCHYARD_ADMIN_KEY"
-ADMIN_COMMANDS = ("tenants", "keys", "prices", "audit")
+ADMIN_COMMANDS = ("tenants", "keys", "prices", "audit", *BILLING_COMMANDS)
 HTTP_TIMEOUT_S = 10.0
 # cli flag -> TenantLimits field
 LIMIT_FLAGS = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute",
@@ -85,6 +87,7 @@ def add_parsers(sub: argparse._SubParsersAction, config_help: str) -> None:  # t
     audit.add_argument("--tenant", help="only entries about this tenant id")
     audit.add_argument("--after-version", type=int, default=0)
     audit.add_argument("--limit", type=int, default=100)
+    add_billing_parsers(sub, common)
 
 
 def _tenant_flags(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +133,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, Any]:
         if action == "rotate":
             return "POST", k + "/rotate", KeyRotate(grace_s=args.grace_s)
         return {"show": ("GET", k, None), "revoke": ("POST", k + "/revoke", None)}[action]
+    if command in BILLING_COMMANDS:
+        return "GET", request_path(args), None
     if command == "prices":
         if action == "list":
             return "GET", f"{PREFIX}/prices", None
@@ -164,7 +169,9 @@ class AdminClient:
         try:
             async with self._session.request(method, self._base_url + path, data=data,
                                              headers=headers) as resp:
-                answer = await resp.json(content_type=None)
+                # A CSV export is printed as served.
+                answer = (await resp.text() if resp.content_type == "text/csv"
+                          else await resp.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise AdminCallFailed(f"admin API at {self._base_url} unreachable: {exc!r}"
                                   ) from None
@@ -198,7 +205,7 @@ async def run_admin(cfg: Config, args: argparse.Namespace, out: TextIO,
             answer = await _update_tenant(client, args)
         else:
             answer = await client.call(*_request(args))
-    out.write(json.dumps(answer, indent=2) + "\n")
+    out.write(answer if isinstance(answer, str) else json.dumps(answer, indent=2) + "\n")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The `switchyard` command: `up` (the local stack), `usage`, `replicas`, `sim`, and the
-admin API's `tenants`, `keys`, `prices`, `audit` (plus `admin-key` to bootstrap)."""
+"""The `switchyard` command: `up` (the local stack), `replicas`, `sim`, and the
+admin API's `tenants`, `keys`, `prices`, `audit`, `usage`, `billing` (plus
+`admin-key` to bootstrap)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import msgspec
 
-from deploy.admin_cli import ADMIN_COMMANDS
 from deploy.admin_cli import add_parsers as add_admin_parsers
 from deploy.replicas_cli import add_parser as add_replicas_parser
 from scheduler.config import Config, ReplicaConfig, load_config
@@ -30,10 +30,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="route to this OpenAI-compatible server (repeatable); "
                          "default: simulated replicas")
     up.add_argument("--port", type=int, help="API port (default 8080)")
-    usage = sub.add_parser("usage", help="tokens used per tenant, from ClickHouse")
-    usage.add_argument("--config", type=Path,
-                       help=f"TOML config (default: {RUN_CONFIG} of a running stack)")
-    usage.add_argument("--tenant", help="only this tenant id")
     add_replicas_parser(sub, f"TOML config (default: {RUN_CONFIG} of a running stack)")
     add_admin_parsers(sub, f"TOML config (default: {RUN_CONFIG} of a running stack)")
     admin_key = sub.add_parser("admin-key", help="issue a platform admin key into the store "
@@ -87,12 +83,6 @@ def _running_stack_config(args: argparse.Namespace) -> Config:
     return load_config(path, os.environ)
 
 
-def cmd_usage(args: argparse.Namespace) -> int:
-    from analytics.usage_cli import print_usage
-
-    return asyncio.run(print_usage(_running_stack_config(args), args.tenant, sys.stdout))
-
-
 def cmd_replicas(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
@@ -138,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "replicas":
             return cmd_replicas(args)
-        if args.command in (*ADMIN_COMMANDS, "admin-key"):
-            return cmd_admin(args)
-        return cmd_usage(args)
+        return cmd_admin(args)
     except ConfigError as exc:
         print(f"switchyard: {exc.message}", file=sys.stderr)
         return 2

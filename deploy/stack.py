@@ -111,7 +111,12 @@ class Stack:
         return issued.plaintext
 
     async def _start_actors(self) -> None:
-        from actors.ray_shells import MeteringActor, QuotaShardActor, SchedulerActor
+        from actors.ray_shells import (
+            MeteringActor,
+            QuotaShardActor,
+            SchedulerActor,
+            WebhookActor,
+        )
 
         config_json = dump_config(self.cfg)
         metering = MeteringActor.options(name="switchyard-metering").remote(config_json)
@@ -130,6 +135,14 @@ class Stack:
                 await asyncio.wait_for(actor.ready.remote(), ACTOR_READY_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - reported with the part's name
                 raise StartFailed(f"{name} failed to start: {exc}") from None
+        if self.cfg.webhooks.url:
+            # After metering: it binds a consumer to the usage stream metering creates.
+            webhooks = WebhookActor.options(name="switchyard-webhooks").remote(config_json)
+            self.actors.append(webhooks)
+            try:
+                await asyncio.wait_for(webhooks.ready.remote(), ACTOR_READY_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - reported with the part's name
+                raise StartFailed(f"webhook actor failed to start: {exc}") from None
 
     async def _start_ingress(self) -> None:
         config_path = self.var / "run" / "config.json"

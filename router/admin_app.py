@@ -27,12 +27,14 @@ from actors.bus import connect_bus
 from actors.control_plane import ControlPlane
 from actors.control_store import connect_redis
 from actors.control_tx import nats_publisher
+from analytics.metering_client import MeteringClient
 from router.admin_handlers import HANDLERS, Call, Handler, decode_body
 from router.auth import Authenticator, refuse_query_credentials
+from router.billing_handlers import BILLING_HANDLERS
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, error_middleware
 from router.metrics import Metrics
 from scheduler.access import authorize
-from scheduler.admin_api import BY_ROUTE, OPERATIONS, Operation
+from scheduler.admin_api import BY_ROUTE, OPERATIONS, CsvExport, Operation
 from scheduler.config import Config
 from scheduler.control import Actor
 from scheduler.errors import ConfigError, InvalidRequest, PermissionDenied, ServiceUnavailable
@@ -48,6 +50,7 @@ class AdminServices:
     plane: ControlPlane
     redis: aioredis.Redis
     auth: Authenticator
+    metering: MeteringClient
 
 
 SERVICES = web.AppKey("admin_services", AdminServices)
@@ -61,8 +64,9 @@ def create_admin_app(cfg: Config) -> web.Application:
                           middlewares=[error_middleware, admin_guard])
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_services_of(cfg))
+    handlers = {**HANDLERS, **BILLING_HANDLERS}
     for op in OPERATIONS:
-        app.router.add_route(op.method, op.path, _endpoint(op, HANDLERS[op.operation_id]))
+        app.router.add_route(op.method, op.path, _endpoint(op, handlers[op.operation_id]))
     return app
 
 
@@ -72,7 +76,8 @@ def _services_of(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]
         redis = connect_redis(cfg.redis)
         plane = ControlPlane(redis, cfg.auth, nats_publisher(nc))
         auth = Authenticator(plane, cfg.auth.key_secret.encode(), KEY_CACHE_TTL_S)
-        app[SERVICES] = AdminServices(plane=plane, redis=redis, auth=auth)
+        app[SERVICES] = AdminServices(plane=plane, redis=redis, auth=auth,
+                                      metering=MeteringClient(nc))
         try:
             yield
         finally:
@@ -135,7 +140,8 @@ def _endpoint(op: Operation, handler: Handler) -> web.Handler:
         raw = await request.read()
         if op.body is not None and raw.strip() and request.content_type != "application/json":
             raise InvalidRequest("Send the body as `Content-Type: application/json`.")
-        call = Call(plane=services.plane, redis=services.redis, actor=request.get(ACTOR),
+        call = Call(plane=services.plane, redis=services.redis, metering=services.metering,
+                    actor=request.get(ACTOR),
                     request_id=request[REQUEST_ID], path=request.match_info,
                     query=request.query, body=decode_body(op, raw))
         try:
@@ -143,6 +149,10 @@ def _endpoint(op: Operation, handler: Handler) -> web.Handler:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ServiceUnavailable(f"control store unreachable: {type(exc).__name__}",
                                      retry_after_s=1.0) from None
+        if isinstance(result, CsvExport):
+            return web.Response(status=op.status, text=result.text, content_type="text/csv",
+                                headers={"Content-Disposition":
+                                         f'attachment; filename="{result.filename}"'})
         return web.Response(status=op.status, body=msgspec.json.encode(result),
                             content_type="application/json")
     return serve

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from actors.audit_log import audit_page
 from actors.control_plane import ControlPlane, NewKey
+from analytics.metering_client import MeteringClient
 from scheduler.admin_api import (
     MAX_AUDIT_PAGE_ENTRIES,
     AuditPage,
@@ -50,6 +51,7 @@ class Call:
     """One admin call, authenticated and authorized."""
     plane: ControlPlane
     redis: aioredis.Redis
+    metering: MeteringClient
     # None for public operations.
     actor: Actor | None
     request_id: str

@@ -19,7 +19,7 @@ from scheduler.errors import PermissionDenied, RecordNotFound
 Action = Literal[
     "tenant.create", "tenant.update", "tenant.suspend", "tenant.resume", "tenant.list",
     "tenant.read", "key.create", "key.rotate", "key.revoke", "key.read", "price.set",
-    "price.read", "audit.read",
+    "price.read", "audit.read", "usage.read", "billing.read",
 ]
 
 # action -> the roles that may perform it on their own tenant's records
@@ -34,6 +34,10 @@ OWN_TENANT_ROLES: dict[Action, frozenset[Role]] = {
     "price.read": frozenset({"viewer", "tenant_admin"}),
     # The entries about their own tenant and its keys (the admin API filters).
     "audit.read": frozenset({"tenant_admin"}),
+    # Their own tenant's usage and statements (the admin API scopes a query
+    # without a tenant to the key's own).
+    "usage.read": frozenset({"viewer", "tenant_admin"}),
+    "billing.read": frozenset({"viewer", "tenant_admin"}),
 }
 # The roles a key may grant when it creates another key: never above its own.
 GRANTABLE: dict[Role, frozenset[Role]] = {

@@ -18,6 +18,7 @@ import msgspec
 
 from scheduler.access import OWN_TENANT_ROLES, Action
 from scheduler.audit import AuditEntry
+from scheduler.billing import Statement
 from scheduler.control import (
     ROLES,
     KeyRecord,
@@ -29,6 +30,7 @@ from scheduler.control import (
 )
 from scheduler.priority import PriorityRange
 from scheduler.tenancy import Price, TenantLimits, TenantStatus
+from scheduler.usage_wire import UsageRow
 
 PREFIX = "/admin/v1"
 API_VERSION = "1"
@@ -159,6 +161,17 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     status: str
 
 
+class UsageRows(msgspec.Struct, frozen=True, kw_only=True):
+    rows: tuple[UsageRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CsvExport:
+    """A handler's answer when `format=csv` was asked for."""
+    text: str
+    filename: str
+
+
 def tenant_view(tenant: TenantRecord) -> TenantView:
     return msgspec.convert(public_tenant(tenant), TenantView)
 
@@ -191,6 +204,7 @@ class Operation:
 
 
 _T = PREFIX + "/tenants/{tenant_id}"
+_FORMAT = QueryParam("format", "string", "json (default) or csv (RFC 4180, with a header)")
 _K = PREFIX + "/keys/{key_id}"
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -236,6 +250,19 @@ OPERATIONS: tuple[Operation, ...] = (
                   QueryParam("after_version", "integer", "entries after this version"),
                   QueryParam("limit", "integer",
                              f"at most this many (1-{MAX_AUDIT_PAGE_ENTRIES})"))),
+    Operation("get_usage", "GET", PREFIX + "/usage",
+              "Usage by time range, grouped; a tenant's own only, for tenant keys.",
+              "usage.read", UsageRows, query=(
+                  QueryParam("tenant_id", "string", "only this tenant (tenant keys: their own)"),
+                  QueryParam("from", "string", "start, ISO 8601 or unix seconds (default: "
+                                               "24 h before `to`)"),
+                  QueryParam("to", "string", "end, exclusive (default: now)"),
+                  QueryParam("group_by", "string",
+                             "comma list of model, key and one of day, hour, minute"),
+                  _FORMAT)),
+    Operation("get_statement", "GET", _T + "/statements/{month}",
+              "A tenant's monthly statement (month: YYYY-MM, UTC).", "billing.read",
+              Statement, query=(_FORMAT,)),
 )
 BY_ID: dict[str, Operation] = {op.operation_id: op for op in OPERATIONS}
 BY_ROUTE: dict[tuple[str, str], Operation] = {(op.method, op.path): op for op in OPERATIONS}

@@ -2,8 +2,7 @@
 
 Unknown keys are an error naming the key. Environment variables override
 only addresses and secrets (see ENV_OVERRIDES); everything else comes from
-the file or the defaults, which run the local stack.
-"""
+the file or the defaults, which run the local stack."""
 
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from scheduler.config_scheduler import SessionAffinityParams as SessionAffinityP
 from scheduler.config_scheduler import _Section
 from scheduler.errors import ConfigError
 from scheduler.quota_terms import QuotaConfig
+from scheduler.webhook_config import WebhooksConfig
 
 
 class IngressConfig(_Section):
@@ -222,6 +222,7 @@ class Config(_Section):
     agent: AgentConfig = AgentConfig()
     metering: MeteringConfig = MeteringConfig()
     quota: QuotaConfig = QuotaConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     # Served model name -> its engine settings; `up` adds the simulated model.
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
@@ -243,6 +244,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWITCHYARD_RAY_ADDRESS": ("ray", "address"),
     "SWITCHYARD_KEY_SECRET": ("auth", "key_secret"),
     "SWITCHYARD_CLICKHOUSE_URL": ("metering.clickhouse", "url"),
+    "SWITCHYARD_WEBHOOK_SECRET": ("webhooks", "secret"),
 }
 
 

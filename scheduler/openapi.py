@@ -60,8 +60,10 @@ def _operation(op: Operation) -> dict[str, Any]:
         for name in _PATH_PARAM.findall(op.path)]
     params += [{"name": q.name, "in": "query", "required": False,
                 "description": q.description, "schema": {"type": q.kind}} for q in op.query]
-    responses: dict[str, Any] = {str(op.status): {
-        "description": "OK", "content": {"application/json": {"schema": _ref(op.response)}}}}
+    answers: dict[str, Any] = {"application/json": {"schema": _ref(op.response)}}
+    if any(q.name == "format" for q in op.query):
+        answers["text/csv"] = {"schema": {"type": "string"}}
+    responses: dict[str, Any] = {str(op.status): {"description": "OK", "content": answers}}
     error = {"content": {"application/json": {"schema": _ref(ErrorBody)}}}
     codes = ["400"] if op.action is None else list(_ERRORS)
     for code in codes:

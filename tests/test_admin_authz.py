@@ -17,8 +17,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from analytics.metering import MeteringService
 from scheduler.control import SYSTEM
 from tests.admin_stack import AdminStack, running_admin
+from tests.billing_stack import metering_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,15 +46,23 @@ EXPECTED = {
     "list_prices":    "403 200 200 200 200 " + _ALL_401,
     "set_price":      "403 403 403 403 200 " + _ALL_401,
     "list_audit":     "403 403 200 404 200 " + _ALL_401,
+    "get_usage":      "403 200 200 404 200 " + _ALL_401,
+    "get_statement":  "403 200 200 404 200 " + _ALL_401,
 }
 
 
 @pytest_asyncio.fixture(scope="module")
 async def admin(tmp_path_factory: pytest.TempPathFactory, private_bus: str,
                 redis_url: str) -> AsyncIterator[AdminStack]:
-    async with running_admin(tmp_path_factory.mktemp("admin-authz"), private_bus,
-                             redis_url) as stack:
-        yield stack
+    """With a metering service, which answers the usage and statement operations."""
+    work = tmp_path_factory.mktemp("admin-authz")
+    async with running_admin(work, private_bus, redis_url) as stack:
+        metering = MeteringService(metering_config(stack.cfg, work))
+        await metering.start()
+        try:
+            yield stack
+        finally:
+            await metering.aclose()
 
 
 def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -62,7 +72,7 @@ def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
 
 async def _target(admin: AdminStack, op: dict[str, Any], path: str) -> tuple[str, list]:
     """The cell's URL path and query, every parameter naming tenant A's records."""
-    values = {"tenant_id": admin.tenant_a, "model": "switchyard-tiny"}
+    values = {"tenant_id": admin.tenant_a, "model": "switchyard-tiny", "month": "2026-10"}
     if "{key_id}" in path:
         values["key_id"] = await admin.new_key(admin.tenant_a)
     query = []

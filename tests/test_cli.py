@@ -11,7 +11,8 @@ import pytest
 @pytest.mark.parametrize(("args", "expect"), [
     (["--help"], "up"),
     (["up", "--help"], "--replica"),
-    (["usage", "--help"], "--tenant"),
+    (["usage", "--help"], "--group-by"),
+    (["billing", "statement", "--help"], "--month"),
     (["sim", "--help"], "--replicas"),
     (["tenants", "update", "--help"], "--max-concurrent"),
     (["keys", "rotate", "--help"], "--grace-s"),

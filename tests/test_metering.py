@@ -4,7 +4,6 @@ migrations, and the MeteringService from JetStream to totals over NATS."""
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,9 +19,8 @@ from actors.control_store import connect_redis
 from analytics import schema
 from analytics.metering import MeteringService
 from analytics.store import UsageStore, open_store
-from analytics.usage_cli import print_usage
 from analytics.usage_consumer import UsageConsumer
-from deploy.procs import free_port, start_nats
+from deploy.procs import start_nats
 from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig, RedisConfig
 from scheduler.tenancy import Price
 from scheduler.wire import (
@@ -384,43 +382,6 @@ async def test_service_restart_consumes_backlog(metering_cfg: Config) -> None:
             await service.aclose()
     finally:
         await nc.close()
-
-
-async def test_usage_cli_service_then_store(metering_cfg: Config) -> None:
-    events = [event(i, "acme") for i in range(5)]
-    service = MeteringService(metering_cfg)
-    await service.start()
-    nc = await nats.connect(metering_cfg.nats.url)
-    try:
-        await publish_events(nc, events)
-
-        async def stored() -> bool:
-            return len(await query_totals(nc, "acme")) == 1
-
-        await eventually(stored, "events to be stored")
-        out = io.StringIO()
-        assert await print_usage(metering_cfg, "acme", out) == 0
-        assert "source: metering service" in out.getvalue()
-        printed = out.getvalue()
-        assert "acme" in printed and str(sum(e.prompt_tokens for e in events)) in printed
-    finally:
-        await nc.close()
-        await service.aclose()
-    # The stack is down: no responder, so the CLI reads the store itself.
-    out = io.StringIO()
-    assert await print_usage(metering_cfg, None, out) == 0
-    assert "no metering service is running" in out.getvalue()
-    assert str(sum(e.completion_tokens for e in events)) in out.getvalue()
-
-
-async def test_usage_cli_nothing_running(tmp_path: Path) -> None:
-    cfg = Config(var_dir=str(tmp_path),
-                 nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}", request_timeout_s=1.0),
-                 metering=MeteringConfig(clickhouse=ch_config(tmp_path)))
-    out = io.StringIO()
-    assert await print_usage(cfg, None, out) == 1
-    text = out.getvalue()
-    assert "not reachable" in text and "no usage store at" in text
 
 
 # --- pricing, dead letters, lost acks, repeated publishes ---------------------------

@@ -45,6 +45,15 @@ USAGE_SUBJECTS = "yard.usage.>"
 USAGE_DEAD_LETTER_SUBJECT = "yard.deadletter.usage"
 # Usage totals, answered by the metering actor that owns ClickHouse.
 USAGE_QUERY_SUBJECT = "yard.analytics.usage"
+# Usage rows grouped by model/key/time bucket (UsageRowsQuery) and a statement's
+# usage per model and price period (StatementQuery), answered by the same actor.
+USAGE_ROWS_SUBJECT = "yard.analytics.usage.rows"
+STATEMENT_SUBJECT = "yard.analytics.statement"
+# Budget alerts (JetStream, the webhook's alert stream); the tenant id is the last token.
+ALERT_SUBJECT = "yard.alerts.budget.{tenant}"
+ALERT_SUBJECTS = "yard.alerts.>"
+# Webhook events given up on (JetStream, its dead-letter stream), by event type.
+DEAD_WEBHOOK_SUBJECT = "yard.webhook.dead.{kind}"
 # The public subject API for internal services (served by ingress nodes).
 API_SUBJECTS = {
     "yard.v1.chat.completions": "chat",
@@ -329,6 +338,10 @@ class UsageDeadLetter(_Msg, tag="usage_dead_letter"):
     stream_seq: int
     deliveries: int = 1
     payload: bytes = b""
+
+
+# The usage API's and the webhook's messages are in scheduler/usage_wire.py
+# (this module's size cap).
 
 
 # --- public NATS subject API ----------------------------------------------------
