@@ -156,7 +156,8 @@
       label: m, color: COLORS[i % COLORS.length], dash, values: g.byModel.get(m).map(pick) }));
     const summed = (field) => g.xs.map((_, i) => models.reduce(
       (sum, m) => sum + count(field)(g.byModel.get(m)[i]), 0));
-    const latency = (field) => (r) => (r && r.requests ? r[field] : null);
+    // Quantiles cover answered requests only: a bucket of errors has none.
+    const latency = (field) => (r) => (r && r.requests > r.errors ? r[field] : null);
     return {
       requests: perModel(count("requests")),
       tokens: [
