@@ -126,8 +126,9 @@ def _truth(events: list[UsageEvent]) -> dict[str, dict[str, float]]:
     return truth
 
 
-async def _open(page: Page, url: str, key: str) -> dict:
-    """Loads the page, types the key into its form, and waits for the charts."""
+async def _sign_in(page: Page, url: str, key: str) -> tuple[str, str]:
+    """Loads the page, types the key into its form, and waits until it has
+    drawn or failed: its state and status line."""
     await page.send("Page.navigate", url=url)
     await page.evaluate("new Promise(r => document.readyState === 'complete' ? r() :"
                         " addEventListener('load', () => r()))")
@@ -139,7 +140,12 @@ async def _open(page: Page, url: str, key: str) -> dict:
         " const s = document.body.dataset.state;"
         " if (s === 'ready' || s === 'error' || Date.now() - t0 > 20000) resolve(s);"
         " else setTimeout(poll, 50); })(); })")
-    status = await page.evaluate("document.getElementById('status').textContent")
+    return state, await page.evaluate("document.getElementById('status').textContent")
+
+
+async def _open(page: Page, url: str, key: str) -> dict:
+    """Signs in and returns what the page drew."""
+    state, status = await _sign_in(page, url, key)
     assert state == "ready", f"the page ended {state!r}: {status}"
     return await page.evaluate("window.switchyardDashboard")
 
@@ -223,13 +229,21 @@ async def test_the_dashboard_charts_the_seeded_usage(seeded: Seeded, tmp_path: P
         _check_charts(summary_b, _truth(seeded.shown(admin.tenant_b)))
         assert await viewer.evaluate("document.getElementById('tenant').disabled") is True
 
+        # A user key may not read usage: refused, and not kept.
+        user = await browser.new_page(*VIEWPORT)
+        state, status = await _sign_in(user, url, admin.keys["a_user"])
+        assert state == "error" and status.startswith("403"), status
+        assert await user.evaluate(
+            "[sessionStorage.length, document.getElementById('login').hidden]") == [0, False]
+
         # data: URLs are the browser's own (its date pickers' icons), not fetched.
         requested = [params["request"]["url"] for method, params, _ in browser.events
                      if method == "Network.requestWillBeSent"
                      and not params["request"]["url"].startswith("data:")]
         assert requested and all(u.startswith(admin.url + "/admin/v1/") for u in requested), \
             requested
-        assert not any(b_key in u or admin.keys["platform"] in u for u in requested)
+        assert not any(key in u for u in requested
+                       for key in (b_key, admin.keys["platform"], admin.keys["a_user"]))
         thrown = [params for method, params, _ in browser.events
                   if method == "Runtime.exceptionThrown"]
         assert thrown == []

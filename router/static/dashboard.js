@@ -16,7 +16,7 @@
   const NUSD_PER_USD = 1e9;
 
   const $ = (id) => document.getElementById(id);
-  const state = { key: sessionStorage.getItem(KEY_STORE) || "", charts: [], linkedModel: "" };
+  const state = { key: sessionStorage.getItem(KEY_STORE) || "", charts: [], linkedModel: "", seq: 0 };
 
   class ApiError extends Error {
     constructor(status, message) { super(message); this.status = status; }
@@ -229,7 +229,10 @@
     const view = currentView();
     show("loading", "Loading…");
     writeHash(view);
+    // Only the latest of overlapping refreshes draws.
+    const seq = ++state.seq;
     const data = await load(view);
+    if (seq !== state.seq) return;
     const all = modelsOf(data.totals);
     view.model = refreshModels(all, view.model || state.linkedModel);
     state.linkedModel = "";
@@ -254,18 +257,26 @@
 
   // --- wiring ----------------------------------------------------------------
 
+  function signedOut() {
+    sessionStorage.removeItem(KEY_STORE);
+    state.key = "";
+    $("login").hidden = false;
+    $("controls").hidden = true;
+  }
+
   function failed(err) {
-    if (err instanceof ApiError && err.status === 401) {
-      sessionStorage.removeItem(KEY_STORE);
-      state.key = "";
-      $("login").hidden = false;
-      $("controls").hidden = true;
-    }
+    if (err instanceof ApiError && err.status === 401) signedOut();
     show("error", err instanceof ApiError ? `${err.status}: ${err.message}` : String(err));
   }
 
   async function start() {
-    await signIn();
+    try {
+      await signIn();
+    } catch (err) {
+      // A key that cannot even read itself (a user key, a typo) is not kept.
+      signedOut();
+      throw err;
+    }
     readHash();
     await refresh();
   }
