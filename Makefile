@@ -1,6 +1,7 @@
 # switchyard: `make run` starts the whole local stack, `make test` runs the suite.
 # Both install what they need (Python venv under .venv, redis-server from Debian;
-# for the tests also real vLLM, CPU build, in its own venv under var/vllm).
+# for the tests also real vLLM, CPU build, in its own venv under var/vllm, and
+# Debian's chromium for the dashboard's browser test).
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,13 +9,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VLLM_VENV := var/vllm/venv
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# The dashboard's charting library: version and integrity pinned in deploy/static_assets.py.
+UPLOT_VERSION := $(shell sed -n 's/^UPLOT_VERSION = "\(.*\)"$$/\1/p' deploy/static_assets.py)
+UPLOT_DIR := var/static/uplot-$(UPLOT_VERSION)
 
 .PHONY: run test lint unit integration bench bench-routing fidelity deps vllm clean
 
 run: deps
 	$(VENV)/bin/switchyard up
 
-test: deps lint vllm
+test: deps lint vllm /usr/bin/chromium
 	$(PY) -m pytest -q
 
 lint: deps
@@ -35,7 +39,7 @@ bench-routing: deps
 fidelity: deps vllm
 	$(PY) -m loadtests.fidelity
 
-deps: $(STAMP) /usr/bin/redis-server
+deps: $(STAMP) /usr/bin/redis-server $(UPLOT_DIR)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +61,19 @@ $(VLLM_STAMP):
 
 /usr/bin/redis-server:
 	apt-get update -qq && apt-get install -y -qq redis-server
+
+# From the npm registry (npm pack), checked against the pinned sha512, unpacked
+# into var/static/ (git-ignored), served by the admin API: no CDN, nothing committed.
+$(UPLOT_DIR)/.installed: deploy/static_assets.py
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
+	mkdir -p var/static
+	cd var/static && npm pack --silent uplot@$(UPLOT_VERSION) >/dev/null
+	$(PYTHON) -m deploy.static_assets var/static/uplot-$(UPLOT_VERSION).tgz --dest $(UPLOT_DIR)
+	rm -f var/static/uplot-$(UPLOT_VERSION).tgz
+	touch $@
+
+/usr/bin/chromium:
+	apt-get update -qq && apt-get install -y -qq chromium
 
 clean:
 	rm -rf $(VENV) var

@@ -70,6 +70,7 @@ class QuotaShardActor(_Host):
         super().__init__(QuotaService(config_from_json(config_json), shard))
 
 
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class WebhookActor(_Host):
     """Started only when `webhooks.url` is set."""
 

@@ -17,6 +17,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import redis.asyncio as aioredis
@@ -31,6 +32,7 @@ from analytics.metering_client import MeteringClient
 from router.admin_handlers import HANDLERS, Call, Handler, decode_body
 from router.auth import Authenticator, refuse_query_credentials
 from router.billing_handlers import BILLING_HANDLERS
+from router.dashboard import VENDOR_DIR, dashboard_handlers
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, error_middleware
 from router.metrics import Metrics
 from scheduler.access import authorize
@@ -57,14 +59,15 @@ SERVICES = web.AppKey("admin_services", AdminServices)
 ACTOR = web.RequestKey("admin_actor", Actor)
 
 
-def create_admin_app(cfg: Config) -> web.Application:
+def create_admin_app(cfg: Config, vendor_dir: Path = VENDOR_DIR) -> web.Application:
+    """`vendor_dir`: the dashboard's charting library (router/dashboard.py)."""
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
     app = web.Application(client_max_size=MAX_BODY_BYTES,
                           middlewares=[error_middleware, admin_guard])
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_services_of(cfg))
-    handlers = {**HANDLERS, **BILLING_HANDLERS}
+    handlers = {**HANDLERS, **BILLING_HANDLERS, **dashboard_handlers(vendor_dir)}
     for op in OPERATIONS:
         app.router.add_route(op.method, op.path, _endpoint(op, handlers[op.operation_id]))
     return app
@@ -149,6 +152,8 @@ def _endpoint(op: Operation, handler: Handler) -> web.Handler:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ServiceUnavailable(f"control store unreachable: {type(exc).__name__}",
                                      retry_after_s=1.0) from None
+        if isinstance(result, web.FileResponse):
+            return result
         if isinstance(result, CsvExport):
             return web.Response(status=op.status, text=result.text, content_type="text/csv",
                                 headers={"Content-Disposition":

@@ -201,6 +201,8 @@ class Operation:
     body: type[Any] | None = None
     query: tuple[QueryParam, ...] = ()
     example: dict[str, Any] | None = None
+    # Of a successful answer; the dashboard's page and files are not JSON.
+    content_type: str = "application/json"
 
 
 _T = PREFIX + "/tenants/{tenant_id}"
@@ -263,6 +265,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get_statement", "GET", _T + "/statements/{month}",
               "A tenant's monthly statement (month: YYYY-MM, UTC).", "billing.read",
               Statement, query=(_FORMAT,)),
+    # Public: the page and its files hold no data; its data calls send the
+    # key the page asks for (the usage operation above).
+    Operation("dashboard", "GET", PREFIX + "/dashboard",
+              "The usage dashboard: an HTML page charting the usage operation.", None, str,
+              content_type="text/html"),
+    Operation("dashboard_asset", "GET", PREFIX + "/dashboard/{asset}",
+              "The dashboard's script and styles, and its charting library (uPlot).", None,
+              str, content_type="text/*"),
 )
 BY_ID: dict[str, Operation] = {op.operation_id: op for op in OPERATIONS}
 BY_ROUTE: dict[tuple[str, str], Operation] = {(op.method, op.path): op for op in OPERATIONS}

@@ -43,7 +43,7 @@ def _schema_types() -> list[Any]:
     found: list[Any] = [ErrorBody]
     for op in OPERATIONS:
         for type_ in (op.body, op.response):
-            if type_ is not None and type_ is not dict and type_ not in found:
+            if type_ not in (None, dict, str) and type_ not in found:
                 found.append(type_)
     return found
 
@@ -51,6 +51,8 @@ def _schema_types() -> list[Any]:
 def _ref(type_: Any) -> dict[str, Any]:
     if type_ is dict:
         return {"type": "object"}
+    if type_ is str:
+        return {"type": "string"}
     return {"$ref": REF_TEMPLATE.format(name=type_.__name__)}
 
 
@@ -60,7 +62,7 @@ def _operation(op: Operation) -> dict[str, Any]:
         for name in _PATH_PARAM.findall(op.path)]
     params += [{"name": q.name, "in": "query", "required": False,
                 "description": q.description, "schema": {"type": q.kind}} for q in op.query]
-    answers: dict[str, Any] = {"application/json": {"schema": _ref(op.response)}}
+    answers: dict[str, Any] = {op.content_type: {"schema": _ref(op.response)}}
     if any(q.name == "format" for q in op.query):
         answers["text/csv"] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {str(op.status): {"description": "OK", "content": answers}}

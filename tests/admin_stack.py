@@ -49,10 +49,11 @@ def _request_id() -> str:
     return "test-" + secrets.token_hex(6)
 
 
-def admin_config(work: Path, nats_url: str, redis_url: str) -> Config:
+def admin_config(work: Path, nats_url: str, redis_url: str,
+                 redis_db: int = ADMIN_REDIS_DB) -> Config:
     return Config(
         var_dir=str(work), admin=AdminConfig(port=free_port()), nats=NatsConfig(url=nats_url),
-        redis=RedisConfig(url=redis_url.removesuffix("/0") + f"/{ADMIN_REDIS_DB}"),
+        redis=RedisConfig(url=redis_url.removesuffix("/0") + f"/{redis_db}"),
         auth=AuthConfig(key_secret="admin-test-secret-" + "0" * 32))
 
 
@@ -81,8 +82,9 @@ async def _identities(plane: ControlPlane) -> tuple[str, str, dict[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def running_admin(work: Path, nats_url: str, redis_url: str) -> AsyncIterator[AdminStack]:
-    cfg = admin_config(work, nats_url, redis_url)
+async def running_admin(work: Path, nats_url: str, redis_url: str,
+                        redis_db: int = ADMIN_REDIS_DB) -> AsyncIterator[AdminStack]:
+    cfg = admin_config(work, nats_url, redis_url, redis_db)
     redis = connect_redis(cfg.redis)
     await redis.flushdb()
     plane = ControlPlane(redis, cfg.auth, None)

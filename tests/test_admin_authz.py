@@ -48,6 +48,8 @@ EXPECTED = {
     "list_audit":     "403 403 200 404 200 " + _ALL_401,
     "get_usage":      "403 200 200 404 200 " + _ALL_401,
     "get_statement":  "403 200 200 404 200 " + _ALL_401,
+    "dashboard":       "200 200 200 200 200 200 200 200 401",
+    "dashboard_asset": "200 200 200 200 200 200 200 200 401",
 }
 
 
@@ -72,7 +74,8 @@ def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
 
 async def _target(admin: AdminStack, op: dict[str, Any], path: str) -> tuple[str, list]:
     """The cell's URL path and query, every parameter naming tenant A's records."""
-    values = {"tenant_id": admin.tenant_a, "model": "switchyard-tiny", "month": "2026-10"}
+    values = {"tenant_id": admin.tenant_a, "model": "switchyard-tiny", "month": "2026-10",
+              "asset": "dashboard.js"}
     if "{key_id}" in path:
         values["key_id"] = await admin.new_key(admin.tenant_a)
     query = []

@@ -12,6 +12,7 @@ import pytest
 
 from router.admin_handlers import HANDLERS
 from router.billing_handlers import BILLING_HANDLERS
+from router.dashboard import dashboard_handlers
 from scheduler.admin_api import OPERATIONS, PREFIX, key_view, tenant_view
 from scheduler.audit import AuditEntry
 from scheduler.audit_scope import entry_tenant
@@ -20,15 +21,17 @@ from scheduler.openapi import openapi_document
 
 
 def test_every_operation_has_one_handler_and_a_unique_route() -> None:
-    assert not set(HANDLERS) & set(BILLING_HANDLERS)
-    assert sorted({**HANDLERS, **BILLING_HANDLERS}) == sorted(op.operation_id for op in OPERATIONS)
+    dashboard = dashboard_handlers()
+    assert not set(HANDLERS) & set(BILLING_HANDLERS) and not set(HANDLERS) & set(dashboard)
+    assert sorted({**HANDLERS, **BILLING_HANDLERS, **dashboard}) == sorted(
+        op.operation_id for op in OPERATIONS)
     assert len({(op.method, op.path) for op in OPERATIONS}) == len(OPERATIONS)
     assert all(op.path.startswith(PREFIX) for op in OPERATIONS if op.operation_id != "health")
 
 
-def test_only_health_and_the_document_are_public() -> None:
+def test_only_health_the_document_and_the_dashboard_page_are_public() -> None:
     assert sorted(op.operation_id for op in OPERATIONS if op.action is None) == [
-        "health", "openapi"]
+        "dashboard", "dashboard_asset", "health", "openapi"]
 
 
 def test_every_reference_in_the_document_resolves() -> None:
