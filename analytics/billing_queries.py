@@ -18,7 +18,8 @@ from nats.aio.subscription import Subscription
 
 from analytics.store import UsageStore
 from scheduler.exports import check_groups
-from scheduler.usage_wire import (
+from scheduler.wire import STATEMENT_SUBJECT, USAGE_ROWS_SUBJECT, encode
+from scheduler.wire.usage import (
     StatementQuery,
     StatementReply,
     StatementUsage,
@@ -28,7 +29,6 @@ from scheduler.usage_wire import (
     statement_query_decoder,
     usage_rows_query_decoder,
 )
-from scheduler.wire import STATEMENT_SUBJECT, USAGE_ROWS_SUBJECT, encode
 
 log = logging.getLogger("switchyard.billing")
 

@@ -8,7 +8,8 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from scheduler.errors import InternalError, ServiceUnavailable
-from scheduler.usage_wire import (
+from scheduler.wire import STATEMENT_SUBJECT, USAGE_ROWS_SUBJECT, encode
+from scheduler.wire.usage import (
     StatementQuery,
     StatementUsage,
     UsageRow,
@@ -16,7 +17,6 @@ from scheduler.usage_wire import (
     statement_reply_decoder,
     usage_rows_reply_decoder,
 )
-from scheduler.wire import STATEMENT_SUBJECT, USAGE_ROWS_SUBJECT, encode
 
 # ClickHouse answers a month of one tenant's rows well inside this.
 QUERY_TIMEOUT_S = 10.0

@@ -42,7 +42,6 @@ from scheduler.billing import period_start_s
 from scheduler.config import Config
 from scheduler.errors import ConfigError
 from scheduler.tenancy import NO_LIMITS, TenantLimits
-from scheduler.usage_wire import BudgetAlert, UsageRowsQuery, budget_alert_decoder
 from scheduler.webhook_events import (
     budget_cloudevent,
     crossed_thresholds,
@@ -59,6 +58,7 @@ from scheduler.wire import (
     subject_token,
     usage_decoder,
 )
+from scheduler.wire.usage import BudgetAlert, UsageRowsQuery, budget_alert_decoder
 
 log = logging.getLogger("switchyard.webhooks")
 

@@ -41,8 +41,8 @@ from scheduler.config import (
     WebhooksConfig,
 )
 from scheduler.tenancy import Price
-from scheduler.usage_wire import StatementQuery, UsageRowsQuery
 from scheduler.wire import UsageEvent, encode, usage_subject
+from scheduler.wire.usage import StatementQuery, UsageRowsQuery
 
 OCT_2026_S = 1_790_812_800
 NOV_2026_S = 1_793_491_200

@@ -16,7 +16,7 @@ from scheduler.billing import build_statement, month_range_s, parse_instant_ms, 
 from scheduler.control import SYSTEM
 from scheduler.errors import InvalidRequest, RecordNotFound
 from scheduler.exports import check_groups, statement_csv, usage_csv
-from scheduler.usage_wire import StatementQuery, UsageRowsQuery
+from scheduler.wire.usage import StatementQuery, UsageRowsQuery
 
 DEFAULT_USAGE_SPAN_MS = 86_400_000
 FORMATS = ("json", "csv")

@@ -30,7 +30,7 @@ from scheduler.control import (
 )
 from scheduler.priority import PriorityRange
 from scheduler.tenancy import Price, TenantLimits, TenantStatus
-from scheduler.usage_wire import UsageRow
+from scheduler.wire.usage import UsageRow
 
 PREFIX = "/admin/v1"
 API_VERSION = "1"

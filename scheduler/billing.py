@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import msgspec
 
 from scheduler.tenancy import NUSD_PER_TOKEN_PER_USD_PER_MTOK, NUSD_PER_USD, Price, price_at
-from scheduler.usage_wire import StatementUsage
+from scheduler.wire.usage import StatementUsage
 
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
 _UTC = dt.UTC

@@ -11,7 +11,7 @@ import io
 from collections.abc import Iterable, Sequence
 
 from scheduler.billing import Statement
-from scheduler.usage_wire import TIME_GROUPS, UsageRow
+from scheduler.wire.usage import TIME_GROUPS, UsageRow
 
 USAGE_MEASURES = (
     "requests", "errors", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_nusd",

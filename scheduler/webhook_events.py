@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import msgspec
 
-from scheduler.usage_wire import BudgetAlert
 from scheduler.wire import UsageEvent
+from scheduler.wire.usage import BudgetAlert
 
 USAGE_TYPE = "dev.switchyard.usage.v1"
 BUDGET_TYPE = "dev.switchyard.budget.v1"

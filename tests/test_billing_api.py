@@ -20,8 +20,8 @@ from deploy.admin_cli import ADMIN_KEY_ENV, run_admin
 from deploy.cli import _parser
 from scheduler.billing import parse_instant_ms
 from scheduler.tenancy import price_at
-from scheduler.usage_wire import UsageRow
 from scheduler.wire import UsageEvent
+from scheduler.wire.usage import UsageRow
 from tests.billing_stack import (
     NOV_2026_S,
     OCT_2026_S,

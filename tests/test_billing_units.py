@@ -25,7 +25,15 @@ from scheduler.billing import (
 )
 from scheduler.exports import check_groups, statement_csv, usage_columns, usage_csv
 from scheduler.tenancy import Price
-from scheduler.usage_wire import (
+from scheduler.webhook_events import (
+    crossed_thresholds,
+    signature,
+    signed_headers,
+    usage_cloudevent,
+    verify,
+)
+from scheduler.wire import UsageEvent, encode
+from scheduler.wire.usage import (
     BudgetAlert,
     StatementQuery,
     StatementReply,
@@ -39,14 +47,6 @@ from scheduler.usage_wire import (
     usage_rows_query_decoder,
     usage_rows_reply_decoder,
 )
-from scheduler.webhook_events import (
-    crossed_thresholds,
-    signature,
-    signed_headers,
-    usage_cloudevent,
-    verify,
-)
-from scheduler.wire import UsageEvent, encode
 
 OCT_S, NOV_S, MID_OCT_S = 1_790_812_800, 1_793_491_200, 1_792_022_400
 

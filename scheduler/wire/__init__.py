@@ -1,5 +1,6 @@
 """Every message that crosses NATS (and the replica registry in Redis), with
-the subjects beside them (the quota calls in `quota.py`, re-exported here).
+the subjects beside them (the quota calls in `quota.py`, re-exported here;
+the usage API's in `usage.py`).
 JSON via msgspec; encoders/decoders built once. New fields always get
 defaults so old and new peers interoperate."""
 
@@ -340,8 +341,7 @@ class UsageDeadLetter(_Msg, tag="usage_dead_letter"):
     payload: bytes = b""
 
 
-# The usage API's and the webhook's messages are in scheduler/usage_wire.py
-# (this module's size cap).
+# The usage API's and the webhook's messages are in usage.py.
 
 
 # --- public NATS subject API ----------------------------------------------------

@@ -1,6 +1,6 @@
 """The messages of the usage API (usage rows and statement usage, answered by
 the metering service) and of the webhook's budget alerts; their subjects are
-in scheduler/wire.py with every other subject. JSON via msgspec; new fields
+in scheduler/wire/__init__.py with every other subject. JSON via msgspec; new fields
 always get defaults."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Literal
 
 import msgspec
 
-from scheduler.wire import _Msg
+from scheduler.wire.base import _Msg
 
 UsageGroup = Literal["model", "key", "day", "hour", "minute"]
 TIME_GROUPS: tuple[UsageGroup, ...] = ("day", "hour", "minute")
