@@ -4,17 +4,13 @@ Prints "metering ready" once it consumes; SIGTERM or SIGINT stop it cleanly."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
-import os
 import signal
-from pathlib import Path
 
 import uvloop
 
 from analytics.metering import MeteringService
-from scheduler.config import load_config
+from scheduler.config import process_config
 
 
 async def serve(service: MeteringService) -> None:
@@ -31,11 +27,7 @@ async def serve(service: MeteringService) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analytics.metering_main")
-    parser.add_argument("--config", type=Path, help="TOML file, or JSON written by `up`")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, os.environ)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = process_config("python -m analytics.metering_main", argv)
     uvloop.run(serve(MeteringService(cfg)))
     return 0
 

@@ -6,6 +6,9 @@ the file or the defaults, which run the local stack."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -255,6 +258,17 @@ def decode_config(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         return msgspec.convert(merged, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+
+
+def process_config(prog: str, argv: list[str] | None) -> Config:
+    """The config of a service process started as `prog --config PATH`
+    (by `switchyard up`, or by hand), with its logging set up."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", type=Path, help="TOML file, or JSON written by `up`")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, os.environ)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return cfg
 
 
 def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
