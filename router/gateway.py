@@ -1,7 +1,9 @@
 """The path of one request, shared by the HTTP and NATS front ends:
-authenticate, validate, place (NATS round trip to a scheduler actor), call
+authenticate, validate, admit against the tenant's quota, place (NATS
+round trip to a scheduler actor), call
 the replica (retried on another one while the client has no byte yet), and
-at the end hand usage and a completion notice to the outbox."""
+at the end hand usage and a completion notice to the outbox and settle the
+quota."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from router.metrics import Metrics
 from router.outbox import Outbox
 from router.placer import Placer
 from router.prompt_blocks import PromptHasher
+from router.quota_client import Admission, QuotaClient
 from router.requests import ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
@@ -84,13 +87,16 @@ class RequestContext:
     call: UpstreamCall
     started_at_s: float
     started_at_ms: int
+    # Settled (or released) once, when the request ends.
+    admission: Admission
 
 
 class Gateway:
     def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, placer: Placer,
                  replicas: ReplicaClient, outbox: Outbox, metrics: Metrics,
-                 hasher: PromptHasher | None) -> None:
+                 hasher: PromptHasher | None, quota: QuotaClient) -> None:
         self.cfg = cfg
+        self._quota = quota
         self._auth = auth
         self._nc = nc
         self._placer = placer
@@ -116,18 +122,28 @@ class Gateway:
         tenant = principal.inference_tenant()
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
-        parsed = parse_request(route, body, tenant.cache_salt)
+        parsed = parse_request(route, body, tenant.cache_salt,
+                               self.cfg.ingress.default_max_tokens,
+                               tenant.limits.max_tokens_cap)
         if not tenant.allows_model(parsed.model):
             # The scheduler's answer for a model nobody serves: whether it exists is not told.
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
-        place_req = await self._place_request(request_id, principal, parsed,
-                                              session_id or parsed.user,
-                                              principal.priority.resolve(priority))
-        placement = await self._place(place_req)
+        # Before placement: a refused request never reaches a scheduler or a replica.
+        admission = await self._quota.admit(tenant.tenant_id, request_id, parsed.model,
+                                            parsed.prompt_tokens_est, parsed.max_tokens or 0)
+        try:
+            place_req = await self._place_request(request_id, principal, parsed,
+                                                  session_id or parsed.user,
+                                                  principal.priority.resolve(priority))
+            placement = await self._place(place_req)
+        except BaseException:
+            # Not placed (refused, timed out, client gone): nothing was spent.
+            self._quota.release(admission)
+            raise
         self._budget.note_request(started_at_s)
         return RequestContext(request_id, principal, parsed, place_req, placement,
                               self._call(parsed, request_id, placement),
-                              started_at_s, int(time.time() * 1000))
+                              started_at_s, int(time.time() * 1000), admission)
 
     @contextlib.asynccontextmanager
     async def upstream(self, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -186,6 +202,28 @@ class Gateway:
         done = PlaceDone(request_id=ctx.request_id, replica_id=ctx.placement.replica_id,
                          model=ctx.parsed.model)
         self._outbox.request_done(done, event)
+        self._settle_quota(ctx)
+
+    def _settle_quota(self, ctx: RequestContext) -> None:
+        """Settles the admission with what the serving replica did, or
+        releases it when no replica answered (every attempt failed, or the
+        client left before the first byte). Completion tokens are bounded by
+        the max_tokens sent upstream: a replica reporting more is not believed."""
+        record = ctx.call.record
+        if record.first_byte_at_s is None and record.usage is None:
+            self._quota.release(ctx.admission)
+            return
+        cap = ctx.parsed.max_tokens
+        usage = record.usage
+        if usage is None:
+            # Cut short before the final usage chunk: the prompt was taken,
+            # and each content chunk is one token.
+            prompt, cached, completion = ctx.parsed.prompt_tokens_est, 0, record.content_chunks
+        else:
+            prompt, cached, completion = (usage.prompt_tokens, usage.cached_tokens,
+                                          usage.completion_tokens)
+        self._quota.settle(ctx.admission, prompt, cached,
+                           completion if cap is None else min(completion, cap))
 
     async def _retry(self, ctx: RequestContext, exc: UpstreamFailed) -> bool:
         """Reports the failed replica and places the request again without

@@ -11,8 +11,8 @@ from scheduler.quota_terms import (
     Estimate,
     LeaseSizing,
     RateLimitNumbers,
-    openai_duration,
     estimate,
+    openai_duration,
     period_bounds,
     shard_of,
 )
