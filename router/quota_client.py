@@ -239,9 +239,20 @@ class QuotaClient:
                        max_tokens: int, lease_id: str) -> Admission:
         tenant_id, model = key
         asked_at_s = self.clock_s()
-        reply = await self._call(tenant_id, QuotaReserve(
-            tenant_id=tenant_id, request_id=request_id, model=model,
-            prompt_tokens=prompt_tokens, max_tokens=max_tokens, lease_id=lease_id))
+        try:
+            reply = await self._call(tenant_id, QuotaReserve(
+                tenant_id=tenant_id, request_id=request_id, model=model,
+                prompt_tokens=prompt_tokens, max_tokens=max_tokens, lease_id=lease_id))
+        except QuotaUnavailable:
+            # The shard may have reserved it, or granted the lease, with the
+            # answer lost or late: given back (a no-op if not), rather than
+            # held until the shard counts it as spent.
+            self._in_background(tenant_id, QuotaRelease(tenant_id=tenant_id,
+                                                        request_id=request_id), after=None)
+            if lease_id:
+                self._in_background(tenant_id, QuotaLeaseReturn(tenant_id=tenant_id,
+                                                                lease_id=lease_id), after=None)
+            raise
         if reply.lease is not None:
             self.counts["leases"] += 1
             self._metrics.quota_leases.labels("granted").inc()

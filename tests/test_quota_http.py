@@ -167,22 +167,31 @@ async def _load(attempt: Callable[[int], Awaitable[int]], clients: int,
 
 
 async def test_two_ingresses_admit_exactly_the_requests_per_minute(stack: Stack) -> None:
-    _, key = await stack.tenant(TenantLimits(requests_per_minute=100))
+    tenant_id, key = await stack.tenant(TenantLimits(requests_per_minute=100))
     refusals: list[Mapping[str, str]] = []
     admitted: list[Mapping[str, str]] = []
+    overloaded: collections.Counter[str] = collections.Counter()
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         async def attempt(client: int) -> int:
-            status, headers, _ = await _post(http, stack.urls[client % 2], key, _chat(1))
-            (admitted if status == 200 else refusals).append(headers)
-            if status == 429:
-                # Back soon, to keep the load on: about T2's 6.4k requests in 10 s.
-                await asyncio.sleep(0.1)
+            status, headers, body = await _post(http, stack.urls[client % 2], key, _chat(1))
+            if status == 503:
+                overloaded[body["error"]["code"]] += 1  # type: ignore[index]
+            (admitted if status == 200 else refusals if status == 429 else []).append(headers)
+            if status != 200:
+                # Back soon, to keep the load on (T2: 6.4k requests in 10 s;
+                # fewer here, as this process also generates the load).
+                await asyncio.sleep(0.2)
             return status
 
         statuses = await _load(attempt, clients=64, seconds=10)
-    assert statuses[200] == 100 and set(statuses) == {200, 429}, statuses
-    assert statuses[429] > 1_000, statuses
+    # The shard admitted exactly 100: each answered 200, unless this loaded
+    # machine made its placement time out after admission (503 no_capacity)
+    # or the admission's own answer come too late (503 quota_unavailable).
+    assert (await stack.ledger(tenant_id)).window_requests == 100
+    assert set(statuses) <= {200, 429, 503} and statuses[429] > 1_000, statuses
+    assert statuses[200] <= 100 <= statuses[200] + statuses[503], (statuses, overloaded)
+    assert statuses[503] <= 10, (statuses, overloaded)
     for headers in refusals:
         assert int(headers["Retry-After"]) >= 1
         assert all(name in headers for name in RATELIMIT_HEADERS), headers
