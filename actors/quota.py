@@ -33,12 +33,14 @@ from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import Verdict, estimate
 from scheduler.tenancy import price_at
 from scheduler.wire import (
+    CONTROL_CHANGED_SUBJECT,
     QuotaCall,
     QuotaCommit,
     QuotaLeaseReturn,
     QuotaRelease,
     QuotaReply,
     QuotaReserve,
+    control_changed_decoder,
     encode,
     quota_call_decoder,
     quota_subject,
@@ -77,6 +79,7 @@ class QuotaService:
     async def start(self) -> None:
         self._reader = TenancyReader(connect_redis(self.cfg.redis), self.cfg.quota.cache_ttl_s)
         self._nc = await connect_bus(self.cfg.nats, f"quota-{self.shard}")
+        await self._nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=self._on_control_changed)
         await self._nc.subscribe(quota_subject(self.shard), cb=self._on_call)
         await self._nc.flush()
 
@@ -92,7 +95,21 @@ class QuotaService:
             await self._reader.redis.aclose()
 
     def stats(self) -> dict[str, int]:
-        return {**self.counts, "tenants": len(self._tenants), "answering": len(self._answering)}
+        """Counts (refusals also by reason, `refused_<reason>`), and what the
+        tenants known here hold open: reservations and leases, reserved nUSD."""
+        ledgers = [t.ledger for t in self._tenants.values()]
+        return {**self.counts, "tenants": len(self._tenants), "answering": len(self._answering),
+                "open_charges": sum(sum(c.open for c in ledger.charges.values())
+                                    for ledger in ledgers),
+                "reserved_nusd": sum(ledger.reserved_nusd for ledger in ledgers)}
+
+    async def _on_control_changed(self, msg: Msg) -> None:
+        assert self._reader is not None
+        try:
+            changed = control_changed_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            changed = None  # a newer peer's message: forget everything
+        self._reader.forget(changed)
 
     async def _on_call(self, msg: Msg) -> None:
         # Runs one call at a time (one subscription): each tenant's calls
@@ -136,6 +153,9 @@ class QuotaService:
                     lease=msgspec.structs.replace(lease, price=price))
             verdict = ledger.reserve(call.request_id, est, limits, now_s)
             self.counts["admitted" if verdict.admitted else "refused"] += 1
+            if not verdict.admitted:
+                refused = f"refused_{verdict.refusal}"
+                self.counts[refused] = self.counts.get(refused, 0) + 1
             return tenant, QuotaReply(verdict=verdict)
         if isinstance(call, QuotaCommit):
             price = price_at(await self._reader.prices(call.model), now_s)

@@ -1,6 +1,9 @@
 """Tenants' limits and models' prices as the control store keeps them in
 Redis, read by the quota shards and cached briefly.
 
+A ControlChanged broadcast (`forget`) drops the changed tenant's limits or
+model's prices at once; the TTL bounds a copy whose broadcast was lost.
+
 Layout (shared with the control store): the tenant hash `sy:tenant:<id>`
 has a field `limits`, a TenantLimits as JSON (absent: no limits); the hash
 `sy:prices` maps a model to a JSON array of Price (absent: not priced)."""
@@ -15,6 +18,7 @@ import redis.asyncio as aioredis
 
 from actors.control_plane import PRICES_KEY, TENANT_KEY
 from scheduler.tenancy import NO_LIMITS, Price, TenantLimits
+from scheduler.wire import ControlChanged
 
 LIMITS_FIELD = "limits"
 
@@ -33,6 +37,17 @@ class TenancyReader:
         self.clock_s = clock_s
         self._limits: dict[str, tuple[float, TenantLimits]] = {}
         self._prices: dict[str, tuple[float, tuple[Price, ...]]] = {}
+
+    def forget(self, changed: ControlChanged | None) -> None:
+        """Drops what `changed` touched (None: everything, e.g. a change
+        that could not be decoded)."""
+        if changed is None:
+            self._limits.clear()
+            self._prices.clear()
+        elif changed.kind == "tenant":
+            self._limits.pop(changed.id, None)
+        elif changed.kind == "price":
+            self._prices.pop(changed.id, None)
 
     async def limits(self, tenant_id: str) -> TenantLimits:
         cached = self._limits.get(tenant_id)

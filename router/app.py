@@ -23,6 +23,7 @@ from router.nats_api import NatsApi
 from router.outbox import Outbox
 from router.placer import Placer
 from router.prompt_blocks import PromptHasher
+from router.quota_client import QuotaClient
 from router.spool import UsageSpool, spool_path
 from router.upstream import ReplicaClient
 from scheduler.config import Config
@@ -67,10 +68,13 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         auth = Authenticator(ControlPlane(redis, cfg.auth, publish=None),
                              cfg.auth.key_secret.encode(), cfg.ingress.key_cache_ttl_s)
         control_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=auth.on_control_changed)
+        quota = QuotaClient(nc, cfg.quota, metrics=metrics)
+        await quota.start()
+        quota_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=quota.on_control_changed)
         placer = Placer(nc, cfg.ingress.placement_timeout_s,
                         cfg.ingress.placement_attempt_timeout_s, metrics)
         await placer.start()
-        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics, hasher)
+        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics, hasher, quota)
         nats_api = NatsApi(nc, gateway)
         await nats_api.start()
         app[GATEWAY] = gateway
@@ -80,7 +84,10 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         finally:
             with contextlib.suppress(Exception):
                 await control_sub.unsubscribe()
+                await quota_sub.unsubscribe()
             await nats_api.aclose()
+            # After the requests: their settlements go with the lease returns.
+            await quota.aclose()
             await placer.aclose()
             await outbox.aclose()
             await spool.aclose()

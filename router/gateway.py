@@ -1,7 +1,9 @@
 """The path of one request, shared by the HTTP and NATS front ends:
-authenticate, validate, place (NATS round trip to a scheduler actor), call
+authenticate, validate, admit against the tenant's quota, place (NATS
+round trip to a scheduler actor), call
 the replica (retried on another one while the client has no byte yet), and
-at the end hand usage and a completion notice to the outbox."""
+at the end hand usage and a completion notice to the outbox and settle the
+quota."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from router.metrics import Metrics
 from router.outbox import Outbox
 from router.placer import Placer
 from router.prompt_blocks import PromptHasher
+from router.quota_client import Admission, QuotaClient
 from router.requests import ChatBody, ParsedRequest, parse_request
 from router.upstream import ReplicaClient, UpstreamCall
 from scheduler.approx_index import chunk_hashes
@@ -87,13 +90,16 @@ class RequestContext:
     call: UpstreamCall
     started_at_s: float
     started_at_ms: int
+    # Settled (or released) once, when the request ends.
+    admission: Admission
 
 
 class Gateway:
     def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, placer: Placer,
                  replicas: ReplicaClient, outbox: Outbox, metrics: Metrics,
-                 hasher: PromptHasher | None) -> None:
+                 hasher: PromptHasher | None, quota: QuotaClient) -> None:
         self.cfg = cfg
+        self._quota = quota
         self._auth = auth
         self._nc = nc
         self._placer = placer
@@ -124,18 +130,28 @@ class Gateway:
                                  retry_after_s=SPOOL_FULL_RETRY_AFTER_S)
         if len(body) > self.cfg.ingress.max_body_bytes:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
-        parsed = parse_request(route, body, tenant.cache_salt)
+        parsed = parse_request(route, body, tenant.cache_salt,
+                               self.cfg.ingress.default_max_tokens,
+                               tenant.limits.max_tokens_cap)
         if not tenant.allows_model(parsed.model):
             # The scheduler's answer for a model nobody serves: whether it exists is not told.
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
-        place_req = await self._place_request(request_id, principal, parsed,
-                                              session_id or parsed.user,
-                                              principal.priority.resolve(priority))
-        placement = await self._place(place_req)
+        # Before placement: a refused request never reaches a scheduler or a replica.
+        admission = await self._quota.admit(tenant.tenant_id, request_id, parsed.model,
+                                            parsed.prompt_tokens_est, parsed.max_tokens or 0)
+        try:
+            place_req = await self._place_request(request_id, principal, parsed,
+                                                  session_id or parsed.user,
+                                                  principal.priority.resolve(priority))
+            placement = await self._place(place_req)
+        except BaseException:
+            # Not placed (refused, timed out, client gone): nothing was spent.
+            self._quota.release(admission)
+            raise
         self._budget.note_request(started_at_s)
         return RequestContext(request_id, principal, parsed, place_req, placement,
                               self._call(parsed, request_id, placement),
-                              started_at_s, int(time.time() * 1000))
+                              started_at_s, int(time.time() * 1000), admission)
 
     @contextlib.asynccontextmanager
     async def upstream(self, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -182,10 +198,16 @@ class Gateway:
             self._metrics.upstream_errors.labels(ctx.placement.replica_id).inc()
         done = PlaceDone(request_id=ctx.request_id, replica_id=ctx.placement.replica_id,
                          model=ctx.parsed.model)
-        # Billed once the replica accepted the request; refused before (by us
-        # or by every replica tried): no usage event.
-        event = self._usage_event(ctx, status, error_code, ttft_s,
-                                  now_s) if record.accepted else None
+        # Billed once the replica accepted the request, and the quota settled
+        # with the same (clamped) usage; refused before (by us or by every
+        # replica tried): no usage event, and the admission is released.
+        if record.accepted:
+            event = self._usage_event(ctx, status, error_code, ttft_s, now_s)
+            self._quota.settle(ctx.admission, event.prompt_tokens, event.cached_tokens,
+                               event.completion_tokens)
+        else:
+            event = None
+            self._quota.release(ctx.admission)
         self._outbox.request_done(done, event)
 
     def _usage_event(self, ctx: RequestContext, status: int, error_code: str,

@@ -59,3 +59,24 @@ class Metrics:
             ["outcome"], registry=r)
         self.nats_errors = Counter(
             "switchyard_nats_errors", "Failed NATS publishes and requests.", registry=r)
+        self.quota_admissions = Counter(
+            "switchyard_quota_admissions", "Requests admitted by quota: under a lease held "
+            "by this ingress (lease) or by a call to the tenant's shard (shard).",
+            ["path"], registry=r)
+        self.quota_rejections = Counter(
+            "switchyard_quota_rejections", "Requests refused by quota, by reason (requests, "
+            "tokens, too_large, concurrency, budget, unpriced).", ["reason"], registry=r)
+        self.quota_unavailable = Counter(
+            "switchyard_quota_unavailable", "Admissions failed closed (503): the tenant's "
+            "shard did not answer within quota.call_timeout_s.", registry=r)
+        self.quota_call_duration = Histogram(
+            "switchyard_quota_call_duration_seconds", "Calls to a quota shard, resends "
+            "included, by call (reserve, commit, release, lease_return).", ["call"],
+            buckets=FAST_BUCKETS_S, registry=r)
+        self.quota_leases = Counter(
+            "switchyard_quota_leases", "Leases granted to this ingress, and returned.",
+            ["event"], registry=r)
+        self.quota_settle_lost = Counter(
+            "switchyard_quota_settle_lost", "Commits, releases or lease returns not "
+            "delivered in SETTLE_PATIENCE_S (the shard settles them as fully used).",
+            registry=r)

@@ -28,17 +28,18 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
+from router.metrics import Metrics
+from router.quota_lease import Lease
 from scheduler.errors import QuotaUnavailable, quota_refusal
-from scheduler.quota_ledger import OpenRequest
 from scheduler.quota_terms import (
-    LeaseSlice,
     QuotaConfig,
     RateLimitNumbers,
     estimate,
@@ -46,12 +47,14 @@ from scheduler.quota_terms import (
 )
 from scheduler.tenancy import TenantLimits
 from scheduler.wire import (
+    ControlChanged,
     QuotaCall,
     QuotaCommit,
     QuotaLeaseReturn,
     QuotaRelease,
     QuotaReply,
     QuotaReserve,
+    control_changed_decoder,
     encode,
     quota_reply_decoder,
     quota_subject,
@@ -62,62 +65,9 @@ log = logging.getLogger("switchyard.quota_client")
 NO_RESPONDERS_BACKOFF_S = 0.02
 # How long a commit, release or lease return keeps being resent.
 SETTLE_PATIENCE_S = 30.0
-
-
-class _Lease:
-    """What is left of a lease; None parts are not limited."""
-
-    def __init__(self, lease_id: str, granted: LeaseSlice, numbers: RateLimitNumbers,
-                 deadline_s: float) -> None:
-        self.lease_id = lease_id
-        self.granted = granted
-        self.numbers = numbers
-        self.deadline_s = deadline_s
-        self.requests_left = granted.requests
-        self.tokens_left = granted.tokens
-        self.nusd_left = granted.nusd
-        self.slots_left = granted.concurrent
-        self.used_requests = 0
-        self.used_tokens = 0
-        self.spent_nusd = 0
-        # Admitted, not yet settled: request id -> (tokens, nUSD) estimated.
-        self.open: dict[str, tuple[int, int]] = {}
-        # Once it ends, its return to the shard; `sent` once that is on its
-        # way (from then on its requests settle with the shard).
-        self.returning: asyncio.Task[None] | None = None
-        self.sent = False
-        self.drained = asyncio.Event()
-
-    def take(self, request_id: str, tokens: int, cost_nusd: int) -> bool:
-        wants = (1, tokens, cost_nusd, 1)
-        lefts = (self.requests_left, self.tokens_left, self.nusd_left, self.slots_left)
-        if any(left is not None and want > left for want, left in zip(wants, lefts, strict=True)):
-            return False
-        self.requests_left, self.tokens_left, self.nusd_left, self.slots_left = (
-            None if left is None else left - want for want, left in zip(wants, lefts, strict=True))
-        self.used_requests += 1
-        self.open[request_id] = (tokens, cost_nusd)
-        return True
-
-    def settle(self, request_id: str, tokens: int, cost_nusd: int) -> None:
-        """Local: what the request did not use may admit others under this lease."""
-        reserved_tokens, reserved_nusd = self.open.pop(request_id)
-        if not self.open and self.returning is not None:
-            self.drained.set()
-        self.used_tokens += tokens
-        self.spent_nusd += cost_nusd
-        if self.tokens_left is not None:
-            self.tokens_left += reserved_tokens - tokens
-        if self.nusd_left is not None:
-            self.nusd_left += reserved_nusd - cost_nusd
-        if self.slots_left is not None:
-            self.slots_left += 1
-
-    def as_return(self, tenant_id: str) -> QuotaLeaseReturn:
-        return QuotaLeaseReturn(
-            tenant_id=tenant_id, lease_id=self.lease_id, used_requests=self.used_requests,
-            used_tokens=self.used_tokens, spent_nusd=self.spent_nusd,
-            still_open=tuple(OpenRequest(rid, t, c) for rid, (t, c) in self.open.items()))
+_CALL_LABELS: dict[type[QuotaCall], str] = {
+    QuotaReserve: "reserve", QuotaCommit: "commit", QuotaRelease: "release",
+    QuotaLeaseReturn: "lease_return"}
 
 
 @dataclass
@@ -127,7 +77,7 @@ class Admission:
     model: str
     numbers: RateLimitNumbers
     # Set when admitted under a lease (settled locally while the lease lasts).
-    lease: _Lease | None = None
+    lease: Lease | None = None
 
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers (as of the last word from the shard)."""
@@ -136,16 +86,19 @@ class Admission:
 
 class QuotaClient:
     def __init__(self, nc: NATS, cfg: QuotaConfig,
-                 clock_s: Callable[[], float] = time.monotonic) -> None:
+                 clock_s: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
+        """`metrics`: the ingress's (a registry of its own when not given)."""
         self._nc = nc
         self.cfg = cfg
         self.clock_s = clock_s
-        self._leases: dict[tuple[str, str], _Lease] = {}
+        self._metrics = metrics or Metrics()
+        self._leases: dict[tuple[str, str], Lease] = {}
         # Near a limit the shard grants no lease: admit per request for a while.
         self._no_lease_until_s: dict[tuple[str, str], float] = {}
         # One lease ask per (tenant, model) at a time; the others wait for it.
         self._asking: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys(("local", "calls", "leases", "reserved", "refused",
                                      "unavailable", "settle_lost"), 0)
@@ -182,14 +135,12 @@ class QuotaClient:
         if admitted is not None:
             return admitted
         if self._no_lease_until_s.get(key, 0.0) > self.clock_s():
-            return await self._reserve(key, request_id, prompt_tokens, max_tokens, lease_id="")
+            return await self._unabandoned(self._reserve(key, request_id, prompt_tokens,
+                                                         max_tokens, lease_id=""))
+        # Set before the call starts: the admissions arriving meanwhile wait for it.
         asked = self._asking[key] = asyncio.get_running_loop().create_future()
-        try:
-            return await self._reserve(key, request_id, prompt_tokens, max_tokens,
-                                       lease_id="lease-" + uuid.uuid4().hex)
-        finally:
-            del self._asking[key]
-            asked.set_result(None)
+        return await self._unabandoned(self._ask_lease(key, asked, request_id, prompt_tokens,
+                                                       max_tokens))
 
     def settle(self, adm: Admission, prompt_tokens: int, cached_tokens: int,
                completion_tokens: int) -> None:
@@ -216,7 +167,57 @@ class QuotaClient:
         self._in_background(adm.tenant_id, QuotaRelease(
             tenant_id=adm.tenant_id, request_id=adm.request_id), after=lease)
 
+    def forget(self, changed: ControlChanged) -> None:
+        """A tenant's limits or a model's price changed: the leases taken on
+        the old ones end now (returned as usual), so the next admission asks
+        the shard, which applies the new ones."""
+        if changed.kind not in ("tenant", "price"):
+            return
+        at = 0 if changed.kind == "tenant" else 1
+        for key, lease in list(self._leases.items()):
+            if key[at] == changed.id:
+                self._end(key, lease)
+        for key in [k for k in self._no_lease_until_s if k[at] == changed.id]:
+            del self._no_lease_until_s[key]
+
+    async def on_control_changed(self, msg: Msg) -> None:
+        """The ControlChanged subscription's callback."""
+        try:
+            self.forget(control_changed_decoder.decode(msg.data))
+        except msgspec.DecodeError:
+            # A newer peer's message may not decode here: end every lease.
+            log.warning("undecodable control change; every quota lease ended")
+            for key, lease in list(self._leases.items()):
+                self._end(key, lease)
+
     # --- internals -------------------------------------------------------------
+
+    async def _ask_lease(self, key: tuple[str, str], asked: asyncio.Future[None],
+                         request_id: str, prompt_tokens: int, max_tokens: int) -> Admission:
+        try:
+            return await self._reserve(key, request_id, prompt_tokens, max_tokens,
+                                       lease_id="lease-" + uuid.uuid4().hex)
+        finally:
+            del self._asking[key]
+            asked.set_result(None)
+
+    async def _unabandoned(self, call: Coroutine[None, None, Admission]) -> Admission:
+        """Runs a call to the shard to its end even when the request is
+        cancelled meanwhile (its client left): what it admitted is then
+        released at once, and a lease it brought is kept, instead of the
+        shard holding them until it counts them as fully used."""
+        task = asyncio.create_task(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, task: asyncio.Task[Admission]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.release(task.result())
 
     def _admit_leased(self, key: tuple[str, str], request_id: str, prompt_tokens: int,
                       max_tokens: int) -> Admission | None:
@@ -229,7 +230,8 @@ class QuotaClient:
         if self.clock_s() < lease.deadline_s and lease.take(request_id, est.tokens,
                                                              est.cost_nusd or 0):
             self.counts["local"] += 1
-            return Admission(key[0], request_id, key[1], lease.numbers, lease)
+            self._metrics.quota_admissions.labels("lease").inc()
+            return Admission(key[0], request_id, key[1], lease.remaining(), lease)
         self._end(key, lease)
         return None
 
@@ -237,13 +239,25 @@ class QuotaClient:
                        max_tokens: int, lease_id: str) -> Admission:
         tenant_id, model = key
         asked_at_s = self.clock_s()
-        reply = await self._call(tenant_id, QuotaReserve(
-            tenant_id=tenant_id, request_id=request_id, model=model,
-            prompt_tokens=prompt_tokens, max_tokens=max_tokens, lease_id=lease_id))
+        try:
+            reply = await self._call(tenant_id, QuotaReserve(
+                tenant_id=tenant_id, request_id=request_id, model=model,
+                prompt_tokens=prompt_tokens, max_tokens=max_tokens, lease_id=lease_id))
+        except QuotaUnavailable:
+            # The shard may have reserved it, or granted the lease, with the
+            # answer lost or late: given back (a no-op if not), rather than
+            # held until the shard counts it as spent.
+            self._in_background(tenant_id, QuotaRelease(tenant_id=tenant_id,
+                                                        request_id=request_id), after=None)
+            if lease_id:
+                self._in_background(tenant_id, QuotaLeaseReturn(tenant_id=tenant_id,
+                                                                lease_id=lease_id), after=None)
+            raise
         if reply.lease is not None:
             self.counts["leases"] += 1
+            self._metrics.quota_leases.labels("granted").inc()
             # From the ask: the shard's own expiry is later, never earlier.
-            lease = _Lease(lease_id, reply.lease, reply.verdict.numbers,
+            lease = Lease(lease_id, reply.lease, reply.verdict.numbers,
                            asked_at_s + reply.lease.ttl_s)
             old = self._leases.get(key)
             if old is not None:
@@ -258,17 +272,21 @@ class QuotaClient:
         verdict = reply.verdict
         if not verdict.admitted:
             self.counts["refused"] += 1
+            self._metrics.quota_rejections.labels(verdict.refusal).inc()
             raise quota_refusal(verdict, tenant_id, model)
         self.counts["reserved"] += 1
+        self._metrics.quota_admissions.labels("shard").inc()
         return Admission(tenant_id, request_id, model, verdict.numbers)
 
     async def _call(self, tenant_id: str, call: QuotaCall,
                     timeout_s: float | None = None) -> QuotaReply:
         """The shard's answer, resending the same call until `timeout_s`."""
         loop = asyncio.get_running_loop()
-        deadline_s = loop.time() + (timeout_s or self.cfg.call_timeout_s)
+        started_s = loop.time()
+        deadline_s = started_s + (timeout_s or self.cfg.call_timeout_s)
         subject = quota_subject(shard_of(tenant_id, self.cfg.shards))
         payload = encode(call)
+        took = self._metrics.quota_call_duration.labels(_CALL_LABELS[type(call)])
         while (left_s := deadline_s - loop.time()) > 0:
             self.counts["calls"] += 1
             try:
@@ -281,13 +299,16 @@ class QuotaClient:
             except (nats.errors.Error, msgspec.DecodeError):
                 continue
             if not reply.error:
+                took.observe(loop.time() - started_s)
                 return reply
             await asyncio.sleep(min(NO_RESPONDERS_BACKOFF_S, max(0.0, left_s)))
         self.counts["unavailable"] += 1
+        if isinstance(call, QuotaReserve):
+            self._metrics.quota_unavailable.inc()
         raise QuotaUnavailable("The quota service did not answer in time.",
                                retry_after_s=self.cfg.retry_after_s, tenant_id=tenant_id)
 
-    def _end(self, key: tuple[str, str], lease: _Lease) -> None:
+    def _end(self, key: tuple[str, str], lease: Lease) -> None:
         """No more admissions under it; hands back what it did not use once
         the requests it admitted have ended, or before the shard would take
         it as abandoned: the ones still running then become reservations."""
@@ -300,7 +321,7 @@ class QuotaClient:
             self._background.add(lease.returning)
             lease.returning.add_done_callback(self._background.discard)
 
-    async def _return(self, tenant_id: str, lease: _Lease) -> None:
+    async def _return(self, tenant_id: str, lease: Lease) -> None:
         wait_s = lease.deadline_s + self.cfg.lease.return_grace_s / 2 - self.clock_s()
         # Past it, the requests still running go on as reservations.
         with contextlib.suppress(TimeoutError):
@@ -308,13 +329,14 @@ class QuotaClient:
                 await lease.drained.wait()
         lease.sent = True
         await self._settle_call(tenant_id, lease.as_return(tenant_id), None)
+        self._metrics.quota_leases.labels("returned").inc()
 
-    def _in_background(self, tenant_id: str, call: QuotaCall, after: _Lease | None) -> None:
+    def _in_background(self, tenant_id: str, call: QuotaCall, after: Lease | None) -> None:
         task = asyncio.create_task(self._settle_call(tenant_id, call, after))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _settle_call(self, tenant_id: str, call: QuotaCall, after: _Lease | None) -> None:
+    async def _settle_call(self, tenant_id: str, call: QuotaCall, after: Lease | None) -> None:
         if after is not None and after.returning is not None:
             # The request became a reservation with its lease's return: only
             # once that return is in may it be committed or released.
@@ -323,6 +345,7 @@ class QuotaClient:
             await self._call(tenant_id, call, timeout_s=SETTLE_PATIENCE_S)
         except QuotaUnavailable:
             self.counts["settle_lost"] += 1
+            self._metrics.quota_settle_lost.inc()
             log.warning("quota %s for tenant %s not delivered; the shard will settle it "
                         "as fully used", type(call).__name__, tenant_id)
 

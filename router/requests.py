@@ -15,6 +15,8 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 # Rough characters per token, for the placement estimate only (metering
 # always uses the replica's own counts).
 CHARS_PER_TOKEN = 4
+# A completion's max_tokens when it gives none (OpenAI's and vLLM's default).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 class StreamOptions(msgspec.Struct, frozen=True):
@@ -89,9 +91,15 @@ class ParsedRequest:
     assembled: bool = False
 
 
-def parse_request(route: str, body: bytes, cache_salt: str = "") -> ParsedRequest:
+def parse_request(route: str, body: bytes, cache_salt: str = "", default_max_tokens: int = 0,
+                  max_tokens_cap: int = 0) -> ParsedRequest:
     """Validates `body` for `route` ("chat" or "completions"); the body sent
-    upstream carries `cache_salt` (the tenant's) and no other salt."""
+    upstream carries `cache_salt` (the tenant's) and no other salt.
+
+    `default_max_tokens` (0: none) is a chat request's max_tokens when it
+    gives none (a completion's is OpenAI's 16); `max_tokens_cap` (0: none)
+    bounds it. The result is what the body sent upstream says, so the quota
+    reserved on it bounds what the replica may generate."""
     try:
         parsed = _decoders[route].decode(body)
     except msgspec.ValidationError as exc:
@@ -107,10 +115,17 @@ def parse_request(route: str, body: bytes, cache_salt: str = "") -> ParsedReques
     if parsed.stream_options is not None and not stream:
         raise InvalidRequest("`stream_options` is only allowed when `stream` is true.",
                              param="stream_options")
-    max_tokens = parsed.max_tokens
+    asked = parsed.max_tokens
     if isinstance(parsed, ChatBody):
-        max_tokens = parsed.max_completion_tokens or max_tokens
-    upstream_body, assembled = _upstream_body(body, stream, cache_salt)
+        asked = parsed.max_completion_tokens or asked
+    max_tokens = asked
+    if asked is None and default_max_tokens:
+        max_tokens = (default_max_tokens if isinstance(parsed, ChatBody)
+                      else COMPLETIONS_DEFAULT_MAX_TOKENS)
+    if max_tokens is not None and max_tokens_cap:
+        max_tokens = min(max_tokens, max_tokens_cap)
+    upstream_body, assembled = _upstream_body(body, stream, cache_salt,
+                                              None if max_tokens == asked else max_tokens)
     return ParsedRequest(route=route, model=parsed.model, stream=stream,
                          include_usage=include_usage, max_tokens=max_tokens,
                          prompt_tokens_est=_estimate_tokens(parsed),
@@ -120,17 +135,23 @@ def parse_request(route: str, body: bytes, cache_salt: str = "") -> ParsedReques
                          continuous_usage=continuous_usage, assembled=assembled)
 
 
-def _upstream_body(body: bytes, stream: bool, cache_salt: str) -> tuple[bytes, bool]:
+def _upstream_body(body: bytes, stream: bool, cache_salt: str,
+                   max_tokens: int | None) -> tuple[bytes, bool]:
     """The body sent upstream, and whether a non-streaming request goes as a
     stream (to be assembled). Streams ask the replica for usage on every
     chunk (`continuous_usage_stats`), so a stream cut short still has the
     replica's own counts; the ingress strips what the client did not ask
-    for. The client's `cache_salt` is replaced by the tenant's (or dropped)."""
+    for. The client's `cache_salt` is replaced by the tenant's (or dropped).
+    `max_tokens`: set in place of the client's (None: left as it is)."""
     raw = msgspec.json.decode(body)
     for name in UPSTREAM_URL_FIELDS:
         if name in raw:
             raise InvalidRequest(f"`{name}` is not accepted: switchyard chooses the replica.",
                                  param=name)
+    if max_tokens is not None:
+        # The field the replica reads first (vLLM: max_completion_tokens, then max_tokens).
+        raw["max_completion_tokens" if raw.get("max_completion_tokens") else "max_tokens"] = (
+            max_tokens)
     raw.pop("cache_salt", None)
     if cache_salt:
         raw["cache_salt"] = cache_salt

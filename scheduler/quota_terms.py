@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import math
 import time
 from typing import Literal
 
@@ -39,6 +40,21 @@ def estimate(limits: TenantLimits, price: Price | None, prompt_tokens: int,
     return Estimate(tokens=prompt_tokens + clamped_tokens, cost_nusd=cost)
 
 
+def openai_duration(seconds: float) -> str:
+    """A reset as OpenAI writes it (Go's duration format): "20ms", "1.5s",
+    "6m0s", "1h0m0s"; rounded up to the millisecond, so a client waiting
+    that long finds the capacity back."""
+    ms = max(0, math.ceil(round(seconds * 1000, 6)))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest_ms = divmod(ms, 3_600_000)
+    minutes, rest_ms = divmod(rest_ms, 60_000)
+    secs = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
 class RateLimitNumbers(msgspec.Struct, frozen=True, kw_only=True):
     """OpenAI's x-ratelimit-* headers (0 limits: none of that kind). A reset
     is when capacity next comes back: the oldest charge in the window leaves it."""
@@ -55,11 +71,11 @@ class RateLimitNumbers(msgspec.Struct, frozen=True, kw_only=True):
         if self.limit_requests:
             out |= {"x-ratelimit-limit-requests": str(self.limit_requests),
                     "x-ratelimit-remaining-requests": str(max(0, self.remaining_requests)),
-                    "x-ratelimit-reset-requests": f"{self.reset_requests_s:.3f}s"}
+                    "x-ratelimit-reset-requests": openai_duration(self.reset_requests_s)}
         if self.limit_tokens:
             out |= {"x-ratelimit-limit-tokens": str(self.limit_tokens),
                     "x-ratelimit-remaining-tokens": str(max(0, self.remaining_tokens)),
-                    "x-ratelimit-reset-tokens": f"{self.reset_tokens_s:.3f}s"}
+                    "x-ratelimit-reset-tokens": openai_duration(self.reset_tokens_s)}
         return out
 
 

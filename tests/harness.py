@@ -1,6 +1,7 @@
 """An in-process switchyard for integration tests: the real nats-server and
-redis-server (session fixtures), real Ray actors for the scheduler and the
-metering (chDB), simulated replicas and the ingress app on free ports."""
+redis-server (session fixtures), real Ray actors for the scheduler, the
+quota shards and the metering (chDB), simulated replicas and the ingress app
+on free ports."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from scheduler.config import (
     SimulatorConfig,
     dump_config,
 )
+from scheduler.quota_terms import QuotaConfig
 from scheduler.replica_metrics import parse_metrics
 from scheduler.wire import ReplicaInfo
 
@@ -49,6 +51,9 @@ def make_config(session_dir: Path, nats_url: str, redis_url: str) -> Config:
             path=str(session_dir / "chdb"))),
         simulator=SimulatorConfig(replicas=2, model=MODEL, decode_ms_per_token=2.0,
                                   prefill_tokens_per_s=1e6),
+        # One shard actor per stack keeps the shared test machine light; the
+        # quota tests that need two say so.
+        quota=QuotaConfig(shards=1),
     )
 
 
@@ -87,6 +92,8 @@ class Switchyard:
     runner: web.AppRunner
     # The scheduler actors (also in `actors`), by their actor id.
     schedulers: dict[str, Any] = field(default_factory=dict)
+    # The quota shard actors (also in `actors`), by shard.
+    quota_shards: list[Any] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -116,7 +123,7 @@ class Switchyard:
 async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -> Switchyard:
     """Simulated replicas (ids `sim-<i>`) unless `replica_urls` are given
     (ids `ext-<i>`); each serves MODEL."""
-    from actors.ray_shells import MeteringActor, SchedulerActor
+    from actors.ray_shells import MeteringActor, QuotaShardActor, SchedulerActor
 
     fleet = None
     if replica_urls is None:
@@ -135,12 +142,15 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
     names = [f"switchyard-scheduler-{cfg.ingress.port}-{i}" for i in range(cfg.scheduler.actors)]
     schedulers = {name: SchedulerActor.options(name=name).remote(config_json, name, free_port())
                   for name in names}
-    actors = [MeteringActor.remote(config_json), *schedulers.values()]
+    quota_shards = [QuotaShardActor.options(name=f"switchyard-quota-{cfg.ingress.port}-{i}")
+                    .remote(config_json, i) for i in range(cfg.quota.shards)]
+    actors = [MeteringActor.remote(config_json), *schedulers.values(), *quota_shards]
     await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 120) for a in actors))
     runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
-    return Switchyard(cfg, fleet, key.plaintext, tenant.tenant_id, actors, runner, schedulers)
+    return Switchyard(cfg, fleet, key.plaintext, tenant.tenant_id, actors, runner, schedulers,
+                      quota_shards)
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from actors.control_store import ReplicaRegistry, connect_redis
+from actors.quota import QuotaService
 from deploy.procs import LOOPBACK, free_port, start_nats
 from router.app import create_app
 from scheduler.config import IngressConfig, NatsConfig
@@ -63,11 +64,14 @@ async def lonely_ingress(switchyard: Switchyard) -> AsyncIterator[str]:
         Path(switchyard.cfg.var_dir) / "logs")
     cfg = msgspec.structs.replace(switchyard.cfg, nats=NatsConfig(url=nats_url),
                                   ingress=IngressConfig(port=free_port()))
+    quota = QuotaService(cfg, 0)  # admission passes; placement finds no scheduler
+    await quota.start()
     runner = web.AppRunner(create_app(cfg), handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
     yield f"http://{LOOPBACK}:{cfg.ingress.port}"
     await runner.cleanup()
+    await quota.aclose()
     await nats_proc.stop()
 
 

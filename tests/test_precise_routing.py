@@ -23,6 +23,7 @@ from aiohttp import web
 
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
+from actors.quota import QuotaService
 from actors.replica_agent import ReplicaAgent
 from actors.scheduler import SchedulerService
 from deploy.procs import LOOPBACK, free_port, start_nats
@@ -90,6 +91,8 @@ async def precise_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prec
     await nc.drain()
     scheduler = SchedulerService(cfg, random.Random(11))
     await scheduler.start()
+    quota = QuotaService(cfg, 0)  # the admission of every request asks it
+    await quota.start()
     runner = web.AppRunner(create_app(cfg), handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
@@ -103,6 +106,7 @@ async def precise_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prec
                        agents, fleets, settings, tenant.cache_salt)
     await runner.cleanup()
     await scheduler.aclose()
+    await quota.aclose()
     for fleet in fleets:
         await fleet.aclose()
     for agent in agents:

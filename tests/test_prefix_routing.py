@@ -21,6 +21,7 @@ from aiohttp import web
 
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
+from actors.quota import QuotaService
 from actors.scheduler import SchedulerService
 from deploy.procs import LOOPBACK, free_port, start_nats
 from loadtests.simulator.fleet import start_fleet
@@ -60,12 +61,15 @@ async def prefix_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prefi
     await nc.drain()
     scheduler = SchedulerService(cfg, random.Random(5))
     await scheduler.start()
+    quota = QuotaService(cfg, 0)  # the admission of every request asks it
+    await quota.start()
     runner = web.AppRunner(create_app(cfg), handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
     yield PrefixStack(f"http://{LOOPBACK}:{cfg.ingress.port}/v1", key.plaintext)
     await runner.cleanup()
     await scheduler.aclose()
+    await quota.aclose()
     await fleet.aclose()
     await nats_proc.stop()
 

@@ -12,6 +12,7 @@ from scheduler.quota_terms import (
     LeaseSizing,
     RateLimitNumbers,
     estimate,
+    openai_duration,
     period_bounds,
     shard_of,
 )
@@ -227,7 +228,16 @@ def test_rate_limit_numbers_become_openai_headers() -> None:
                                reset_requests_s=1.5)
     assert numbers.headers() == {"x-ratelimit-limit-requests": "100",
                                  "x-ratelimit-remaining-requests": "7",
-                                 "x-ratelimit-reset-requests": "1.500s"}
+                                 "x-ratelimit-reset-requests": "1.5s"}
+
+
+@pytest.mark.parametrize(("seconds", "written"), [
+    (0.0, "0ms"), (0.0004, "1ms"), (0.02, "20ms"), (0.999, "999ms"), (1.0, "1s"),
+    (1.5, "1.5s"), (59.9991, "1m0s"), (360.0, "6m0s"), (61.25, "1m1.25s"),
+    (3600.0, "1h0m0s"), (86_399.0, "23h59m59s"),
+])
+def test_resets_are_written_as_openai_durations(seconds: float, written: str) -> None:
+    assert openai_duration(seconds) == written
 
 
 def test_a_reservation_never_settled_is_spent_in_full_after_its_ttl() -> None:

@@ -29,6 +29,7 @@ from nats.aio.client import Client as NATS
 
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
+from actors.quota import QuotaService
 from actors.scheduler import SchedulerService
 from deploy.procs import LOOPBACK, free_port, start_nats
 from deploy.tiny_model import TINY_MODEL_DIR
@@ -98,6 +99,8 @@ async def vllm_precise(session_dir: Path, redis_url: str,
     await nc.jetstream().add_stream(name=cfg.nats.usage_stream, subjects=[USAGE_SUBJECTS])
     scheduler = SchedulerService(cfg, random.Random(3))
     await scheduler.start()
+    quota = QuotaService(cfg, 0)  # the admission of every request asks it
+    await quota.start()
     forwarders = [asyncio.create_task(_forward(vllm_replicas.kv_events, spec.kv_events.topic,
                                                rid, nc), name=f"forward-{rid}")
                   for rid, spec in zip(urls, vllm_replicas.specs, strict=True)
@@ -112,6 +115,7 @@ async def vllm_precise(session_dir: Path, redis_url: str,
         task.cancel()
     await asyncio.gather(*forwarders, return_exceptions=True)
     await scheduler.aclose()
+    await quota.aclose()
     await nc.drain()
     await nats_proc.stop()
 
