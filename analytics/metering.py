@@ -23,6 +23,7 @@ from nats.js.errors import BadRequestError
 
 from actors.bus import connect_bus
 from actors.control_store import connect_redis
+from actors.tasks import cancel_and_wait
 from analytics.billing_queries import BillingQueries
 from analytics.pricing import PriceReader
 from analytics.store import UsageStore, open_store
@@ -84,10 +85,7 @@ class MeteringService:
     async def aclose(self) -> None:
         """Stops consuming, drains NATS (in-flight queries finish), closes the store."""
         if self._consumer is not None:
-            self._consumer.cancel()
-            # wait() leaves the task's CancelledError in the task, while a
-            # cancellation of aclose itself still propagates.
-            await asyncio.wait([self._consumer])
+            await cancel_and_wait([self._consumer])
             self._consumer = None
         cancelled = await self._close_nats()
         try:

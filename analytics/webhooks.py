@@ -36,6 +36,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from actors.bus import connect_bus
 from actors.control_plane import TENANT_KEY
 from actors.control_store import connect_redis
+from actors.tasks import cancel_and_wait
 from analytics.metering_client import MeteringClient
 from analytics.pricing import PriceReader, event_cost_nusd
 from scheduler.billing import period_start_s
@@ -131,10 +132,7 @@ class WebhookService:
             asyncio.create_task(self._check_budgets_forever(), name="webhooks-budgets")]
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self._http is not None:
             await self._http.close()

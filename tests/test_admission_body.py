@@ -1,7 +1,8 @@
 """The max_tokens a request is admitted on is the one its replica gets:
 defaulted (chat: ingress.default_max_tokens; completions: OpenAI's 16),
 clamped to the tenant's cap, and written into the upstream body only when
-it differs from what the client sent."""
+it differs from what the client sent (the body always goes upstream
+re-encoded: the tenant's salt, continuous usage)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ def test_max_tokens_is_defaulted_clamped_and_sent_upstream(
     raw = msgspec.json.encode({**(CHAT if route == "chat" else COMPLETION), **body})
     parsed = parse_request(route, raw, "", default, cap)
     assert parsed.max_tokens == admitted
+    sent = msgspec.json.decode(parsed.upstream_body)
+    assert sent["model"] == "m"
+    fields = ("max_tokens", "max_completion_tokens")
     if upstream is None:
-        assert parsed.upstream_body is raw
+        # The client's own fields, untouched.
+        assert {name: sent.get(name) for name in fields} == {name: body.get(name)
+                                                             for name in fields}
     else:
-        sent = msgspec.json.decode(parsed.upstream_body)
         assert {name: sent.get(name) for name in upstream} == upstream
-        assert sent["model"] == "m"
