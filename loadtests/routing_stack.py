@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -70,24 +69,6 @@ class BenchServers:
     async def stop(self) -> None:
         for child in reversed(self.children):
             await child.stop()
-
-
-def free_port_block(count: int) -> int:
-    """A base port with `count` free ports after it (the fleet numbers its replicas so)."""
-    while True:
-        base = free_port()
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((LOOPBACK, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
 
 
 class VllmFleet:
@@ -147,6 +128,8 @@ class RunStack:
             VllmFleet(cfg, work, vllm_replicas, vllm_kv_blocks) if vllm_replicas
             else ReplicaFleet(cfg, work, work / "logs"))
         self.scheduler: object | None = None
+        # The ingress admits every request through them (quota.shards).
+        self.quota_shards: list[object] = []
         self.ingress: ChildProcess | None = None
         self.infos: list[ReplicaInfo] = []
         self.api_key = ""
@@ -156,7 +139,7 @@ class RunStack:
         return f"http://{LOOPBACK}:{self.cfg.ingress.port}/v1"
 
     async def start(self) -> None:
-        from actors.ray_shells import SchedulerActor
+        from actors.ray_shells import QuotaShardActor, SchedulerActor
 
         redis = connect_redis(self.cfg.redis)
         try:
@@ -170,7 +153,10 @@ class RunStack:
         finally:
             await redis.aclose()
         self.scheduler = SchedulerActor.remote(dump_config(self.cfg))
-        await asyncio.wait_for(self.scheduler.ready.remote(), ACTOR_READY_TIMEOUT_S)  # type: ignore[attr-defined]
+        self.quota_shards = [QuotaShardActor.remote(dump_config(self.cfg), i)
+                             for i in range(self.cfg.quota.shards)]
+        for actor in (self.scheduler, *self.quota_shards):
+            await asyncio.wait_for(actor.ready.remote(), ACTOR_READY_TIMEOUT_S)  # type: ignore[attr-defined]
         config_path = self.work / "run" / "ingress.json"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_bytes(dump_config(self.cfg))
@@ -206,11 +192,12 @@ class RunStack:
 
         if self.ingress is not None:
             await self.ingress.stop()
-        if self.scheduler is not None:
-            with contextlib.suppress(Exception):  # stopping anyway
-                await asyncio.wait_for(self.scheduler.stop.remote(), timeout=10)  # type: ignore[attr-defined]
+        for actor in (self.scheduler, *self.quota_shards):
+            if actor is not None:
+                with contextlib.suppress(Exception):  # stopping anyway
+                    await asyncio.wait_for(actor.stop.remote(), timeout=10)  # type: ignore[attr-defined]
         await self.fleet.stop()
         # Actors outlive stop() (their processes idle); the next run needs the memory.
-        for actor in [self.scheduler, *self.fleet.agents]:
+        for actor in [self.scheduler, *self.quota_shards, *self.fleet.agents]:
             if actor is not None:
                 ray.kill(actor)

@@ -17,7 +17,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from deploy.procs import LOOPBACK, free_port
+from deploy.procs import LOOPBACK, free_port, free_port_block
 from scheduler.wire import KV_SUBJECT, LOAD_SUBJECT, KvEventsRelay, kv_decoder, load_decoder
 from tests.harness import MODEL, wait_until
 
@@ -81,12 +81,12 @@ url = "nats://127.0.0.1:{nats_port or free_port()}"
 [redis]
 url = "redis://127.0.0.1:{free_port()}/0"
 [simulator]
-base_port = {free_port()}
+base_port = {free_port_block(2)}
 replicas = 2
 decode_ms_per_token = 2.0
 [scheduler]
 actors = 2
-metrics_port = {metrics_port or free_port()}
+metrics_port = {metrics_port or free_port_block(2)}
 """)
     return path
 
@@ -199,7 +199,7 @@ class AgentWatch:
 
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
 async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -> None:
-    nats_port, metrics_port = free_port(), free_port()
+    nats_port, metrics_port = free_port(), free_port_block(2)
     run = await UpRun.start(tmp_path, _config(tmp_path, nats_port, metrics_port))
     proc = run.proc
     try:
