@@ -22,7 +22,7 @@ import uvloop
 from nats.aio.client import Client as NATS
 
 from deploy.procs import running_children, start_nats, start_redis
-from tests.harness import Switchyard, make_config, start_switchyard
+from tests.harness import PROJECT_DIR, Switchyard, make_config, start_switchyard
 
 pytest_plugins = ["tests.fixtures_vllm"]
 
@@ -32,7 +32,6 @@ MAX_LOOP_STALL_S = 0.5
 # Real vLLM's engine spins on both cores while it works and can starve this
 # process that long; a blocking call in our code still shows up above it.
 MAX_LOOP_STALL_WITH_VLLM_S = 2.0
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 # uvloop's close() runs the loop until every libuv handle is closed, and the
 # handle of a child process stays open until the child exits: a server a
 # test left running hangs the session's last teardown. The session's end

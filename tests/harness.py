@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
-from deploy.procs import LOOPBACK, free_port, start_nats
+from deploy.procs import LOOPBACK, ChildProcess, free_port, start_nats
+from deploy.replica_fleet import healthy
 from loadtests.simulator.fleet import SimFleet, start_fleet
 from loadtests.simulator.replica import SimReplica
 from router.app import create_app
@@ -36,6 +40,8 @@ from scheduler.config import (
 from scheduler.quota_terms import QuotaConfig
 from scheduler.replica_metrics import parse_metrics
 from scheduler.wire import ReplicaInfo
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 MODEL = "switchyard-tiny"
 
@@ -172,3 +178,31 @@ async def private_switchyard(work: Path, redis_url: str, redis_db: int,
             await stack.aclose()
     finally:
         await nats_proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def more_ingresses(yard: Switchyard, work: Path, count: int) -> AsyncIterator[list[str]]:
+    """`count` more ingress processes (`python -m router`) of the stack, each
+    on its own port; yields their /v1 URLs once they are ready, stops them after."""
+    children: list[ChildProcess] = []
+    urls: list[str] = []
+    try:
+        for i in range(count):
+            cfg = msgspec.structs.replace(yard.cfg, ingress=msgspec.structs.replace(
+                yard.cfg.ingress, port=free_port()))
+            path = work / f"ingress-{i}.json"
+            path.write_bytes(dump_config(cfg))
+            child = ChildProcess(f"ingress-{i}", [sys.executable, "-m", "router", "--config",
+                                                  str(path)], work / "logs" / f"ingress-{i}.log",
+                                 env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+            children.append(child)
+            await child.start()
+            urls.append(f"http://{LOOPBACK}:{cfg.ingress.port}/v1")
+        async with aiohttp.ClientSession() as http:
+            for child, url in zip(children, urls, strict=True):
+                await child.wait_ready(
+                    lambda u=url: healthy(http, u.removesuffix("/v1") + "/readyz"), 60)
+        yield urls
+    finally:
+        for child in children:
+            await child.stop()

@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import sys
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -23,11 +22,11 @@ from actors.control_tx import audit_entries, verify_audit
 from scheduler.audit import AuditEntry
 from scheduler.config import RedisConfig
 from scheduler.control import key_from_fields, public_key, public_tenant, tenant_from_fields
+from tests.harness import PROJECT_DIR
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 12
 KILLS = 4
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 def _normal(view: object) -> object:

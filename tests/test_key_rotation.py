@@ -7,8 +7,6 @@ and within the key cache TTL when the broadcast is lost."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,18 +20,15 @@ import pytest_asyncio
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import connect_redis
 from actors.control_tx import nats_publisher
-from deploy.procs import LOOPBACK, ChildProcess, free_port
-from deploy.replica_fleet import healthy
-from scheduler.config import Config, dump_config
+from scheduler.config import Config
 from scheduler.control import SYSTEM
-from tests.harness import MODEL, Switchyard, private_switchyard, wait_until
+from tests.harness import MODEL, Switchyard, more_ingresses, private_switchyard, wait_until
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 15
 KEY_CACHE_TTL_S = 2.0
 GRACE_S = 5
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "rotate"}], "max_tokens": 1}
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 def _short_ttl(cfg: Config) -> Config:
@@ -47,27 +42,8 @@ async def ingresses(session_dir: Path, redis_url: str,
     """The stack, and the base URLs of two more ingress processes of it."""
     work = session_dir / "rotation-stack"
     async with private_switchyard(work, redis_url, REDIS_DB, _short_ttl) as yard:
-        children, urls = [], []
-        for i in range(2):
-            cfg = msgspec.structs.replace(yard.cfg, ingress=msgspec.structs.replace(
-                yard.cfg.ingress, port=free_port()))
-            path = work / f"ingress-{i}.json"
-            path.write_bytes(dump_config(cfg))
-            child = ChildProcess(f"ingress-{i}", [sys.executable, "-m", "router", "--config",
-                                                  str(path)], work / "logs" / f"ingress-{i}.log",
-                                 env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
-            await child.start()
-            children.append(child)
-            urls.append(f"http://{LOOPBACK}:{cfg.ingress.port}/v1")
-        try:
-            async with aiohttp.ClientSession() as http:
-                for child, url in zip(children, urls, strict=True):
-                    await child.wait_ready(
-                        lambda u=url: healthy(http, u.removesuffix("/v1") + "/readyz"), 60)
+        async with more_ingresses(yard, work, 2) as urls:
             yield yard, urls
-        finally:
-            for child in children:
-                await child.stop()
 
 
 @pytest_asyncio.fixture

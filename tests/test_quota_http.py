@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,19 +38,17 @@ from redis.asyncio import Redis
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import connect_redis
 from actors.control_tx import nats_publisher
-from deploy.procs import LOOPBACK, ChildProcess, free_port, start_nats
-from deploy.replica_fleet import healthy
+from deploy.procs import LOOPBACK, free_port, start_nats
 from router.app import create_app
-from scheduler.config import Config, IngressConfig, NatsConfig, dump_config
+from scheduler.config import Config, IngressConfig, NatsConfig
 from scheduler.control import SYSTEM
 from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import QuotaConfig
 from scheduler.tenancy import NUSD_PER_USD, Price, TenantLimits
-from tests.harness import MODEL, Switchyard, private_switchyard, wait_until
+from tests.harness import MODEL, Switchyard, more_ingresses, private_switchyard, wait_until
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 24
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Output tokens at 1e6 nUSD ($0.001) each, prompt tokens free: 100 of them
 # reserve exactly $0.10.
 PRICE_NUSD_PER_OUTPUT_TOKEN = 1_000_000
@@ -90,28 +86,6 @@ def _two_shards(cfg: Config) -> Config:
     return msgspec.structs.replace(cfg, quota=QuotaConfig(shards=2, call_timeout_s=2.0))
 
 
-async def _ingress_processes(yard: Switchyard, work: Path, count: int,
-                             children: list[ChildProcess]) -> list[str]:
-    """Starts them into `children` (for the caller to stop); their /v1 URLs."""
-    urls = []
-    for i in range(count):
-        cfg = msgspec.structs.replace(yard.cfg, ingress=msgspec.structs.replace(
-            yard.cfg.ingress, port=free_port()))
-        path = work / f"ingress-{i}.json"
-        path.write_bytes(dump_config(cfg))
-        child = ChildProcess(f"ingress-{i}", [sys.executable, "-m", "router", "--config",
-                                              str(path)], work / "logs" / f"ingress-{i}.log",
-                             env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
-        await child.start()
-        children.append(child)
-        urls.append(f"http://{LOOPBACK}:{cfg.ingress.port}/v1")
-    async with aiohttp.ClientSession() as http:
-        for child, url in zip(children, urls, strict=True):
-            await child.wait_ready(lambda u=url: healthy(http, u.removesuffix("/v1") + "/readyz"),
-                                   60)
-    return urls
-
-
 @pytest_asyncio.fixture(scope="module")
 async def stack(session_dir: Path, redis_url: str, ray_cluster: None) -> AsyncIterator[Stack]:
     work = session_dir / "quota-http-stack"
@@ -119,17 +93,14 @@ async def stack(session_dir: Path, redis_url: str, ray_cluster: None) -> AsyncIt
         redis = connect_redis(yard.cfg.redis)
         nc = await nats.connect(yard.cfg.nats.url)
         plane = ControlPlane(redis, yard.cfg.auth, nats_publisher(nc))
-        children: list[ChildProcess] = []
         try:
             await plane.set_price(SYSTEM, "req-price", MODEL, Price(
                 effective_from_s=int(time.time()) + 1, input_nusd_per_token=0,
                 cached_input_nusd_per_token=0, output_nusd_per_token=PRICE_NUSD_PER_OUTPUT_TOKEN))
-            urls = await _ingress_processes(yard, work, 2, children)
-            await asyncio.sleep(max(0.0, int(time.time()) + 1.1 - time.time()))  # price in force
-            yield Stack(yard, urls, plane)
+            async with more_ingresses(yard, work, 2) as urls:
+                await asyncio.sleep(max(0.0, int(time.time()) + 1.1 - time.time()))  # in force
+                yield Stack(yard, urls, plane)
         finally:
-            for child in children:
-                await child.stop()
             await nc.drain()
             await redis.aclose()
 
