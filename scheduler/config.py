@@ -28,6 +28,7 @@ from scheduler.config_scheduler import ScorerRef as ScorerRef
 from scheduler.config_scheduler import SessionAffinityParams as SessionAffinityParams
 from scheduler.config_scheduler import _Section
 from scheduler.errors import ConfigError
+from scheduler.media_urls import check_allowlist
 from scheduler.quota_terms import QuotaConfig
 from scheduler.webhook_config import WebhooksConfig
 
@@ -56,6 +57,12 @@ class IngressConfig(_Section):
     # up to this size on the event loop (about 1 ms), larger ones on threads.
     tokenize_inline_max_bytes: int = 2_048
     tokenizer_threads: int = 2
+    # Hosts whose http(s) media URLs (image_url, ...) replicas may fetch; none:
+    # only data: URLs (scheduler/media_urls.py). Never loopback or private ones.
+    media_url_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_allowlist(self.media_url_hosts)
 
 
 class AdminConfig(_Section):
