@@ -18,6 +18,7 @@ from router.auth import Authenticator
 from router.error_map import METRICS, error_middleware
 from router.gateway import Gateway, reads_block_hashes
 from router.http_api import GATEWAY, READINESS, add_routes, query_credentials_guard
+from router.log_redaction import quote_no_requests
 from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
@@ -37,6 +38,7 @@ from scheduler.wire import CONTROL_CHANGED_SUBJECT
 def create_app(cfg: Config) -> web.Application:
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
+    quote_no_requests()
     app = web.Application(client_max_size=cfg.ingress.max_body_bytes,
                           middlewares=[error_middleware, query_credentials_guard])
     app[METRICS] = Metrics()
