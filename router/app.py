@@ -18,6 +18,7 @@ from router.auth import Authenticator
 from router.error_map import METRICS, error_middleware
 from router.gateway import Gateway, reads_block_hashes
 from router.http_api import GATEWAY, READINESS, add_routes, query_credentials_guard
+from router.log_redaction import quote_no_requests
 from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
@@ -37,6 +38,7 @@ from scheduler.wire import CONTROL_CHANGED_SUBJECT
 def create_app(cfg: Config) -> web.Application:
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
+    quote_no_requests()
     app = web.Application(client_max_size=cfg.ingress.max_body_bytes,
                           middlewares=[error_middleware, query_credentials_guard])
     app[METRICS] = Metrics()
@@ -54,8 +56,11 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             hasher = PromptHasher(cfg.models, cfg.ingress.tokenizer_threads,
                                   cfg.ingress.tokenize_inline_max_bytes, metrics.prompt_hashing)
             await hasher.start()
-        nc = await connect_bus(cfg.nats, "switchyard-ingress")
         redis = connect_redis(cfg.redis)
+        # The ingress only reads the control plane: it publishes nothing.
+        auth = Authenticator(ControlPlane(redis, cfg.auth, publish=None),
+                             cfg.auth.key_secret.encode(), cfg.ingress.key_cache_ttl_s)
+        nc = await connect_bus(cfg.nats, "switchyard-ingress", reconnected=auth.on_reconnected)
         replicas = ReplicaClient(cfg.ingress.upstream_connect_timeout_s,
                                  cfg.ingress.upstream_total_timeout_s)
         await replicas.start()
@@ -64,9 +69,6 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         outbox = Outbox(nc, nc.jetstream(), cfg.ingress.usage_queue_size,
                         cfg.nats.request_timeout_s, metrics, spool)
         outbox.start()
-        # The ingress only reads the control plane: it publishes nothing.
-        auth = Authenticator(ControlPlane(redis, cfg.auth, publish=None),
-                             cfg.auth.key_secret.encode(), cfg.ingress.key_cache_ttl_s)
         control_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=auth.on_control_changed)
         quota = QuotaClient(nc, cfg.quota, metrics=metrics)
         await quota.start()

@@ -132,7 +132,8 @@ class Gateway:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
         parsed = parse_request(route, body, tenant.cache_salt,
                                self.cfg.ingress.default_max_tokens,
-                               tenant.limits.max_tokens_cap)
+                               tenant.limits.max_tokens_cap,
+                               self.cfg.ingress.media_url_hosts)
         if not tenant.allows_model(parsed.model):
             # The scheduler's answer for a model nobody serves: whether it exists is not told.
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")

@@ -10,6 +10,7 @@ import msgspec
 
 from router.assemble import can_assemble
 from scheduler.errors import InvalidRequest
+from scheduler.media_urls import check_messages
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 # Rough characters per token, for the placement estimate only (metering
@@ -92,9 +93,10 @@ class ParsedRequest:
 
 
 def parse_request(route: str, body: bytes, cache_salt: str = "", default_max_tokens: int = 0,
-                  max_tokens_cap: int = 0) -> ParsedRequest:
+                  max_tokens_cap: int = 0, media_url_hosts: tuple[str, ...] = ()) -> ParsedRequest:
     """Validates `body` for `route` ("chat" or "completions"); the body sent
-    upstream carries `cache_salt` (the tenant's) and no other salt.
+    upstream carries `cache_salt` (the tenant's) and no other salt, and media
+    URLs only a replica may fetch (`media_url_hosts`: the allowlist).
 
     `default_max_tokens` (0: none) is a chat request's max_tokens when it
     gives none (a completion's is OpenAI's 16); `max_tokens_cap` (0: none)
@@ -125,7 +127,8 @@ def parse_request(route: str, body: bytes, cache_salt: str = "", default_max_tok
     if max_tokens is not None and max_tokens_cap:
         max_tokens = min(max_tokens, max_tokens_cap)
     upstream_body, assembled = _upstream_body(body, stream, cache_salt,
-                                              None if max_tokens == asked else max_tokens)
+                                              None if max_tokens == asked else max_tokens,
+                                              media_url_hosts)
     return ParsedRequest(route=route, model=parsed.model, stream=stream,
                          include_usage=include_usage, max_tokens=max_tokens,
                          prompt_tokens_est=_estimate_tokens(parsed),
@@ -135,8 +138,8 @@ def parse_request(route: str, body: bytes, cache_salt: str = "", default_max_tok
                          continuous_usage=continuous_usage, assembled=assembled)
 
 
-def _upstream_body(body: bytes, stream: bool, cache_salt: str,
-                   max_tokens: int | None) -> tuple[bytes, bool]:
+def _upstream_body(body: bytes, stream: bool, cache_salt: str, max_tokens: int | None,
+                   media_url_hosts: tuple[str, ...]) -> tuple[bytes, bool]:
     """The body sent upstream, and whether a non-streaming request goes as a
     stream (to be assembled). Streams ask the replica for usage on every
     chunk (`continuous_usage_stats`), so a stream cut short still has the
@@ -148,6 +151,7 @@ def _upstream_body(body: bytes, stream: bool, cache_salt: str,
         if name in raw:
             raise InvalidRequest(f"`{name}` is not accepted: switchyard chooses the replica.",
                                  param=name)
+    check_messages(raw.get("messages"), media_url_hosts)
     if max_tokens is not None:
         # The field the replica reads first (vLLM: max_completion_tokens, then max_tokens).
         raw["max_completion_tokens" if raw.get("max_completion_tokens") else "max_tokens"] = (

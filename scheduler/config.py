@@ -12,6 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -28,6 +29,7 @@ from scheduler.config_scheduler import ScorerRef as ScorerRef
 from scheduler.config_scheduler import SessionAffinityParams as SessionAffinityParams
 from scheduler.config_scheduler import _Section
 from scheduler.errors import ConfigError
+from scheduler.media_urls import check_allowlist
 from scheduler.quota_terms import QuotaConfig
 from scheduler.webhook_config import WebhooksConfig
 
@@ -56,6 +58,12 @@ class IngressConfig(_Section):
     # up to this size on the event loop (about 1 ms), larger ones on threads.
     tokenize_inline_max_bytes: int = 2_048
     tokenizer_threads: int = 2
+    # Hosts whose http(s) media URLs (image_url, ...) replicas may fetch; none:
+    # only data: URLs (scheduler/media_urls.py). Never loopback or private ones.
+    media_url_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_allowlist(self.media_url_hosts)
 
 
 class AdminConfig(_Section):
@@ -214,6 +222,9 @@ class ReplicaConfig(_Section):
 
 class Config(_Section):
     var_dir: str = "var"
+    # Of every switchyard process and actor. Prompts and keys are never logged,
+    # at any level (tests/test_log_canaries.py runs the stack at debug).
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     ingress: IngressConfig = IngressConfig()
     admin: AdminConfig = AdminConfig()
     retries: RetriesConfig = RetriesConfig()
@@ -267,8 +278,14 @@ def process_config(prog: str, argv: list[str] | None) -> Config:
     parser.add_argument("--config", type=Path, help="TOML file, or JSON written by `up`")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, os.environ)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(cfg)
     return cfg
+
+
+def configure_logging(cfg: Config) -> None:
+    """Logs to stderr at `cfg.log_level` (also when a handler is already set)."""
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(cfg.log_level.upper())
 
 
 def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
