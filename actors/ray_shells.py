@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Protocol
 
 import msgspec
@@ -40,6 +41,10 @@ class _Host:
 
     async def stats(self) -> dict[str, Any]:
         return self._service.stats()
+
+    async def pid(self) -> int:
+        """Its process: a driver that attached tells it from a re-created twin."""
+        return os.getpid()
 
     async def stop(self) -> None:
         await self._service.aclose()
