@@ -100,7 +100,7 @@ class PrivateRayHead:
         ], self.logs / f"ray-head-{self.starts}.log", env=self.env)
         await self.proc.start()
         log = self.proc.log_path
-        await self.proc.wait_ready(lambda: _says(log, READY_LINE), timeout_s=120)
+        await self.proc.wait_ready(lambda: _says(log, READY_LINE), timeout_s=180)
 
     def pids(self) -> set[int]:
         assert self.proc is not None and self.proc.pid is not None

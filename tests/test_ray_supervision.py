@@ -279,7 +279,11 @@ async def test_ray_stopped_under_load_then_back(tmp_path: Path, redis_url: str) 
         finally:
             await nc.drain()
             await supervisor.stop()
+        before = [o for o in outcomes if o.started_s < down_s]
         during = [o for o in outcomes if down_s <= o.started_s < back_s]
+        slow = [(o.status, round(o.started_s - down_s, 2), round(o.took_s, 3))
+                for o in during if o.took_s > 0.2]
+        print(f"\nslowest before {max(o.took_s for o in before):.3f} s; slow while away: {slow}")
         after = [o for o in outcomes if o.started_s >= back_s]
         refused = [o for o in during if o.status != 200]
         print(f"\nT33: {len(outcomes)} requests, {len(during)} while Ray was away "
