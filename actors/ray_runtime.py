@@ -9,6 +9,7 @@ environment (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH), as `ray start` set it up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -86,12 +87,15 @@ async def in_daemon_thread(call: Callable[[], T]) -> T:
             done.set_result(result)  # type: ignore[arg-type]
 
     def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
         try:
             result = call()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            loop.call_soon_threadsafe(settle, None, exc)
-            return
-        loop.call_soon_threadsafe(settle, result, None)
+            error = exc
+        # The loop may be closed by now (the process is stopping): nobody waits.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
 
     threading.Thread(target=run, name="ray-call", daemon=True).start()
     return await done
