@@ -9,6 +9,7 @@ get agents for health and load only: their KV-event settings are their own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from deploy.procs import LOOPBACK, ChildProcess, StartFailed, free_port, python_module
+from deploy.procs import LOOPBACK, ChildProcess, StartFailed, python_module
 from deploy.stack_actors import ActorSpec, StackActors
 from scheduler.config import Config, SimulatorConfig, dump_config
 from scheduler.wire import ReplicaInfo, encode
@@ -71,19 +72,21 @@ class ReplicaFleet:
 
     async def _agent(self, info: ReplicaInfo, kv_topic: str | None) -> str:
         """Starts the replica's agent (or attaches to it); returns where its KV
-        events must go. The SUB socket's port is fixed here, not picked at
-        bind: an agent Ray restarts, or `up` creates again, binds the same one,
-        and the replica's publisher reconnects to it."""
-        kv_bind = f"tcp://{LOOPBACK}:{free_port()}"
+        events must go. An agent `up` creates again binds the port the first
+        one got, so the replica's publisher reconnects to it."""
         spec = ActorSpec(f"switchyard-agent-{info.id}", f"agent of replica {info.id}",
                          "ReplicaAgentActor", (dump_config(self.cfg), encode(info)),
-                         {"kv_topic": kv_topic, "kv_bind_endpoint": kv_bind})
+                         {"kv_topic": kv_topic, "kv_bind_endpoint": f"tcp://{LOOPBACK}:*"})
         (agent,) = await self.actors.ensure([spec])
         try:
-            return await asyncio.wait_for(agent.kv_events_endpoint.remote(),
-                                          self.cfg.ray.call_timeout_s)
+            endpoint: str = await asyncio.wait_for(agent.kv_events_endpoint.remote(),
+                                                   self.cfg.ray.call_timeout_s)
         except Exception as exc:  # noqa: BLE001 - reported with the part's name
             raise StartFailed(f"agent of replica {info.id} failed to start: {exc}") from None
+        if endpoint:
+            self.actors.specs[spec.name] = dataclasses.replace(
+                spec, kwargs={**spec.kwargs, "kv_bind_endpoint": endpoint})
+        return endpoint
 
     async def _start_simulator(self, index: int, sim: SimulatorConfig) -> None:
         config_path = self.var / "run" / f"simulator-{index}.json"
