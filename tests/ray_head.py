@@ -46,10 +46,6 @@ def process_tree(root: int) -> set[int]:
     return tree
 
 
-async def _says(log: Path, line: str) -> bool:
-    return line in log.read_text()
-
-
 async def tcp_listeners(pids: set[int]) -> list[tuple[str, str, int]]:
     """(local address, process name, pid) of every TCP listener of `pids` (`ss -tlnp`)."""
     ss = await asyncio.create_subprocess_exec("ss", "-tlnpH", stdout=asyncio.subprocess.PIPE)
@@ -99,8 +95,20 @@ class PrivateRayHead:
             f"--max-worker-port={p + _FIXED_PORTS + _WORKER_PORTS - 1}",
         ], self.logs / f"ray-head-{self.starts}.log", env=self.env)
         await self.proc.start()
-        log = self.proc.log_path
-        await self.proc.wait_ready(lambda: _says(log, READY_LINE), timeout_s=180)
+        try:
+            await self._until_ready(timeout_s=180)
+        except BaseException:
+            await self.kill()  # the whole tree: stopping `ray start` alone may orphan it
+            raise
+
+    async def _until_ready(self, timeout_s: float) -> None:
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        while READY_LINE not in self.proc.log_path.read_text():
+            if self.proc.exited() or loop.time() > deadline_s:
+                raise self.proc.failure("not ready")
+            await asyncio.sleep(0.1)
 
     def pids(self) -> set[int]:
         assert self.proc is not None and self.proc.pid is not None
