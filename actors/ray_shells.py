@@ -4,6 +4,7 @@ the actor's own event loop when created, and again after a Ray restart."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, Protocol
 
 import msgspec
@@ -38,6 +39,10 @@ class _Host:
 
     async def stats(self) -> dict[str, Any]:
         return self._service.stats()
+
+    async def pid(self) -> int:
+        """Its process: a driver that attached tells it from a re-created twin."""
+        return os.getpid()
 
     async def stop(self) -> None:
         await self._service.aclose()

@@ -2,7 +2,8 @@
 
 Order: nats-server, redis-server, the replicas with their agents (simulated
 unless URLs are given; deploy/replica_fleet.py), the replica registry, Ray
-actors (metering, schedulers, quota shards), the ingress. Each part is awaited until ready;
+actors (metering, schedulers, quota shards; deploy/stack_actors.py, which
+also keeps them alive), the ingress. Each part is awaited until ready;
 a part that fails is named with its reason. Stopping (SIGINT/SIGTERM, or any
 child dying) ends every part, the ingress first.
 """
@@ -23,7 +24,8 @@ import msgspec
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import ChildProcess, StartFailed, python_module, start_nats, start_redis
-from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
+from deploy.replica_fleet import ReplicaFleet, healthy
+from deploy.stack_actors import StackActors, stack_specs
 from deploy.tiny_model import TINY_MODEL_DIR
 from scheduler.config import Config, ModelConfig, dump_config
 
@@ -80,8 +82,9 @@ class Stack:
         self.var = Path(cfg.var_dir)
         self.logs = self.var / "logs"
         self.children: list[ChildProcess] = []
-        self.actors: list[object] = []
-        self.fleet = ReplicaFleet(cfg, self.var, self.logs)
+        # The replica agents too: one supervisor keeps every actor alive.
+        self.actors = StackActors(cfg)
+        self.fleet = ReplicaFleet(cfg, self.var, self.logs, self.actors)
         self.started = False
 
     async def start(self) -> str:
@@ -111,38 +114,9 @@ class Stack:
         return issued.plaintext
 
     async def _start_actors(self) -> None:
-        from actors.ray_shells import (
-            MeteringActor,
-            QuotaShardActor,
-            SchedulerActor,
-            WebhookActor,
-        )
-
-        config_json = dump_config(self.cfg)
-        metering = MeteringActor.options(name="switchyard-metering").remote(config_json)
-        names = [f"switchyard-scheduler-{i}" for i in range(self.cfg.scheduler.actors)]
-        port = self.cfg.scheduler.metrics_port
-        schedulers = [SchedulerActor.options(name=name).remote(config_json, name,
-                                                               port + i if port else 0)
-                      for i, name in enumerate(names)]
-        quota_shards = [QuotaShardActor.options(name=f"switchyard-quota-{i}").remote(config_json, i)
-                        for i in range(self.cfg.quota.shards)]
-        self.actors = [metering, *schedulers, *quota_shards]
-        for name, actor in [("metering actor", metering)] + [
-                (f"scheduler actor {i}", a) for i, a in enumerate(schedulers)] + [
-                (f"quota shard {i}", a) for i, a in enumerate(quota_shards)]:
-            try:
-                await asyncio.wait_for(actor.ready.remote(), ACTOR_READY_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - reported with the part's name
-                raise StartFailed(f"{name} failed to start: {exc}") from None
-        if self.cfg.webhooks.url:
-            # After metering: it binds a consumer to the usage stream metering creates.
-            webhooks = WebhookActor.options(name="switchyard-webhooks").remote(config_json)
-            self.actors.append(webhooks)
-            try:
-                await asyncio.wait_for(webhooks.ready.remote(), ACTOR_READY_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - reported with the part's name
-                raise StartFailed(f"webhook actor failed to start: {exc}") from None
+        for group in stack_specs(self.cfg):
+            await self.actors.ensure(group)
+        self.actors.supervise()
 
     async def _start_ingress(self) -> None:
         config_path = self.var / "run" / "config.json"
@@ -185,9 +159,7 @@ class Stack:
         ingress, servers = self.children[2:], self.children[:2]
         for child in reversed(ingress):
             await child.stop()
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(actor.stop.remote(), timeout=10)  # type: ignore[attr-defined]
+        await self.actors.aclose()
         await self.fleet.stop()
         for child in reversed(servers):
             await child.stop()

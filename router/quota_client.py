@@ -97,7 +97,7 @@ class QuotaClient:
         # Near a limit the shard grants no lease: admit per request for a while.
         self._no_lease_until_s: dict[tuple[str, str], float] = {}
         # One lease ask per (tenant, model) at a time; the others wait for it.
-        self._asking: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._asking: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self._background: set[asyncio.Task[object]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys(("local", "calls", "leases", "reserved", "refused",
@@ -131,7 +131,10 @@ class QuotaClient:
             if asking is None:
                 break
             # Another admission is asking for a lease: this one may fit in it.
-            await asyncio.shield(asking)
+            if not await asyncio.shield(asking):
+                # The shard did not answer that ask in time: failed closed now,
+                # not after asking again in turn (N waiters would wait N timeouts).
+                raise self._unavailable(tenant_id, reserving=True)
         if admitted is not None:
             return admitted
         if self._no_lease_until_s.get(key, 0.0) > self.clock_s():
@@ -192,14 +195,19 @@ class QuotaClient:
 
     # --- internals -------------------------------------------------------------
 
-    async def _ask_lease(self, key: tuple[str, str], asked: asyncio.Future[None],
+    async def _ask_lease(self, key: tuple[str, str], asked: asyncio.Future[bool],
                          request_id: str, prompt_tokens: int, max_tokens: int) -> Admission:
+        """`asked` is set once the ask ends: whether the shard answered it."""
+        answered = True
         try:
             return await self._reserve(key, request_id, prompt_tokens, max_tokens,
                                        lease_id="lease-" + uuid.uuid4().hex)
+        except QuotaUnavailable:
+            answered = False
+            raise
         finally:
             del self._asking[key]
-            asked.set_result(None)
+            asked.set_result(answered)
 
     async def _unabandoned(self, call: Coroutine[None, None, Admission]) -> Admission:
         """Runs a call to the shard to its end even when the request is
@@ -302,11 +310,14 @@ class QuotaClient:
                 took.observe(loop.time() - started_s)
                 return reply
             await asyncio.sleep(min(NO_RESPONDERS_BACKOFF_S, max(0.0, left_s)))
+        raise self._unavailable(tenant_id, reserving=isinstance(call, QuotaReserve))
+
+    def _unavailable(self, tenant_id: str, reserving: bool) -> QuotaUnavailable:
         self.counts["unavailable"] += 1
-        if isinstance(call, QuotaReserve):
+        if reserving:
             self._metrics.quota_unavailable.inc()
-        raise QuotaUnavailable("The quota service did not answer in time.",
-                               retry_after_s=self.cfg.retry_after_s, tenant_id=tenant_id)
+        return QuotaUnavailable("The quota service did not answer in time.",
+                                retry_after_s=self.cfg.retry_after_s, tenant_id=tenant_id)
 
     def _end(self, key: tuple[str, str], lease: Lease) -> None:
         """No more admissions under it; hands back what it did not use once

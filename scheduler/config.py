@@ -107,6 +107,10 @@ class RayConfig(_Section):
     address: str = ""
     num_cpus: int = 2
     namespace: str = "switchyard"
+    # How often `up` checks its actors; any that does not answer within
+    # call_timeout_s is re-created (or attached), after rejoining Ray if it went away.
+    supervise_interval_s: float = 1.0
+    call_timeout_s: float = 2.0
 
 
 class AuthConfig(_Section):

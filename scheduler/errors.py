@@ -152,6 +152,12 @@ class NoCapacity(YardError):
     code = "no_capacity"
 
 
+class SchedulerOverloaded(NoCapacity):
+    """A scheduler actor had more placement requests waiting than it keeps."""
+
+    code = "scheduler_overloaded"
+
+
 class QueueTimeout(NoCapacity):
     """Every replica stayed saturated for as long as the request may wait."""
 
@@ -258,4 +264,5 @@ PLACEMENT_ERRORS: dict[str, type[YardError]] = {
     "no_capacity": NoCapacity,
     "queue_timeout": QueueTimeout,
     "queue_full": QueueFull,
+    "scheduler_overloaded": SchedulerOverloaded,
 }
