@@ -24,6 +24,7 @@ from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import LOOPBACK, ChildProcess, free_port, python_module, start_nats, start_redis
 from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
+from deploy.stack import price_unpriced
 from deploy.vllm import KvEventsTarget, VllmReplica, VllmReplicaSpec
 from scheduler.config import (
     Config,
@@ -148,6 +149,8 @@ class RunStack:
             registry = ReplicaRegistry(redis)
             for info in self.infos:
                 await registry.put_replica(info)
+            await price_unpriced(ControlPlane(redis, self.cfg.auth, None),
+                                 (m for info in self.infos for m in info.models))
             _, key = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None), "bench")
             self.api_key = key.plaintext
         finally:
