@@ -103,7 +103,7 @@ class FallbackPlacer:
 
     async def start(self) -> None:
         """Reads the registry once (a failure leaves it to the refresh task)."""
-        await self._reload()
+        await self.reload()
         self._task = asyncio.create_task(self._refresh_forever(), name="fallback-registry")
 
     async def aclose(self) -> None:
@@ -157,7 +157,7 @@ class FallbackPlacer:
         else:
             log.warning("the scheduler actors answer again: placement goes back to them")
 
-    async def _reload(self) -> None:
+    async def reload(self) -> None:
         try:
             self.core.set_replicas(await self._registry.replicas())
         except (redis.exceptions.RedisError, OSError, msgspec.DecodeError) as exc:
@@ -167,4 +167,4 @@ class FallbackPlacer:
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_s)
-            await self._reload()
+            await self.reload()
