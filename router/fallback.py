@@ -14,7 +14,7 @@ path and ejected here.
 `FallbackGate` decides when to fall back: at once while NATS is
 disconnected, and after a placement found no scheduler; then every
 `PROBE_INTERVAL_S` one placement (the probe) tries the actors again, and
-the first one they answer ends the fallback. So an outage costs at most one
+its answer ends the fallback. So an outage costs at most one
 placement timeout per probe, not one per request.
 
 The scheduler actors never hear of fallback placements (their completion
@@ -73,10 +73,11 @@ class FallbackGate:
         self._fall_back()
 
     def answered(self, probe: bool) -> None:
-        """The actors answered a placement (`probe`: the probe): back to them."""
+        """The actors answered a placement. Only the probe's answer ends the
+        fallback: one sent before it started says nothing of now."""
         if probe:
             self._probing = False
-        self.active = False
+            self.active = False
 
     def probe_lost(self) -> None:
         """The probe ended without an answer for another reason (its client left)."""

@@ -54,9 +54,9 @@ GATE_CASES = {
         ("unreachable", None, None, True), ("tick", PROBE_INTERVAL_S, None, True),
         ("local", True, False, True), ("lost", None, None, True),
         ("local", True, False, True)],
-    "an answer to a placement sent before the outage ends it too": [
-        ("unreachable", None, None, True), ("answered", False, None, False),
-        ("local", True, False, False)],
+    "an answer to a placement sent before the outage does not end it": [
+        ("unreachable", None, None, True), ("answered", False, None, True),
+        ("local", True, True, True)],
 }
 
 
