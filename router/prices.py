@@ -16,7 +16,7 @@ answer for it."""
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -31,7 +31,6 @@ from scheduler.errors import ModelNotFound, ModelNotPriced, ServiceUnavailable
 from scheduler.tenancy import Price, price_at
 from scheduler.wire import control_changed_decoder
 
-log = logging.getLogger("switchyard.prices")
 _prices_decoder = msgspec.json.Decoder(tuple[Price, ...])
 # Model names come from clients: past this many cached, the cache starts over.
 MAX_CACHED_MODELS = 1_024
@@ -48,6 +47,7 @@ class PriceBook:
         self._registry = registry
         # model -> (fresh until, its prices, whether a replica serves it).
         self._cache: dict[str, tuple[float, tuple[Price, ...], bool]] = {}
+        self._reading: dict[str, asyncio.Future[tuple[tuple[Price, ...], bool]]] = {}
 
     async def require(self, model: str, tenant_id: str) -> None:
         """Raises ModelNotPriced unless `model` has a price in effect now
@@ -74,6 +74,15 @@ class PriceBook:
         cached = self._cache.get(model)
         if cached is not None and cached[0] > self._clock_s():
             return cached[1], cached[2]
+        # One read per model at a time: a burst of first requests shares it.
+        reading = self._reading.get(model)
+        if reading is None:
+            reading = self._reading[model] = asyncio.ensure_future(self._read(model, cached))
+            reading.add_done_callback(lambda _: self._reading.pop(model, None))
+        return await asyncio.shield(reading)
+
+    async def _read(self, model: str, cached: tuple[float, tuple[Price, ...], bool] | None
+                    ) -> tuple[tuple[Price, ...], bool]:
         try:
             raw = await self._redis.hget(PRICES_KEY, model)
             prices = () if raw is None else _prices_decoder.decode(raw)
