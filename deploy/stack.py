@@ -15,6 +15,8 @@ import contextlib
 import secrets
 import signal
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,8 +30,15 @@ from deploy.replica_fleet import ReplicaFleet, healthy
 from deploy.stack_actors import StackActors, stack_specs
 from deploy.tiny_model import TINY_MODEL_DIR
 from scheduler.config import Config, ModelConfig, dump_config
+from scheduler.control import SYSTEM
+from scheduler.tenancy import Price
 
 DEMO_TENANT = "demo"
+# What `up` charges for a served model that has no price (USD 0.15 / 0.075 /
+# 0.60 per million input / cached input / output tokens): an unpriced model
+# is refused for every tenant, so it could not be served at all.
+DEMO_PRICE = Price(effective_from_s=0, input_nusd_per_token=150,
+                   cached_input_nusd_per_token=75, output_nusd_per_token=600)
 
 
 def port_of(url: str) -> int:
@@ -69,6 +78,20 @@ def with_simulated_model(cfg: Config) -> Config:
     return msgspec.structs.replace(cfg, models={**cfg.models, sim.model: model})
 
 
+async def price_unpriced(plane: ControlPlane, models: Iterable[str]) -> list[str]:
+    """Gives each of `models` that has no price DEMO_PRICE (audited, as any
+    price), in force once this returns; the models priced."""
+    unpriced = sorted(set(models) - (await plane.prices(SYSTEM)).keys())
+    # A price starts now or later: the next second, waited for.
+    from_s = int(time.time()) + 1
+    for model in unpriced:
+        await plane.set_price(SYSTEM, "sys-" + secrets.token_hex(8), model,
+                              msgspec.structs.replace(DEMO_PRICE, effective_from_s=from_s))
+    if unpriced:
+        await asyncio.sleep(max(0.0, from_s - time.time()))
+    return unpriced
+
+
 def _stored_secret(path: Path) -> str:
     if not path.exists():
         path.write_text(secrets.token_hex(32))
@@ -100,8 +123,11 @@ class Stack:
             # `up` owns the registry: replicas of an earlier run are dropped.
             for stale in await registry.replicas():
                 await registry.remove_replica(stale.id)
-            for info in await self.fleet.start():
+            infos = await self.fleet.start()
+            for info in infos:
                 await registry.put_replica(info)
+            await price_unpriced(ControlPlane(redis, self.cfg.auth, None),
+                                 (m for info in infos for m in info.models))
             await self._start_actors()
             await self._start_ingress()
             if self.cfg.admin.enabled:

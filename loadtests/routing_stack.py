@@ -24,6 +24,7 @@ from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import LOOPBACK, ChildProcess, free_port, python_module, start_nats, start_redis
 from deploy.replica_fleet import ReplicaFleet, healthy
+from deploy.stack import price_unpriced
 from deploy.stack_actors import ACTOR_READY_TIMEOUT_S, StackActors
 from deploy.vllm import KvEventsTarget, VllmReplica, VllmReplicaSpec
 from scheduler.config import (
@@ -149,6 +150,8 @@ class RunStack:
             registry = ReplicaRegistry(redis)
             for info in self.infos:
                 await registry.put_replica(info)
+            await price_unpriced(ControlPlane(redis, self.cfg.auth, None),
+                                 (m for info in self.infos for m in info.models))
             _, key = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None), "bench")
             self.api_key = key.plaintext
         finally:

@@ -13,9 +13,10 @@ from redis.asyncio import Redis
 
 from actors.bus import connect_bus
 from actors.control_plane import ControlPlane
-from actors.control_store import connect_redis
+from actors.control_store import ReplicaRegistry, connect_redis
 from router.auth import Authenticator
 from router.error_map import METRICS, error_middleware
+from router.fallback import FallbackPlacer
 from router.gateway import Gateway, reads_block_hashes
 from router.http_api import GATEWAY, READINESS, add_routes, query_credentials_guard
 from router.log_redaction import quote_no_requests
@@ -23,6 +24,7 @@ from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
 from router.placer import Placer
+from router.prices import PriceBook
 from router.prompt_blocks import PromptHasher
 from router.quota_client import QuotaClient
 from router.spool import UsageSpool, spool_path
@@ -73,10 +75,17 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         quota = QuotaClient(nc, cfg.quota, metrics=metrics)
         await quota.start()
         quota_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=quota.on_control_changed)
+        prices = PriceBook(redis, cfg.quota.cache_ttl_s, ReplicaRegistry(redis))
+        prices_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=prices.on_control_changed)
         placer = Placer(nc, cfg.ingress.placement_timeout_s,
                         cfg.ingress.placement_attempt_timeout_s, metrics)
         await placer.start()
-        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics, hasher, quota)
+        fallback = None
+        if cfg.ingress.fallback_placement:
+            fallback = FallbackPlacer(cfg, ReplicaRegistry(redis), metrics)
+            await fallback.start()
+        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics, hasher, quota,
+                          prices, fallback)
         nats_api = NatsApi(nc, gateway)
         await nats_api.start()
         app[GATEWAY] = gateway
@@ -87,10 +96,13 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             with contextlib.suppress(Exception):
                 await control_sub.unsubscribe()
                 await quota_sub.unsubscribe()
+                await prices_sub.unsubscribe()
             await nats_api.aclose()
             # After the requests: their settlements go with the lease returns.
             await quota.aclose()
             await placer.aclose()
+            if fallback is not None:
+                await fallback.aclose()
             await outbox.aclose()
             await spool.aclose()
             await replicas.aclose()

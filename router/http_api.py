@@ -51,7 +51,7 @@ async def _serve(request: web.Request, route: str) -> web.StreamResponse:
 
 def _headers(ctx: RequestContext) -> dict[str, str]:
     return {REQUEST_ID_HEADER: ctx.request_id, "x-switchyard-replica": ctx.placement.replica_id,
-            **ctx.admission.headers()}
+            **(ctx.admission.headers() if ctx.admission is not None else {})}
 
 
 async def _relay_body(request: web.Request, ctx: RequestContext,

@@ -28,6 +28,13 @@ class Metrics:
         self.placement_retries = Counter(
             "switchyard_placement_retries", "Placements sent again: a scheduler actor did "
             "not answer in time, or none was serving.", registry=r)
+        self.placement_fallbacks = Counter(
+            "switchyard_placement_fallbacks", "Requests this ingress placed itself: NATS "
+            "disconnected, or no scheduler actor answered (unreachable).", ["reason"],
+            registry=r)
+        self.placement_fallback_active = Gauge(
+            "switchyard_placement_fallback_active", "1 while this ingress places requests "
+            "itself instead of asking the scheduler actors.", registry=r)
         self.upstream_errors = Counter(
             "switchyard_upstream_errors", "Replica failures, by replica.",
             ["replica"], registry=r)

@@ -45,6 +45,12 @@ class IngressConfig(_Section):
     # A scheduler actor that has not answered a placement in this long is taken
     # as lost and the placement goes to another actor (answers take < 1 ms).
     placement_attempt_timeout_s: float = 0.3
+    # When no scheduler actor can be asked (NATS down, none answering), the
+    # ingress places requests itself with this profile (a name under
+    # [scheduler.profiles]) over the replica registry and its own in-flight
+    # counts; false: those requests get 503 no_capacity.
+    fallback_placement: bool = True
+    fallback_profile: str = "least-load"
     upstream_connect_timeout_s: float = 5.0
     # Bounds a whole upstream request; generation of long answers is slow.
     upstream_total_timeout_s: float = 600.0

@@ -158,6 +158,11 @@ class SchedulerOverloaded(NoCapacity):
     code = "scheduler_overloaded"
 
 
+class SchedulerUnreachable(NoCapacity):
+    """No scheduler actor answered the placement at all (NATS away, none
+    subscribed, or none answering): the ingress may place it itself."""
+
+
 class QueueTimeout(NoCapacity):
     """Every replica stayed saturated for as long as the request may wait."""
 
@@ -216,7 +221,7 @@ class BudgetExhausted(RateLimited):
 
 
 class ModelNotPriced(YardError):
-    """The tenant has a budget and the model no price: it is never billed at $0."""
+    """The model has no price: it is never served unbilled, for any tenant."""
 
     status = 403
     type = "invalid_request_error"
