@@ -13,7 +13,11 @@ Checks, each violation named by its letter:
     (one after FINAL, which collapses repeats of (tenant_id, request_id));
 (b) a request refused before any replica has no row and no ground truth;
 (c) a billed row's tokens equal the serving replica's ground truth, and
-    never exceed its prompt + max_tokens;
+    never exceed its prompt + max_tokens. One known gap may be allowed
+    (`abort_gap_tokens`): a request whose client left (status 499) is billed
+    the replica's count on the last chunk that reached the ingress, and the
+    replica generates a few more before it sees the connection close; such
+    rows are counted in the stats, not reported;
 (d) no row is billed to a tenant other than the one whose key sent it, and
     no row lacks a request in the history (ids a client never saw, a
     non-streaming client that left before the headers, are matched by count
@@ -34,6 +38,8 @@ PRE_UPSTREAM_CODES = frozenset({
     "no_capacity", "queue_timeout", "queue_full", "quota_unavailable", "usage_spool_full",
     "model_not_priced", "invalid_request_error", "request_too_large", "permission_denied",
 })
+# The status metered for a request whose client left.
+CLIENT_CLOSED = 499
 # Shown in full; beyond it a check's violations are counted only.
 MAX_SHOWN_PER_CHECK = 10
 
@@ -117,7 +123,10 @@ def fold_truth(lines: Iterable[TruthLine]) -> dict[tuple[str, str], TruthLine]:
 
 
 def audit(history: Sequence[HistoryEntry], truth_lines: Iterable[TruthLine],
-          rows: Sequence[BilledRow], open_charges: Sequence[OpenCharge]) -> Report:
+          rows: Sequence[BilledRow], open_charges: Sequence[OpenCharge],
+          abort_gap_tokens: int = 0) -> Report:
+    """`abort_gap_tokens`: how many completion tokens a request whose client
+    left may be billed under the replica's count (0: none)."""
     truth = fold_truth(truth_lines)
     truth_by_id: dict[str, list[TruthLine]] = defaultdict(list)
     for line in truth.values():
@@ -130,7 +139,7 @@ def audit(history: Sequence[HistoryEntry], truth_lines: Iterable[TruthLine],
     stats: dict[str, int | float] = {}
     found += _billed_once(history, rows_by_id)
     found += _rejected_unbilled(history, rows_by_id, truth_by_id)
-    found += _matches_truth(rows_by_id, truth, by_id, stats)
+    found += _matches_truth(rows_by_id, truth, by_id, stats, abort_gap_tokens)
     found += _tenant_isolation(history, rows_by_id, by_id)
     found += [Violation(check="e", request_id=c.charge_id,
                         detail=f"reservation of tenant {c.tenant_id} still open")
@@ -177,9 +186,10 @@ def _rejected_unbilled(history: Sequence[HistoryEntry], rows_by_id: dict[str, li
 
 def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                    truth: dict[tuple[str, str], TruthLine], by_id: dict[str, HistoryEntry],
-                   stats: dict[str, int | float]) -> list[Violation]:
+                   stats: dict[str, int | float], abort_gap_tokens: int) -> list[Violation]:
     found = []
     under: list[int] = []
+    gaps: list[int] = []
     for request_id, rows in rows_by_id.items():
         entry = by_id.get(request_id)
         for row in _final_rows(rows):
@@ -191,8 +201,13 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                 continue
             if (row.prompt_tokens, row.completion_tokens) != (line.prompt_tokens,
                                                                line.completion_tokens):
-                if row.completion_tokens < line.completion_tokens:
-                    under.append(line.completion_tokens - row.completion_tokens)
+                gap = line.completion_tokens - row.completion_tokens
+                if (row.status == CLIENT_CLOSED and row.prompt_tokens == line.prompt_tokens
+                        and 0 < gap <= abort_gap_tokens):
+                    gaps.append(gap)
+                    continue
+                if gap > 0:
+                    under.append(gap)
                 found.append(Violation(
                     check="c", request_id=request_id,
                     detail=f"billed {row.prompt_tokens}+{row.completion_tokens} tokens,"
@@ -205,6 +220,9 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                     check="c", request_id=request_id,
                     detail=f"billed {row.completion_tokens} completion tokens over"
                            f" max_tokens {entry.max_tokens}"))
+    stats["abort_gap_requests"] = len(gaps)
+    stats["abort_gap_tokens"] = sum(gaps)
+    stats["abort_gap_max_tokens"] = max(gaps, default=0)
     stats["under_billed_requests"] = len(under)
     stats["under_billed_tokens"] = sum(under)
     stats["under_billed_max_tokens"] = max(under, default=0)

@@ -36,9 +36,9 @@ def truth(request_id: str, completion: int = 5, replica: str = "sim-0", prompt: 
 
 
 def row(request_id: str, completion: int = 5, tenant: str = "t1", replica: str = "sim-0",
-        prompt: int = 7) -> BilledRow:
+        prompt: int = 7, status: int = 200) -> BilledRow:
     return BilledRow(request_id=request_id, tenant_id=tenant, replica_id=replica,
-                     prompt_tokens=prompt, completion_tokens=completion)
+                     prompt_tokens=prompt, completion_tokens=completion, status=status)
 
 
 CLEAN = dict(
@@ -89,6 +89,21 @@ def test_audit_finds_exactly_the_violations(name: str) -> None:
     report = audit(given["history"], given["truth"], given["rows"], given["charges"])
     assert sorted(v.check for v in report.violations) == expected, render(report)
     assert report.ok == (not expected)
+
+
+@pytest.mark.parametrize(("billed", "status", "gap_allowed", "violations", "gaps"), [
+    (1, 499, 1, ["c"], 0),  # 3 generated: a gap of 2, one more than allowed
+    (2, 499, 2, [], 1),
+    (2, 200, 2, ["c"], 0),  # the client did not leave: no gap is known
+    (4, 499, 2, ["c"], 0),  # over the truth is never a gap
+    (3, 499, 0, [], 0),
+])
+def test_abort_gap_is_allowed_only_where_the_client_left(
+        billed: int, status: int, gap_allowed: int, violations: list[str], gaps: int) -> None:
+    rows = [row("r1"), row("r2", billed, status=status), row("r5", 4)]
+    report = audit(CLEAN["history"], CLEAN["truth"], rows, [], abort_gap_tokens=gap_allowed)
+    assert [v.check for v in report.violations] == violations, render(report)
+    assert report.stats["abort_gap_requests"] == gaps
 
 
 def test_report_counts_under_billing_and_duplicates() -> None:
