@@ -13,11 +13,12 @@ Checks, each violation named by its letter:
     (one after FINAL, which collapses repeats of (tenant_id, request_id));
 (b) a request refused before any replica has no row and no ground truth;
 (c) a billed row's tokens equal the serving replica's ground truth, and
-    never exceed its prompt + max_tokens. One known gap may be allowed
-    (`abort_gap_tokens`): a request whose client left (status 499) is billed
-    the replica's count on the last chunk that reached the ingress, and the
-    replica generates a few more before it sees the connection close; such
-    rows are counted in the stats, not reported;
+    never exceed its prompt + max_tokens. Two known deviations of requests
+    whose client left (status 499) may be allowed (Allowances), and are then
+    counted in the stats instead: the abort gap (billed the replica's count
+    on the last chunk that reached the ingress, while the replica generated
+    a few more before it saw the connection close), and the prompt estimate
+    (no chunk reached the ingress, so the prompt is billed at its estimate);
 (d) no row is billed to a tenant other than the one whose key sent it, and
     no row lacks a request in the history (ids a client never saw, a
     non-streaming client that left before the headers, are matched by count
@@ -100,6 +101,19 @@ class Violation(msgspec.Struct, kw_only=True):
     detail: str
 
 
+class Allowances(msgspec.Struct, frozen=True, kw_only=True):
+    """Known deviations of requests whose client left, not reported as violations."""
+
+    # Completion tokens such a request may be billed under the replica's count.
+    abort_gap_tokens: int = 0
+    # Such a request with no completion token billed may have its prompt
+    # billed at the ingress's estimate.
+    prompt_estimate: bool = False
+
+
+STRICT = Allowances()
+
+
 class Report(msgspec.Struct, kw_only=True):
     violations: list[Violation]
     stats: dict[str, int | float]
@@ -124,9 +138,7 @@ def fold_truth(lines: Iterable[TruthLine]) -> dict[tuple[str, str], TruthLine]:
 
 def audit(history: Sequence[HistoryEntry], truth_lines: Iterable[TruthLine],
           rows: Sequence[BilledRow], open_charges: Sequence[OpenCharge],
-          abort_gap_tokens: int = 0) -> Report:
-    """`abort_gap_tokens`: how many completion tokens a request whose client
-    left may be billed under the replica's count (0: none)."""
+          allow: Allowances = STRICT) -> Report:
     truth = fold_truth(truth_lines)
     truth_by_id: dict[str, list[TruthLine]] = defaultdict(list)
     for line in truth.values():
@@ -139,7 +151,7 @@ def audit(history: Sequence[HistoryEntry], truth_lines: Iterable[TruthLine],
     stats: dict[str, int | float] = {}
     found += _billed_once(history, rows_by_id)
     found += _rejected_unbilled(history, rows_by_id, truth_by_id)
-    found += _matches_truth(rows_by_id, truth, by_id, stats, abort_gap_tokens)
+    found += _matches_truth(rows_by_id, truth, by_id, stats, allow)
     found += _tenant_isolation(history, rows_by_id, by_id)
     found += [Violation(check="e", request_id=c.charge_id,
                         detail=f"reservation of tenant {c.tenant_id} still open")
@@ -186,10 +198,11 @@ def _rejected_unbilled(history: Sequence[HistoryEntry], rows_by_id: dict[str, li
 
 def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                    truth: dict[tuple[str, str], TruthLine], by_id: dict[str, HistoryEntry],
-                   stats: dict[str, int | float], abort_gap_tokens: int) -> list[Violation]:
+                   stats: dict[str, int | float], allow: Allowances) -> list[Violation]:
     found = []
     under: list[int] = []
     gaps: list[int] = []
+    estimated: list[int] = []
     for request_id, rows in rows_by_id.items():
         entry = by_id.get(request_id)
         for row in _final_rows(rows):
@@ -202,9 +215,12 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
             if (row.prompt_tokens, row.completion_tokens) != (line.prompt_tokens,
                                                                line.completion_tokens):
                 gap = line.completion_tokens - row.completion_tokens
-                if (row.status == CLIENT_CLOSED and row.prompt_tokens == line.prompt_tokens
-                        and 0 < gap <= abort_gap_tokens):
+                known = _known(row, line, allow)
+                if known == "abort_gap":
                     gaps.append(gap)
+                    continue
+                if known == "prompt_estimate":
+                    estimated.append(line.prompt_tokens - row.prompt_tokens)
                     continue
                 if gap > 0:
                     under.append(gap)
@@ -220,6 +236,8 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                     check="c", request_id=request_id,
                     detail=f"billed {row.completion_tokens} completion tokens over"
                            f" max_tokens {entry.max_tokens}"))
+    stats["prompt_estimate_requests"] = len(estimated)
+    stats["prompt_estimate_under_tokens"] = sum(estimated)
     stats["abort_gap_requests"] = len(gaps)
     stats["abort_gap_tokens"] = sum(gaps)
     stats["abort_gap_max_tokens"] = max(gaps, default=0)
@@ -227,6 +245,18 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
     stats["under_billed_tokens"] = sum(under)
     stats["under_billed_max_tokens"] = max(under, default=0)
     return found
+
+
+def _known(row: BilledRow, line: TruthLine, allow: Allowances) -> str:
+    """Which allowed deviation a mismatched row is ("" for none)."""
+    gap = line.completion_tokens - row.completion_tokens
+    if row.status != CLIENT_CLOSED or not 0 <= gap <= allow.abort_gap_tokens:
+        return ""
+    if row.prompt_tokens == line.prompt_tokens:
+        return "abort_gap" if gap > 0 else ""
+    if allow.prompt_estimate and row.completion_tokens == 0:
+        return "prompt_estimate"
+    return ""
 
 
 def _outcome(entry: HistoryEntry | None) -> str:

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from analytics.billing_audit import (
+    Allowances,
     BilledRow,
     HistoryEntry,
     OpenCharge,
@@ -101,9 +102,26 @@ def test_audit_finds_exactly_the_violations(name: str) -> None:
 def test_abort_gap_is_allowed_only_where_the_client_left(
         billed: int, status: int, gap_allowed: int, violations: list[str], gaps: int) -> None:
     rows = [row("r1"), row("r2", billed, status=status), row("r5", 4)]
-    report = audit(CLEAN["history"], CLEAN["truth"], rows, [], abort_gap_tokens=gap_allowed)
+    report = audit(CLEAN["history"], CLEAN["truth"], rows, [],
+                   Allowances(abort_gap_tokens=gap_allowed))
     assert [v.check for v in report.violations] == violations, render(report)
     assert report.stats["abort_gap_requests"] == gaps
+
+
+@pytest.mark.parametrize(("billed_prompt", "billed", "status", "allowed", "violations"), [
+    (4, 0, 499, True, []),  # no chunk reached the ingress: the prompt at its estimate
+    (4, 0, 499, False, ["c"]),
+    (4, 1, 499, True, ["c"]),  # a chunk did arrive, with the replica's prompt count
+    (4, 0, 200, True, ["c"]),
+])
+def test_prompt_estimate_is_allowed_only_without_any_chunk(
+        billed_prompt: int, billed: int, status: int, allowed: bool,
+        violations: list[str]) -> None:
+    rows = [row("r1"), row("r2", billed, status=status, prompt=billed_prompt), row("r5", 4)]
+    report = audit(CLEAN["history"], CLEAN["truth"], rows, [],
+                   Allowances(abort_gap_tokens=3, prompt_estimate=allowed))
+    assert [v.check for v in report.violations] == violations, render(report)
+    assert report.stats["prompt_estimate_requests"] == (0 if violations else 1)
 
 
 def test_report_counts_under_billing_and_duplicates() -> None:

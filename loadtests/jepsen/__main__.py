@@ -17,9 +17,16 @@ from pathlib import Path
 
 import uvloop
 
-from analytics.billing_audit import audit, render
+from analytics.billing_audit import Allowances, audit, render
 from loadtests.jepsen.check import ABORT_GAP_TOKENS
-from loadtests.jepsen.collect import open_charges, quiesce, read_artifacts, read_rows, write_jsonl
+from loadtests.jepsen.collect import (
+    open_charges,
+    quiesce,
+    read_artifacts,
+    read_rows,
+    rollup_drift,
+    write_jsonl,
+)
 from loadtests.jepsen.faults import FaultSchedule
 from loadtests.jepsen.stack import Stack
 from loadtests.jepsen.traffic import Clients, History
@@ -69,12 +76,16 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         assert stack.metering is not None
         await stack.metering.stop()
         write_jsonl(work / "rows.jsonl", await asyncio.to_thread(read_rows, stack.config))
+        summary.update(await asyncio.to_thread(rollup_drift, stack.config))
     finally:
         await stack.stop()
     log = (work / "logs" / "metering.log").read_text(errors="replace")
     summary["ambiguous_inserts"] = log.count("ambiguous insert of")
-    report = audit(*read_artifacts(work), abort_gap_tokens=args.abort_gap_tokens)
+    report = audit(*read_artifacts(work), allow=Allowances(
+        abort_gap_tokens=args.abort_gap_tokens, prompt_estimate=True))
     print(render(report))
+    print(f"  rollups beside usage_raw FINAL: {summary['rollup_requests_drift']:+d} requests,"
+          f" {summary['rollup_completion_tokens_drift']:+d} completion tokens")
     summary.update(report.stats)
     summary["violations"] = len(report.violations)
     print("T31 " + json.dumps(summary), flush=True)

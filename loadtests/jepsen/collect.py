@@ -107,6 +107,24 @@ def read_rows(cfg: Config) -> list[BilledRow]:
         store.close()
 
 
+def rollup_drift(cfg: Config) -> dict[str, int]:
+    """Blocking (chDB). What the per-minute rollups (dashboards) count beyond
+    usage_raw FINAL (billing): requests and completion tokens, negative when
+    they count less. Not one of T31's checks; reported beside them."""
+    store = open_store(cfg.metering.clickhouse, cfg.var_dir)
+    try:
+        db = store.database
+        [(requests, tokens)] = store.client.query(
+            f"SELECT (SELECT sum(requests) FROM {db}.usage_minute)"
+            f" - (SELECT count() FROM {db}.usage_raw FINAL),"
+            f" (SELECT sum(completion_tokens) FROM {db}.usage_minute)"
+            f" - (SELECT sum(completion_tokens) FROM {db}.usage_raw FINAL)").result_rows
+        return {"rollup_requests_drift": int(requests),
+                "rollup_completion_tokens_drift": int(tokens)}
+    finally:
+        store.close()
+
+
 def write_jsonl(path: Path, items: list[msgspec.Struct]) -> None:
     encoder = msgspec.json.Encoder()
     path.write_bytes(b"".join(encoder.encode(item) + b"\n" for item in items))
