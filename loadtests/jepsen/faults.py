@@ -38,12 +38,13 @@ class FaultSchedule:
         self.rng = rng
         self.period_s = period_s
         self.log = FaultLog()
+        # Every kind within the first four, so a short run strikes each.
         self._faults: list[tuple[str, Callable[[], Awaitable[str]]]] = [
             ("replica_kill", self.replica_kill),
-            ("metering_kill", self.metering_kill),
-            ("nats_sigstop", self.nats_sigstop),
-            ("replica_kill", self.replica_kill),
             ("redis_restart", self.redis_restart),
+            ("nats_sigstop", self.nats_sigstop),
+            ("metering_kill", self.metering_kill),
+            ("replica_kill", self.replica_kill),
         ]
 
     async def run(self, until_s: float) -> None:
