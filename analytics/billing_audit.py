@@ -311,6 +311,12 @@ def _summary(history: Sequence[HistoryEntry], rows: Sequence[BilledRow],
         "rows_final": final,
         "rows_raw_duplicates": len(rows) - final,
         "truth_requests": len(truth),
+        # Generated on a replica that did not serve the request in the end
+        # (an attempt that failed before the first byte, retried elsewhere).
+        "unbilled_attempt_tokens": sum(
+            t.completion_tokens for (replica, request_id), t in truth.items()
+            if request_id in rows_by_id
+            and all(r.replica_id != replica for r in rows_by_id[request_id])),
         "truth_completion_tokens": sum(t.completion_tokens for t in truth.values()),
         "billed_completion_tokens": sum(r.completion_tokens for rs in rows_by_id.values()
                                         for r in _final_rows(rs)),

@@ -132,6 +132,13 @@ def test_report_counts_under_billing_and_duplicates() -> None:
     assert "(c) 1 violations" in render(report)
 
 
+def test_report_counts_tokens_of_attempts_that_did_not_serve() -> None:
+    retried = [*CLEAN["truth"], truth("r5", 3, replica="sim-1", reason=None)]
+    report = audit(CLEAN["history"], retried, CLEAN["rows"], [])
+    assert report.ok, render(report)
+    assert report.stats["unbilled_attempt_tokens"] == 3
+
+
 @pytest.mark.parametrize(("status", "code", "before"), [
     (401, "invalid_api_key", True), (404, "model_not_found", True),
     (429, "insufficient_quota", True), (503, "quota_unavailable", True),
