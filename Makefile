@@ -13,7 +13,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 UPLOT_VERSION := $(shell sed -n 's/^UPLOT_VERSION = "\(.*\)"$$/\1/p' deploy/static_assets.py)
 UPLOT_DIR := var/static/uplot-$(UPLOT_VERSION)
 
-.PHONY: run test lint unit integration bench bench-routing fidelity deps vllm clean
+.PHONY: run test lint unit integration bench bench-routing soak-billing fidelity deps vllm clean
 
 run: deps
 	$(VENV)/bin/switchyard up
@@ -35,6 +35,11 @@ bench: deps
 
 bench-routing: deps
 	$(PY) -m loadtests.bench_routing
+
+# RELIABILITY T31, long form: 30 minutes of mixed traffic under faults, then
+# the billing audit; the run's directory (history, truth, rows) is printed.
+soak-billing: deps
+	$(PY) -m loadtests.jepsen --duration-s 1800 --work var/jepsen-$$(date +%Y%m%d-%H%M%S)
 
 fidelity: deps vllm
 	$(PY) -m loadtests.fidelity
