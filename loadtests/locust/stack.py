@@ -50,24 +50,37 @@ class TenantPlan:
     abusive_max_concurrent: int = 2
 
 
+def distinct_ports(singles: int, block: int) -> tuple[list[int], int]:
+    """`singles` free ports and the base of `block` consecutive ones, none
+    the same (each is only free when asked: the block is asked first)."""
+    base = free_port_block(block)
+    ports: list[int] = []
+    while len(ports) < singles:
+        port = free_port()
+        if port not in ports and not base <= port < base + block:
+            ports.append(port)
+    return ports, base
+
+
 def stack_toml(var_dir: Path, replicas: int = 2) -> str:
+    (ingress, admin, nats, redis, metrics), sim_base = distinct_ports(5, replicas)
     return f"""
 var_dir = "{var_dir}"
 [ingress]
-port = {free_port()}
+port = {ingress}
 [admin]
-port = {free_port()}
+port = {admin}
 [nats]
-url = "nats://{LOOPBACK}:{free_port()}"
+url = "nats://{LOOPBACK}:{nats}"
 [redis]
-url = "redis://{LOOPBACK}:{free_port()}/0"
+url = "redis://{LOOPBACK}:{redis}/0"
 [quota]
 call_timeout_s = 2.0
 [scheduler]
-metrics_port = {free_port_block(1)}
+metrics_port = {metrics}
 [simulator]
 replicas = {replicas}
-base_port = {free_port_block(replicas)}
+base_port = {sim_base}
 decode_ms_per_token = 1.0
 batch_ms_per_seq = 0.01
 prefill_tokens_per_s = 1000000.0
