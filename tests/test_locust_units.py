@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.locust.memory import Sample, role_totals, rss_drift
-from loadtests.locust.results import EXPECTED_429, Row, problems
+from loadtests.locust.results import EXPECTED_429, Row, problems, tenant_rps
 from loadtests.locust.sse import chunk_content, read_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,3 +168,9 @@ def test_pytest_runs_without_locust() -> None:
     """locust's pytest plugin is disabled (pyproject's addopts) and nothing here
     imported locust: gevent's patching would break every asyncio test."""
     assert not [m for m in GEVENT_WORLD if m in sys.modules]
+
+
+def test_tenant_rps_counts_the_tenant_users_successes() -> None:
+    rows = {**GOOD_ROWS, **dict([_row("POST", "chat", requests=10, failures=5)])}
+    # chat: half of 1/s; chat stream and session turn: 1/s each; the abusive tenant's is apart
+    assert tenant_rps(rows) == pytest.approx(2.5)

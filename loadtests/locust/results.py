@@ -44,8 +44,9 @@ def _number(text: str) -> float:
 
 
 def tenant_rps(rows: dict[tuple[str, str], Row]) -> float:
-    return sum(r.rps for (kind, name), r in rows.items() if kind == "POST"
-               and name in TENANT_REQUESTS)
+    """The tenant users' successful requests per second (a refusal is no throughput)."""
+    return sum(r.rps * (r.requests - r.failures) / r.requests for (kind, name), r in rows.items()
+               if kind == "POST" and name in TENANT_REQUESTS and r.requests)
 
 
 def problems(rows: dict[tuple[str, str], Row]) -> list[str]:

@@ -2,6 +2,7 @@
 
     python -m loadtests.locust.run mixed [--duration-s 60] [--workers 2]
     python -m loadtests.locust.run soak  [--duration-s 300] [--load 0.8]
+    python -m loadtests.locust.run provision --admin-url URL [--keys-file PATH]
 
 `mixed`: the mixed suite (loadtests/locust/locustfile.py) for a fixed time,
 back to back. `soak`: first a probe of the maximum (back to back, `--probe-s`),
@@ -11,6 +12,8 @@ expected) or an RSS drift above `--max-drift-pct`. `--workers N` runs locust
 distributed, one master and N workers on 127.0.0.1. Everything lands under
 `--out` (default var/loadtest/<mode>/): locust's CSV and HTML reports, its
 log, the stack's logs, processes.csv, summary.json (also printed).
+`provision`: only the tenants, keys, limits and prices, on a stack already
+running (admin key from SWITCHYARD_ADMIN_KEY), for locust started by hand.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import sys
 import time
 from pathlib import Path
 
+from deploy.admin_cli import ADMIN_KEY_ENV, admin_key
 from deploy.procs import LOOPBACK, free_port
 from loadtests.locust.memory import ProcessSampler, cpu_share, role_totals, rss_drift
 from loadtests.locust.results import problems, read_stats, summary, tenant_rps
 from loadtests.locust.stack import PROJECT_DIR, TenantPlan, UpStack, provision, warm_up
+from scheduler.errors import YardError
 
 LOCUSTFILE = PROJECT_DIR / "loadtests" / "locust" / "locustfile.py"
 RSS_WARMUP_S = 30.0
@@ -172,7 +177,7 @@ async def main_async(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtests.locust.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("mixed", "soak"))
+    parser.add_argument("command", choices=("mixed", "soak", "provision"))
     parser.add_argument("--duration-s", type=float, help="default: 60 (mixed), 300 (soak)")
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0,
@@ -185,6 +190,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--up-arg", action="append", default=[],
                         help="passed on to `switchyard up` (repeatable), e.g. --up-arg=--workers=2")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--admin-url", default="http://127.0.0.1:8090", help="provision")
+    parser.add_argument("--admin-key", help=f"provision (default: ${ADMIN_KEY_ENV})")
+    parser.add_argument("--keys-file", type=Path, default=Path("var/loadtest/keys.json"),
+                        help="provision: where the keys go")
     args = parser.parse_args(argv)
     if args.duration_s is None:
         args.duration_s = 60.0 if args.command == "mixed" else 300.0
@@ -195,10 +204,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+async def provision_only(args: argparse.Namespace) -> None:
+    keys_file = args.keys_file.resolve()
+    await provision(args.admin_url, admin_key(args, dict(os.environ)),
+                    TenantPlan(tenants=args.tenants), keys_file)
+    print(f"tenants and keys written to {keys_file}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     args = parse_args(argv)
+    if args.command == "provision":
+        try:
+            uvloop.run(provision_only(args))
+        except YardError as exc:
+            print(f"provision: {exc.message}", file=sys.stderr)
+            return 1
+        return 0
     report = uvloop.run(main_async(args))
     text = json.dumps(report, indent=1)
     (args.out / "summary.json").write_text(text + "\n")
