@@ -156,9 +156,10 @@ async def main_async(args: argparse.Namespace) -> dict:
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     report: dict = {"mode": args.command, "workers": args.workers, "users": args.users,
+                    "ray_worker_niceness": args.ray_worker_niceness,
                     "duration_s": args.duration_s, "load_average_before": load_average()}
     started_s = time.monotonic()
-    stack = await UpStack.start(args.out / "stack", args.up_arg)
+    stack = await UpStack.start(args.out / "stack", args.up_arg, args.ray_worker_niceness)
     try:
         keys_file = args.out / "keys.json"
         keys = await provision(stack.admin_url, await stack.admin_key(),
@@ -189,6 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-drift-pct", type=float, default=10.0)
     parser.add_argument("--up-arg", action="append", default=[],
                         help="passed on to `switchyard up` (repeatable), e.g. --up-arg=--workers=2")
+    parser.add_argument("--ray-worker-niceness", type=int, default=0,
+                        help="of the stack's Ray actors (Ray's own default: 15)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--admin-url", default="http://127.0.0.1:8090", help="provision")
     parser.add_argument("--admin-key", help=f"provision (default: ${ADMIN_KEY_ENV})")

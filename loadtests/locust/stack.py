@@ -100,7 +100,7 @@ class UpStack:
     lines: list[str] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, work: Path, up_args: list[str]) -> UpStack:
+    async def start(cls, work: Path, up_args: list[str], ray_worker_niceness: int) -> UpStack:
         work.mkdir(parents=True, exist_ok=True)
         config = work / "switchyard.toml"
         config.write_text(stack_toml(work / "var"))
@@ -109,7 +109,11 @@ class UpStack:
             sys.executable, "-m", "deploy.cli", "up", "--config", str(config), *up_args,
             cwd=PROJECT_DIR, stdout=asyncio.subprocess.PIPE, stderr=log,
             stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+            env={**os.environ, "PYTHONPATH": str(PROJECT_DIR),
+                 # Ray nices its workers to 15 by default, and the scheduler and quota
+                 # actors are on the request path: behind every other busy process of
+                 # a shared machine they stopped answering in time (README, Load tests).
+                 "RAY_worker_niceness": str(ray_worker_niceness)})
         log.close()
         stack = cls(proc, config_path=work / "var" / "run" / "config.json")
         try:
