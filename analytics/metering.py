@@ -95,9 +95,9 @@ class MeteringService:
                 redis, self._redis = self._redis, None
                 await redis.aclose()
         finally:
+            # Kept (closed) for stats(); a call after this raises.
             if self._store is not None:
-                store, self._store = self._store, None
-                await store.aclose()
+                await self._store.aclose()
         if cancelled:
             raise asyncio.CancelledError
 

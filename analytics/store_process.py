@@ -54,10 +54,13 @@ class StoreProcess:
         self._proc: asyncio.subprocess.Process | None = None
         # One call at a time: the pipe carries one request and its answer.
         self._lock = asyncio.Lock()
+        self._closed = False
         self.starts = 0
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         async with self._lock:
+            if self._closed:
+                raise StoreProcessDied("the store process was closed")
             proc = await self._running()
             assert proc.stdin is not None and proc.stdout is not None
             request = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
@@ -80,6 +83,7 @@ class StoreProcess:
     async def aclose(self) -> None:
         """Closes the child's input; it closes the store and exits."""
         async with self._lock:
+            self._closed = True
             proc, self._proc = self._proc, None
             if proc is None or proc.returncode is not None:
                 return

@@ -48,7 +48,7 @@ StoreCall = Callable[..., Awaitable[Any]]
 
 # How often the loop's responsiveness is sampled (a sleep's overshoot).
 LOOP_PROBE_S = 0.05
-# A batch's per-message work (decode, ack) lets other tasks run this often:
+# A batch's per-message work (decode, price, ack) lets other tasks run this often:
 # none of it suspends by itself, and a batch of 20,000 would hold the loop
 # for most of a second.
 YIELD_EVERY = 1_000
@@ -209,7 +209,9 @@ class UsageConsumer:
             self.counts["price_read_failures"] += 1
             log.warning("usage consumer: prices unreadable; will retry", exc_info=True)
             return await self._nak_all(pending, repeats)
-        for p in pending:
+        for n, p in enumerate(pending, 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             p.cost_nusd = event_cost_nusd(p.event, prices)
         payload = encode_batch(pending)
         try:
