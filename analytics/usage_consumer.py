@@ -1,6 +1,7 @@
 """UsageConsumer: the JetStream usage stream into ClickHouse, each request id
-once. One fetched batch at a time: decode, dead-letter what can never be
-stored, price, drop what a lost ack left stored already, insert, then ack.
+once. Per batch: decode, dead-letter what can never be stored, price, drop
+what a lost ack left stored already, insert, then ack; the next batch is
+prepared while one is inserted.
 
 Exactly once comes from three layers: JetStream drops a repeated publish
 (Nats-Msg-Id = request id) inside its duplicate window; a redelivered event
@@ -76,6 +77,10 @@ class _Pending:
     msg: Msg
     event: UsageEvent
     cost_nusd: int | None = None
+
+
+# A prepared batch: its events, repeated deliveries to ack, the encoded batch.
+_Ready = tuple[list[_Pending], list[Msg], bytes]
 
 
 class StoreBatch(msgspec.Struct, frozen=True):
@@ -160,8 +165,8 @@ class UsageConsumer:
             await self._consume_forever()
 
     async def _watch_loop(self) -> None:
-        """Keeps the worst lateness of a short sleep: inserts run in a thread
-        and must not stall the loop (NATS pings, acks, usage queries)."""
+        """Keeps the worst lateness of a short sleep: a batch's work must not
+        stall the loop (NATS pings, acks, usage queries)."""
         loop = asyncio.get_running_loop()
         while True:
             due_s = loop.time() + LOOP_PROBE_S
@@ -170,22 +175,44 @@ class UsageConsumer:
             self.counts["loop_stall_max_ms"] = max(self.counts["loop_stall_max_ms"], stall_ms)
 
     async def _consume_forever(self) -> None:
-        while True:
-            try:
-                pause_s = await self.consume_batch()
-            except Exception:
-                self.counts["consume_errors"] += 1
-                log.warning("usage consumer failed; retrying", exc_info=True)
-                pause_s = CONSUME_RETRY_S
-            if pause_s:
-                await asyncio.sleep(pause_s)
+        """One batch is stored (in the store process) while the next is
+        fetched and prepared here; at most one insert is in flight, so a
+        redelivery's lookup always follows the insert it looks for."""
+        storing: asyncio.Task[float] | None = None
+        try:
+            while True:
+                pause_s = 0.0
+                try:
+                    ready, pause_s = await self._prepare_batch()
+                except Exception:
+                    log.warning("usage consumer failed to fetch; retrying", exc_info=True)
+                    self.counts["consume_errors"] += 1
+                    pause_s, ready = CONSUME_RETRY_S, None
+                if storing is not None:
+                    try:
+                        pause_s = max(pause_s, await storing)
+                    except Exception:
+                        log.warning("usage consumer failed to store; retrying", exc_info=True)
+                        self.counts["consume_errors"] += 1
+                        pause_s = CONSUME_RETRY_S
+                    storing = None
+                if pause_s:
+                    await asyncio.sleep(pause_s)
+                if ready is not None:
+                    storing = asyncio.create_task(self._store_batch(*ready),
+                                                  name="metering-store-batch")
+        finally:
+            if storing is not None:
+                storing.cancel()
+                await asyncio.wait([storing])
 
-    async def consume_batch(self) -> float:
-        """One batch; returns how long to pause before the next (the store or
-        Redis is away: their events wait in the stream, not in a loop here)."""
+    async def _prepare_batch(self) -> tuple[_Ready | None, float]:
+        """Fetches, decodes and prices one batch; None when there is nothing
+        to store (nothing came, or all was dead-lettered or nak'd here), and
+        how long to pause (Redis is away)."""
         msgs = await self._puller.next_batch(self.cfg.fetch_wait_s)
         if not msgs:
-            return 0.0
+            return None, 0.0
         self.counts["received"] += len(msgs)
         batch: dict[str, _Pending] = {}
         repeats: list[Msg] = []
@@ -201,19 +228,24 @@ class UsageConsumer:
             else:
                 batch[event.request_id] = _Pending(msg, event)
         if not batch:
-            return 0.0
+            return None, 0.0
         pending = list(batch.values())
         try:
             prices = await self._prices.for_events([p.event for p in pending])
         except Exception:
             self.counts["price_read_failures"] += 1
             log.warning("usage consumer: prices unreadable; will retry", exc_info=True)
-            return await self._nak_all(pending, repeats)
+            return None, await self._nak_all(pending, repeats)
         for n, p in enumerate(pending, 1):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             p.cost_nusd = event_cost_nusd(p.event, prices)
-        payload = encode_batch(pending)
+        return (pending, repeats, encode_batch(pending)), 0.0
+
+    async def _store_batch(self, pending: list[_Pending], repeats: list[Msg],
+                           payload: bytes) -> float:
+        """Inserts, then acks; returns how long to pause before the next batch
+        (the store is away: its events wait in the stream, not in a loop here)."""
         try:
             # Looked up here, not bound at import: tests wrap it.
             inserted, already = await self._store(store_batch, payload)
