@@ -28,6 +28,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -51,6 +52,11 @@ class StoreProcess:
     def __init__(self, cfg: ClickHouseConfig, var_dir: str) -> None:
         self._argv = [sys.executable, "-m", "analytics.store_process",
                       msgspec.json.encode(cfg).decode(), var_dir]
+        # The project's root on the child's path, whatever put it on ours
+        # (a Ray worker may have added it to sys.path, not to the environment).
+        root = str(Path(__file__).resolve().parent.parent)
+        self._env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
         self._proc: asyncio.subprocess.Process | None = None
         # One call at a time: the pipe carries one request and its answer.
         self._lock = asyncio.Lock()
@@ -98,7 +104,8 @@ class StoreProcess:
     async def _running(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
             self._proc = await asyncio.create_subprocess_exec(
-                *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=self._env)
             self.starts += 1
         return self._proc
 
