@@ -9,7 +9,10 @@ consumer's state in NATS, and the rows checked in ClickHouse afterwards).
 lag: events published at a steady `--rate` for `--seconds` while the consumer
 runs, each stamped with its publish time; lag is ClickHouse's `ingested_at`
 (the insert) minus that stamp, so it holds the wait in the stream, the fetch,
-the insert and nothing else. Prints JSON and a short table.
+the insert and nothing else. Both report the consumer's worst event-loop
+stall (its `loop_stall_max_ms`, printed by the process as it stops): the
+store lives in a process of its own, so NATS pings, acks and usage queries
+keep being served while it inserts. Prints JSON and a short table.
 
     python -m loadtests.bench_metering [--events 300000] [--rate 5000] [--seconds 20]
 """
@@ -34,6 +37,7 @@ from scheduler.config import ClickHouseConfig, Config, NatsConfig, RedisConfig, 
 from scheduler.wire import UsageEvent, encode, usage_subject
 
 CONSUMER = "yard-metering"
+STATS_PREFIX = "metering stats "
 
 
 def _event(i: int, started_at_ms: int) -> UsageEvent:
@@ -61,8 +65,12 @@ async def _pending(nc: nats.NATS, cfg: Config) -> tuple[int, int, int]:
     return info.num_pending, info.num_ack_pending, info.delivered.stream_seq
 
 
+def _log_path(work: Path) -> Path:
+    return work / "logs" / "metering.log"
+
+
 async def _start_consumer(work: Path, config_path: Path) -> ChildProcess:
-    log_path = work / "logs" / "metering.log"
+    log_path = _log_path(work)
     proc = ChildProcess("metering", python_module("analytics.metering_main", "--config",
                                                   str(config_path)), log_path)
     offset = log_path.stat().st_size if log_path.exists() else 0
@@ -75,10 +83,18 @@ async def _start_consumer(work: Path, config_path: Path) -> ChildProcess:
     return proc
 
 
+async def _stop_consumer(consumer: ChildProcess, work: Path) -> dict[str, int]:
+    """Stops it; returns the counters it printed on the way out."""
+    await consumer.stop()
+    lines = _log_path(work).read_text(errors="replace").splitlines()
+    stats = [line.removeprefix(STATS_PREFIX) for line in lines if line.startswith(STATS_PREFIX)]
+    return json.loads(stats[-1]) if stats else {}
+
+
 async def _throughput(nc: nats.NATS, cfg: Config, work: Path, config_path: Path,
                       events: int) -> dict[str, float]:
     # A first run creates the stream and the durable consumer, then stops.
-    await (await _start_consumer(work, config_path)).stop()
+    await _stop_consumer(await _start_consumer(work, config_path), work)
     now_ms = int(time.time() * 1000)
     await _publish(nc, [_event(i, now_ms) for i in range(events)])
     consumer = await _start_consumer(work, config_path)
@@ -93,9 +109,10 @@ async def _throughput(nc: nats.NATS, cfg: Config, work: Path, config_path: Path,
             await asyncio.sleep(0.01)
         elapsed_s = time.perf_counter() - first_s
     finally:
-        await consumer.stop()
+        stats = await _stop_consumer(consumer, work)
     return {"events": events, "seconds": round(elapsed_s, 3),
-            "events_per_s": round(events / elapsed_s)}
+            "events_per_s": round(events / elapsed_s), "batches": stats.get("batches", -1),
+            "loop_stall_max_ms": stats.get("loop_stall_max_ms", -1)}
 
 
 async def _lag(nc: nats.NATS, cfg: Config, work: Path, config_path: Path, rate: int,
@@ -118,8 +135,10 @@ async def _lag(nc: nats.NATS, cfg: Config, work: Path, config_path: Path, rate: 
         while (await _pending(nc, cfg))[:2] != (0, 0):
             await asyncio.sleep(0.05)
     finally:
-        await consumer.stop()
-    return {"rate_per_s": rate, "events": total, "achieved_rate_per_s": round(total / published_s)}
+        stats = await _stop_consumer(consumer, work)
+    return {"rate_per_s": rate, "events": total, "achieved_rate_per_s": round(total / published_s),
+            "batches": stats.get("batches", -1),
+            "loop_stall_max_ms": stats.get("loop_stall_max_ms", -1)}
 
 
 def _store_figures(cfg: Config, lag_from_id: int) -> dict[str, float]:
@@ -161,7 +180,8 @@ async def run(events: int, rate: int, seconds: float) -> dict[str, object]:
         await nats_proc.stop()
     return {"throughput": throughput, "steady": lag,
             "config": {"batch_max": cfg.metering.batch_max,
-                       "fetch_wait_s": cfg.metering.fetch_wait_s}}
+                       "fetch_wait_s": cfg.metering.fetch_wait_s,
+                       "linger_s": cfg.metering.linger_s}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     t, s = result["throughput"], result["steady"]
     print(f"\n\n{'figure':<34}{'value':>14}")
     print(f"{'events/s into chDB (backlog)':<34}{t['events_per_s']:>14,}")
+    print(f"{'  worst loop stall (ms)':<34}{t['loop_stall_max_ms']:>14,}")
     print(f"{'steady rate (events/s)':<34}{s['achieved_rate_per_s']:>14,}")
     print(f"{'ingest lag p50 (ms)':<34}{s['lag_p50_ms']:>14,.0f}")
     print(f"{'ingest lag p99 (ms)':<34}{s['lag_p99_ms']:>14,.0f}")
+    print(f"{'  worst loop stall (ms)':<34}{s['loop_stall_max_ms']:>14,}")
     print(f"{'rows / unique request ids':<34}{s['rows']:>7,}/{s['unique_request_ids']:<,}")
     return 0
 
