@@ -119,16 +119,22 @@ class BatchPuller:
         return len(self._buffer) >= self._batch_max or not self._credit
 
     async def _wait(self, timeout_s: float, done: Callable[[], bool]) -> None:
+        """Until `done()` or the timeout. Not asyncio.wait_for: in Python 3.11
+        it drops a cancellation that arrives as the event is set, and the
+        consumer then pulled on after aclose cancelled it (a hang in tests
+        with millisecond waits). A timer setting the event cannot do that."""
+        loop = asyncio.get_running_loop()
         deadline_s = self._clock_s() + timeout_s
         while not done():
             left_s = deadline_s - self._clock_s()
             if left_s <= 0:
                 return
             self._changed.clear()
+            timer = loop.call_later(left_s, self._changed.set)
             try:
-                await asyncio.wait_for(self._changed.wait(), left_s)
-            except TimeoutError:
-                return
+                await self._changed.wait()
+            finally:
+                timer.cancel()
 
     async def _top_up(self) -> None:
         """Asks for what the buffer and the open requests' credit lack of a

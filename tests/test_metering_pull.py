@@ -163,3 +163,21 @@ async def test_store_process_calls_errors_and_restart(tmp_path: Path) -> None:
         assert store.starts == 2
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("yields", range(6))
+async def test_a_cancellation_as_a_batch_arrives_is_never_lost(yields: int) -> None:
+    """aclose cancels the consumer while it waits for a batch; a cancellation
+    landing just as the batch arrives must still end it (asyncio.wait_for in
+    Python 3.11 returned the batch instead, and the consumer pulled on)."""
+    puller, nc = await started(batch_max=1, linger_s=0.0)
+    waiting = asyncio.create_task(puller.next_batch(wait_s=5.0))
+    await asyncio.sleep(0)
+    await deliver(nc, data(1))
+    for _ in range(yields):
+        await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.wait([waiting])
+    # Either it was done before the cancel (with its batch) or it was cancelled.
+    assert waiting.cancelled() or (yields > 0 and len(waiting.result()) == 1)
+    await puller.aclose()
