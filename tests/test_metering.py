@@ -39,6 +39,7 @@ from scheduler.wire import (
 
 pytestmark = pytest.mark.integration
 
+QUERY_TIMEOUT_S = 10.0
 DEADLINE_S = 10.0
 # This module's Redis database (prices; none are set here).
 REDIS_DB = 16
@@ -245,8 +246,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 async def query_totals(nc: nats.NATS, tenant_id: str | None) -> tuple[UsageTotal, ...]:
+    # A query waits for the insert under way in the one store process, and a
+    # fresh store process's first insert takes seconds on a loaded machine.
     msg = await nc.request(USAGE_QUERY_SUBJECT, encode(UsageQuery(tenant_id=tenant_id)),
-                           timeout=2.0)
+                           timeout=QUERY_TIMEOUT_S)
     reply = usage_reply_decoder.decode(msg.data)
     assert reply.error == ""
     return reply.totals
