@@ -27,6 +27,7 @@ from actors.control_store import connect_redis
 from actors.tasks import cancel_and_wait
 from analytics.billing_queries import BillingQueries
 from analytics.pricing import PriceReader
+from analytics.pull_connection import Frame, PullConnection
 from analytics.store import UsageStore
 from analytics.store_process import StoreProcess
 from analytics.usage_consumer import COUNTERS, UsageConsumer
@@ -80,7 +81,7 @@ class MeteringService:
         except BaseException:
             await self.aclose()
             raise
-        self._usage = UsageConsumer(self.cfg.metering, self._nc, js, self._sub,
+        self._usage = UsageConsumer(self.cfg.metering, js, self._sub,
                                     self._with_store, PriceReader(self._redis))
         self._consumer = asyncio.create_task(self._usage.run_forever(), name="metering-consume")
 
@@ -162,7 +163,12 @@ class MeteringService:
         # Creates the durable consumer, or updates it to the configured settings.
         await js.add_consumer(self.cfg.nats.usage_stream, config)
         assert self._nc is not None
-        puller = BatchPuller(self._nc, self.cfg.nats.usage_stream, CONSUMER_NAME, m.batch_max,
+        url = self.cfg.nats.url
+
+        async def connect(on_frames: Callable[[list[Frame]], None]) -> PullConnection:
+            return await PullConnection.connect(url, "switchyard-metering-pull", on_frames)
+
+        puller = BatchPuller(connect, self.cfg.nats.usage_stream, CONSUMER_NAME, m.batch_max,
                              expires_s=m.fetch_wait_s, linger_s=m.linger_s)
         await puller.start()
         return puller

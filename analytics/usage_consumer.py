@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from analytics.pricing import PriceReader, event_cost_nusd
+from analytics.pull_connection import Frame
 from analytics.store import UsageStore, fits_columns
-from analytics.usage_pull import BatchPuller, deliveries
+from analytics.usage_pull import TERM, BatchPuller, deliveries, nak_payload
 from scheduler.config import MeteringConfig
 from scheduler.wire import (
     USAGE_DEAD_LETTER_SUBJECT,
@@ -40,7 +40,6 @@ log = logging.getLogger("switchyard.metering")
 # A failed insert is retried after this, doubling per delivery up to the cap.
 NAK_FIRST_DELAY_S = 0.5
 NAK_MAX_DELAY_S = 60.0
-ACK_FLUSH_TIMEOUT_S = 5.0
 # Pause after a consumer error (NATS away, say) so the loop does not spin.
 CONSUME_RETRY_S = 1.0
 
@@ -72,19 +71,19 @@ def retry_delay_s(deliveries: int) -> float:
     return min(NAK_MAX_DELAY_S, NAK_FIRST_DELAY_S * 2 ** max(0, deliveries - 1))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
-    msg: Msg
+    frame: Frame
     event: UsageEvent
     cost_nusd: int | None = None
 
 
 # A prepared batch: its events, repeated deliveries to ack, the encoded batch.
-_Ready = tuple[list[_Pending], list[Msg], bytes]
+_Ready = tuple[list[_Pending], list[Frame], bytes]
 
 
 class StoreBatch(msgspec.Struct, frozen=True):
-    """What the store process needs of a batch (Msg objects do not travel)."""
+    """What the store process needs of a batch (the deliveries do not travel)."""
     events: list[UsageEvent]
     costs_nusd: list[int]
     redelivered: list[bool]
@@ -98,7 +97,7 @@ def encode_batch(pending: Sequence[_Pending]) -> bytes:
     """msgpack: ten times cheaper than pickling the events on the loop."""
     return _batch_encoder.encode(StoreBatch(
         events=[p.event for p in pending], costs_nusd=[p.cost_nusd or 0 for p in pending],
-        redelivered=[deliveries(p.msg) > 1 for p in pending]))
+        redelivered=[deliveries(p.frame[1]) > 1 for p in pending]))
 
 
 def store_batch(store: UsageStore, payload: bytes) -> tuple[int, int]:
@@ -149,10 +148,9 @@ class UsageConsumer:
     """Consumes until cancelled. `store` runs fn(store, *args) where the store
     lives."""
 
-    def __init__(self, cfg: MeteringConfig, nc: NATS, js: JetStreamContext,
+    def __init__(self, cfg: MeteringConfig, js: JetStreamContext,
                  puller: BatchPuller, store: StoreCall, prices: PriceReader) -> None:
         self.cfg = cfg
-        self._nc = nc
         self._js = js
         self._puller = puller
         self._store = store
@@ -210,23 +208,20 @@ class UsageConsumer:
         """Fetches, decodes and prices one batch; None when there is nothing
         to store (nothing came, or all was dead-lettered or nak'd here), and
         how long to pause (Redis is away)."""
-        msgs = await self._puller.next_batch(self.cfg.fetch_wait_s)
-        if not msgs:
+        frames = await self._puller.next_batch(self.cfg.fetch_wait_s)
+        if not frames:
             return None, 0.0
-        self.counts["received"] += len(msgs)
+        self.counts["received"] += len(frames)
         batch: dict[str, _Pending] = {}
-        repeats: list[Msg] = []
-        for n, msg in enumerate(msgs, 1):
-            if n % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            event = await self._decoded_or_dead_lettered(msg)
+        repeats: list[Frame] = []
+        for frame, event in zip(frames, await self._decoded(frames), strict=True):
             if event is None:
                 continue
             # A redelivered event can meet its first copy in one batch.
             if event.request_id in batch:
-                repeats.append(msg)
+                repeats.append(frame)
             else:
-                batch[event.request_id] = _Pending(msg, event)
+                batch[event.request_id] = _Pending(frame, event)
         if not batch:
             return None, 0.0
         pending = list(batch.values())
@@ -242,7 +237,27 @@ class UsageConsumer:
             p.cost_nusd = event_cost_nusd(p.event, prices)
         return (pending, repeats, encode_batch(pending)), 0.0
 
-    async def _store_batch(self, pending: list[_Pending], repeats: list[Msg],
+    async def _decoded(self, frames: list[Frame]) -> list[UsageEvent | None]:
+        """Each delivery's event; None for one dead-lettered here. Decoding is
+        deterministic: an event that cannot be decoded or could never fit the
+        columns is dead-lettered at once, not redelivered."""
+        try:
+            events: list[UsageEvent | None] = [usage_decoder.decode(f[3]) for f in frames]
+        except msgspec.DecodeError:
+            events = []
+            for frame in frames:
+                try:
+                    events.append(usage_decoder.decode(frame[3]))
+                except msgspec.DecodeError as exc:
+                    await self._dead_letter(frame, f"undecodable: {exc}")
+                    events.append(None)
+        for i, event in enumerate(events):
+            if event is not None and not fits_columns(event):
+                await self._dead_letter(frames[i], "a count or the priority is out of range")
+                events[i] = None
+        return events
+
+    async def _store_batch(self, pending: list[_Pending], repeats: list[Frame],
                            payload: bytes) -> float:
         """Inserts, then acks; returns how long to pause before the next batch
         (the store is away: its events wait in the stream, not in a loop here)."""
@@ -256,14 +271,10 @@ class UsageConsumer:
         await self._settle(pending, repeats, inserted, already)
         return 0.0
 
-    async def _settle(self, stored: Sequence[_Pending], repeats: Sequence[Msg],
+    async def _settle(self, stored: Sequence[_Pending], repeats: Sequence[Frame],
                       inserted: int, already: int) -> None:
-        for n, msg in enumerate([p.msg for p in stored] + list(repeats), 1):
-            if n % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            await msg.ack()
-        # Acks are buffered; once flushed, a crash does not bring the batch back.
-        await self._nc.flush(timeout=ACK_FLUSH_TIMEOUT_S)
+        # One write; once the server has read it, a crash does not bring the batch back.
+        await self._puller.settle([p.frame for p in stored] + list(repeats))
         unpriced = [p.event for p in stored if p.cost_nusd is None]
         if unpriced:
             self.counts["unpriced"] += len(unpriced)
@@ -276,7 +287,7 @@ class UsageConsumer:
         self.counts["inserted_rows"] += inserted
         self.counts["already_stored"] += already
 
-    async def _after_failed_insert(self, pending: list[_Pending], repeats: list[Msg],
+    async def _after_failed_insert(self, pending: list[_Pending], repeats: list[Frame],
                                    payload: bytes) -> float:
         """A store that does not answer gets the batch again later. One that
         answers has refused some event: find which, store the others, and
@@ -290,11 +301,12 @@ class UsageConsumer:
         stored = [p for i, p in enumerate(pending) if i not in failed]
         await self._settle(stored, repeats, len(stored), 0)
         for i, reason in failed.items():
-            msg = pending[i].msg
-            if msg.metadata.num_delivered >= self.cfg.max_deliver:
-                await self._dead_letter(msg, f"insert failed: {reason}")
+            frame = pending[i].frame
+            delivered = deliveries(frame[1])
+            if delivered >= self.cfg.max_deliver:
+                await self._dead_letter(frame, f"insert failed: {reason}")
             else:
-                await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
+                await self._puller.settle([frame], nak_payload(retry_delay_s(delivered)))
         return 0.0
 
     async def _store_answers(self) -> bool:
@@ -305,37 +317,29 @@ class UsageConsumer:
             return False
         return True
 
-    async def _nak_all(self, pending: Sequence[_Pending], repeats: Sequence[Msg]) -> float:
-        msgs = [p.msg for p in pending] + list(repeats)
-        deliveries = max(m.metadata.num_delivered for m in msgs)
-        for msg in msgs:
-            await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
-        return retry_delay_s(deliveries)
+    async def _nak_all(self, pending: Sequence[_Pending], repeats: Sequence[Frame]) -> float:
+        """Naks each delivery with its own delay (one write per delay);
+        returns the longest."""
+        by_delay: dict[float, list[Frame]] = {}
+        for frame in [p.frame for p in pending] + list(repeats):
+            by_delay.setdefault(retry_delay_s(deliveries(frame[1])), []).append(frame)
+        for delay_s, frames in by_delay.items():
+            await self._puller.settle(frames, nak_payload(delay_s))
+        return max(by_delay)
 
-    async def _decoded_or_dead_lettered(self, msg: Msg) -> UsageEvent | None:
-        """Decoding is deterministic: an event that cannot be decoded or could
-        never fit the columns is dead-lettered at once, not redelivered."""
-        try:
-            event = usage_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            await self._dead_letter(msg, f"undecodable: {exc}")
-            return None
-        if not fits_columns(event):
-            await self._dead_letter(msg, "a count or the priority is out of range")
-            return None
-        return event
-
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        """Publishes the message with the reason to the dead-letter stream, then
-        terminates it. Its Nats-Msg-Id is the usage stream's sequence, so a
-        dead letter published twice (a crash before the term) is kept once."""
-        meta = msg.metadata
-        letter = UsageDeadLetter(reason=reason, subject=msg.subject,
+    async def _dead_letter(self, frame: Frame, reason: str) -> None:
+        """Publishes the delivery with the reason to the dead-letter stream,
+        then terminates it. Its Nats-Msg-Id is the usage stream's sequence, so
+        a dead letter published twice (a crash before the term) is kept once."""
+        subject, reply, _, data = frame
+        # nats-py's parser of the ack subject; rare enough for its cost.
+        meta = Msg(None, subject=subject.decode(), reply=reply.decode()).metadata  # type: ignore[arg-type]
+        letter = UsageDeadLetter(reason=reason, subject=subject.decode(),
                                  stream_seq=meta.sequence.stream,
-                                 deliveries=meta.num_delivered, payload=msg.data)
+                                 deliveries=meta.num_delivered, payload=data)
         await self._js.publish(USAGE_DEAD_LETTER_SUBJECT, encode(letter),
                                headers={"Nats-Msg-Id": f"{meta.stream}:{meta.sequence.stream}"})
-        await msg.term()
+        await self._puller.settle([frame], TERM)
         self.counts["dead_letters"] += 1
         log.warning("usage consumer: dead-lettered stream seq %d (%s)",
                     meta.sequence.stream, reason)

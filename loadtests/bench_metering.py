@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -91,15 +92,37 @@ async def _stop_consumer(consumer: ChildProcess, work: Path) -> dict[str, int]:
     return json.loads(stats[-1]) if stats else {}
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def _cpu_by_part(consumer_pid: int, nats_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the consumer's loop process, its store process
+    and nats-server: where each event's cost goes, whatever else the machine
+    runs meanwhile."""
+    stores = _children(consumer_pid)
+    return {"consumer": _cpu_s(consumer_pid), "store": sum(_cpu_s(pid) for pid in stores),
+            "nats_server": _cpu_s(nats_pid)}
+
+
 async def _throughput(nc: nats.NATS, cfg: Config, work: Path, config_path: Path,
-                      events: int) -> dict[str, float]:
+                      events: int, nats_pid: int) -> dict[str, object]:
     # A first run creates the stream and the durable consumer, then stops.
     await _stop_consumer(await _start_consumer(work, config_path), work)
     now_ms = int(time.time() * 1000)
     await _publish(nc, [_event(i, now_ms) for i in range(events)])
     consumer = await _start_consumer(work, config_path)
+    assert consumer.pid is not None
     try:
         first_s = None
+        cpu_before = _cpu_by_part(consumer.pid, nats_pid)
         while True:
             pending, ack_pending, delivered = await _pending(nc, cfg)
             if first_s is None and delivered > 0:
@@ -108,11 +131,15 @@ async def _throughput(nc: nats.NATS, cfg: Config, work: Path, config_path: Path,
                 break
             await asyncio.sleep(0.01)
         elapsed_s = time.perf_counter() - first_s
+        cpu_after = _cpu_by_part(consumer.pid, nats_pid)
     finally:
         stats = await _stop_consumer(consumer, work)
+    cpu_us = {part: round((cpu_after[part] - cpu_before[part]) * 1e6 / events, 1)
+              for part in cpu_after}
     return {"events": events, "seconds": round(elapsed_s, 3),
             "events_per_s": round(events / elapsed_s), "batches": stats.get("batches", -1),
-            "loop_stall_max_ms": stats.get("loop_stall_max_ms", -1)}
+            "loop_stall_max_ms": stats.get("loop_stall_max_ms", -1),
+            "cpu_us_per_event": cpu_us}
 
 
 async def _lag(nc: nats.NATS, cfg: Config, work: Path, config_path: Path, rate: int,
@@ -170,7 +197,8 @@ async def run(events: int, rate: int, seconds: float) -> dict[str, object]:
     try:
         nc = await nats.connect(nats_url)
         try:
-            throughput = await _throughput(nc, cfg, work, config_path, events)
+            assert nats_proc.pid is not None
+            throughput = await _throughput(nc, cfg, work, config_path, events, nats_proc.pid)
             lag = await _lag(nc, cfg, work, config_path, rate, seconds, first_id=events)
         finally:
             await nc.close()
@@ -196,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n\n{'figure':<34}{'value':>14}")
     print(f"{'events/s into chDB (backlog)':<34}{t['events_per_s']:>14,}")
     print(f"{'  worst loop stall (ms)':<34}{t['loop_stall_max_ms']:>14,}")
+    for part, cpu_us in t["cpu_us_per_event"].items():
+        print(f"{'  CPU us/event, ' + part:<34}{cpu_us:>14,}")
     print(f"{'steady rate (events/s)':<34}{s['achieved_rate_per_s']:>14,}")
     print(f"{'ingest lag p50 (ms)':<34}{s['lag_p50_ms']:>14,.0f}")
     print(f"{'ingest lag p99 (ms)':<34}{s['lag_p99_ms']:>14,.0f}")
