@@ -241,21 +241,27 @@ class UsageConsumer:
         """Each delivery's event; None for one dead-lettered here. Decoding is
         deterministic: an event that cannot be decoded or could never fit the
         columns is dead-lettered at once, not redelivered."""
-        try:
-            events: list[UsageEvent | None] = [usage_decoder.decode(f[3]) for f in frames]
-        except msgspec.DecodeError:
-            events = []
-            for frame in frames:
-                try:
-                    events.append(usage_decoder.decode(frame[3]))
-                except msgspec.DecodeError as exc:
-                    await self._dead_letter(frame, f"undecodable: {exc}")
-                    events.append(None)
+        events: list[UsageEvent | None] = []
+        for at in range(0, len(frames), YIELD_EVERY):
+            if at:
+                await asyncio.sleep(0)
+            chunk = frames[at:at + YIELD_EVERY]
+            try:
+                events += [usage_decoder.decode(frame[3]) for frame in chunk]
+            except msgspec.DecodeError:
+                events += [await self._decoded_one(frame) for frame in chunk]
         for i, event in enumerate(events):
             if event is not None and not fits_columns(event):
                 await self._dead_letter(frames[i], "a count or the priority is out of range")
                 events[i] = None
         return events
+
+    async def _decoded_one(self, frame: Frame) -> UsageEvent | None:
+        try:
+            return usage_decoder.decode(frame[3])
+        except msgspec.DecodeError as exc:
+            await self._dead_letter(frame, f"undecodable: {exc}")
+            return None
 
     async def _store_batch(self, pending: list[_Pending], repeats: list[Frame],
                            payload: bytes) -> float:
