@@ -30,6 +30,7 @@ from analytics.pull_connection import Frame, PullConnection, PullConnectionLost
 # request; 100 is an idle heartbeat, which ends nothing.
 _STATUS_PREFIX = b"NATS/1.0 "
 _HEARTBEAT_STATUS = b"100"
+_EXPIRED_STATUS = b"408"
 # On an ended request: how many of the messages it asked for it did not get.
 _PENDING_HEADER = b"Nats-Pending-Messages:"
 # A request the server never ended (the connection dropped meanwhile) is
@@ -105,6 +106,8 @@ class BatchPuller:
         # Open pull requests: reply inbox -> when the server ends it.
         self._open: dict[bytes, float] = {}
         self._credit = 0
+        # No request is open, and the last one ended by expiring.
+        self._expired = False
         self._requests = 0
         self._changed = asyncio.Event()
         # The store task's acks and the pull loop may both find the
@@ -130,11 +133,17 @@ class BatchPuller:
         Raises PullConnectionLost when the connection dropped (the next
         call opens another)."""
         await self._top_up()
+        deadline_s = self._clock_s() + wait_s
+        while not self._buffer and self._clock_s() < deadline_s:
+            await self._wait(deadline_s - self._clock_s(),
+                             lambda: bool(self._buffer) or self._expired)
+            if self._expired and not self._buffer:
+                # Every request expired (408) unanswered: ask again at once,
+                # not after wait_s (events published meanwhile would wait).
+                await self._top_up()
         if not self._buffer:
-            await self._wait(wait_s, lambda: bool(self._buffer))
-            if not self._buffer:
-                self._raise_if_lost()
-                return []
+            self._raise_if_lost()
+            return []
         linger_left_s = self._first_at_s + self._linger_s - self._clock_s()
         if linger_left_s > 0:
             await self._wait(linger_left_s, self._batch_ready)
@@ -185,6 +194,7 @@ class BatchPuller:
     def _reset(self) -> None:
         self._buffer.clear()
         self._open.clear()
+        self._expired = False
         self._credit = 0
         self._changed.set()
 
@@ -223,6 +233,7 @@ class BatchPuller:
         self._requests += 1
         reply = self._inbox_prefix + b"%d" % self._requests
         self._open[reply] = now_s + self._expires_s
+        self._expired = False
         self._credit += need
         body = _request_encoder.encode(
             _PullRequest(batch=need, expires=int(self._expires_s * 1e9)))
@@ -243,7 +254,7 @@ class BatchPuller:
                     continue
                 status = status_of(frame[2])
                 if status is not None and status[0] != _HEARTBEAT_STATUS:
-                    self._end(frame[0], status[1])
+                    self._end(frame[0], status[1], expired=status[0] == _EXPIRED_STATUS)
         if data:
             self._credit = max(0, self._credit - len(data))
             if not self._buffer:
@@ -251,9 +262,10 @@ class BatchPuller:
             self._buffer.extend(data)
         self._changed.set()
 
-    def _end(self, reply: bytes, unused_credit: int) -> None:
+    def _end(self, reply: bytes, unused_credit: int, expired: bool = False) -> None:
         if self._open.pop(reply, None) is None:
             return
+        self._expired = expired and not self._open
         self.counts["pull_ends"] += 1
         # With no request open nothing more is coming, whatever was counted.
         self._credit = max(0, self._credit - unused_credit) if self._open else 0

@@ -15,6 +15,7 @@ store lives in a process of its own, so NATS pings, acks and usage queries
 keep being served while it inserts. Prints JSON and a short table.
 
     python -m loadtests.bench_metering [--events 300000] [--rate 5000] [--seconds 20]
+        [--batch-max 20000]
 """
 
 from __future__ import annotations
@@ -184,14 +185,15 @@ def _store_figures(cfg: Config, lag_from_id: int) -> dict[str, float]:
             "lag_p99_ms": float(p99), "lag_max_ms": float(worst)}
 
 
-async def run(events: int, rate: int, seconds: float) -> dict[str, object]:
+async def run(events: int, rate: int, seconds: float, batch_max: int) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="bench-metering-"))
     nats_proc, nats_url = await start_nats(work / "nats", work / "logs")
     redis_proc, redis_url = await start_redis(work / "redis", work / "logs", persist=False)
     cfg = Config(var_dir=str(work), nats=NatsConfig(url=nats_url),
                  redis=RedisConfig(url=redis_url),
                  metering=msgspec.structs.replace(
-                     Config().metering, clickhouse=ClickHouseConfig(path=str(work / "chdb"))))
+                     Config().metering, batch_max=batch_max,
+                     clickhouse=ClickHouseConfig(path=str(work / "chdb"))))
     config_path = work / "config.json"
     config_path.write_bytes(dump_config(cfg))
     try:
@@ -217,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--batch-max", type=int, default=Config().metering.batch_max)
     args = parser.parse_args(argv)
-    result = uvloop.run(run(args.events, args.rate, args.seconds))
+    result = uvloop.run(run(args.events, args.rate, args.seconds, args.batch_max))
     json.dump(result, sys.stdout, indent=2)
     t, s = result["throughput"], result["steady"]
     print(f"\n\n{'figure':<34}{'value':>14}")

@@ -261,3 +261,21 @@ async def test_settle_writes_every_ack_subject_then_waits_for_the_server() -> No
     assert nc.settled == [([data(1)[1], data(2, 3)[1]], b""),
                           ([data(3)[1]], b'-NAK {"delay": 1500000000}')]
     await puller.aclose()
+
+
+async def test_an_expired_request_is_renewed_at_once_while_waiting() -> None:
+    """A request that expires (408) with nothing delivered is asked again at
+    once, not when next_batch's wait ends, so events published meanwhile do
+    not wait for it. An end that is not an expiry (409) is not repeated."""
+    puller, nc = await started(batch_max=10, linger_s=0.0)
+    waiting = asyncio.create_task(puller.next_batch(wait_s=5.0))
+    await asyncio.sleep(0)
+    await deliver(nc, status(nc, "1", "408", 10))
+    await asyncio.sleep(0)
+    assert [reply for reply, _ in nc.requests] == ["1", "2"]
+    await deliver(nc, status(nc, "2", "409", 10))
+    await asyncio.sleep(0.05)
+    assert [reply for reply, _ in nc.requests] == ["1", "2"]
+    await deliver(nc, data(1))
+    assert len(await asyncio.wait_for(waiting, 1.0)) == 1
+    await puller.aclose()
