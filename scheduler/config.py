@@ -168,8 +168,12 @@ class ClickHouseConfig(_Section):
 
 
 class MeteringConfig(_Section):
-    batch_max: int = 5_000
+    batch_max: int = 20_000
+    # How long one pull request waits for events on the server.
     fetch_wait_s: float = 0.5
+    # A batch is stored at most this long after its first event arrived
+    # (sooner when full): the ingest lag's bound at low rates.
+    linger_s: float = 0.1
     ack_wait_s: float = 30.0
     # An event the store refuses (while it answers) on this many deliveries
     # goes to the dead-letter stream. JetStream itself redelivers without
