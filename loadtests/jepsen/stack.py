@@ -28,7 +28,8 @@ from deploy.procs import (
     start_nats,
     start_redis,
 )
-from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, healthy
+from deploy.replica_fleet import healthy
+from deploy.stack_actors import ACTOR_READY_TIMEOUT_S
 from loadtests.jepsen.traffic import MODEL, TenantKey
 from scheduler.config import (
     AuthConfig,
