@@ -54,6 +54,9 @@ T = TypeVar("T")
 
 
 class MeteringService:
+    # The store process's main module (StoreProcess).
+    store_module = "analytics.store_process"
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._store: StoreProcess | None = None
@@ -68,7 +71,8 @@ class MeteringService:
         """Opens and migrates the store, ensures the streams and the consumer,
         then consumes."""
         try:
-            self._store = StoreProcess(self.cfg.metering.clickhouse, self.cfg.var_dir)
+            self._store = StoreProcess(self.cfg.metering.clickhouse, self.cfg.var_dir,
+                                       self.store_module)
             await self._with_store(migrate)
             self._redis = connect_redis(self.cfg.redis)
             self._nc = await connect_bus(self.cfg.nats, "switchyard-metering")

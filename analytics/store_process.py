@@ -49,9 +49,10 @@ class StoreProcessDied(ConnectionError):
 
 
 class StoreProcess:
-    def __init__(self, cfg: ClickHouseConfig, var_dir: str) -> None:
-        self._argv = [sys.executable, "-m", "analytics.store_process",
-                      msgspec.json.encode(cfg).decode(), var_dir]
+    def __init__(self, cfg: ClickHouseConfig, var_dir: str,
+                 module: str = "analytics.store_process") -> None:
+        # `module` is the child's main: a fault-injecting store (loadtests/jepsen) runs its own.
+        self._argv = [sys.executable, "-m", module, msgspec.json.encode(cfg).decode(), var_dir]
         # The project's root on the child's path, whatever put it on ours
         # (a Ray worker may have added it to sys.path, not to the environment).
         root = str(Path(__file__).resolve().parent.parent)
@@ -124,13 +125,15 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
-def serve(cfg: ClickHouseConfig, var_dir: str) -> None:
-    """The child: opens the store, then answers calls until its input closes."""
+def serve(cfg: ClickHouseConfig, var_dir: str,
+          wrap: Callable[[UsageStore], UsageStore] = lambda store: store) -> None:
+    """The child: opens the store (as `wrap` makes it), then answers calls
+    until its input closes."""
     # The pipe is fd 1; everything printed goes to stderr (the parent's log).
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     requests = sys.stdin.buffer
-    store = _open(cfg, var_dir)
+    store = wrap(_open(cfg, var_dir))
     try:
         while header := requests.read(_FRAME.size):
             request = requests.read(_FRAME.unpack(header)[0])
@@ -165,6 +168,11 @@ def _pickled_failure(exc: Exception) -> bytes:
         return pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
 
 
-if __name__ == "__main__":
+def child_main(wrap: Callable[[UsageStore], UsageStore] = lambda store: store) -> None:
+    """A store process's main: `sys.argv` as StoreProcess passes it."""
     _die_with_parent()
-    serve(msgspec.json.decode(sys.argv[1].encode(), type=ClickHouseConfig), sys.argv[2])
+    serve(msgspec.json.decode(sys.argv[1].encode(), type=ClickHouseConfig), sys.argv[2], wrap)
+
+
+if __name__ == "__main__":
+    child_main()
