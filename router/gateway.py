@@ -92,6 +92,9 @@ class RequestContext:
     started_at_ms: int
     # Settled (or released) once, when the request ends.
     admission: Admission
+    # Time spent waiting for the replicas of failed attempts (the current
+    # attempt's is in call.record), left out of switchyard's overhead.
+    upstream_wait_s: float = 0.0
 
 
 class Gateway:
@@ -262,6 +265,7 @@ class Gateway:
         # they hear the placement of attempt 2); the final completion notice
         # releases whatever is left.
         ctx.placement, ctx.place_req = placement, retry_req
+        ctx.upstream_wait_s += ctx.call.record.upstream_wait_s
         ctx.call = self._call(ctx.parsed, ctx.request_id, placement)
         return True
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import msgspec
 
-from router.assemble import can_assemble
+from router.assemble import ASSEMBLY_FIELDS, can_assemble
 from scheduler.errors import InvalidRequest
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -60,6 +60,10 @@ class CompletionBody(msgspec.Struct, frozen=True):
 # Fields some clients use to pick a server. Replicas are chosen by
 # switchyard alone: a request naming one is refused, never forwarded.
 UPSTREAM_URL_FIELDS = ("api_base", "base_url", "api_url", "endpoint", "upstream_url")
+
+_raw_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# The top-level fields whose values the upstream body depends on.
+_READ_FIELDS = ("max_completion_tokens", "stream_options", *ASSEMBLY_FIELDS)
 
 _decoders = {
     "chat": msgspec.json.Decoder(ChatBody),
@@ -142,25 +146,30 @@ def _upstream_body(body: bytes, stream: bool, cache_salt: str,
     chunk (`continuous_usage_stats`), so a stream cut short still has the
     replica's own counts; the ingress strips what the client did not ask
     for. The client's `cache_salt` is replaced by the tenant's (or dropped).
-    `max_tokens`: set in place of the client's (None: left as it is)."""
-    raw = msgspec.json.decode(body)
+    `max_tokens`: set in place of the client's (None: left as it is).
+
+    Top-level fields stay undecoded (msgspec.Raw): the prompt and everything
+    else the ingress does not change are copied as the client wrote them."""
+    raw = _raw_fields.decode(body)
     for name in UPSTREAM_URL_FIELDS:
         if name in raw:
             raise InvalidRequest(f"`{name}` is not accepted: switchyard chooses the replica.",
                                  param=name)
+    read = {name: msgspec.json.decode(raw[name]) for name in _READ_FIELDS if name in raw}
+    fields: dict[str, object] = dict(raw)
     if max_tokens is not None:
         # The field the replica reads first (vLLM: max_completion_tokens, then max_tokens).
-        raw["max_completion_tokens" if raw.get("max_completion_tokens") else "max_tokens"] = (
+        fields["max_completion_tokens" if read.get("max_completion_tokens") else "max_tokens"] = (
             max_tokens)
-    raw.pop("cache_salt", None)
+    fields.pop("cache_salt", None)
     if cache_salt:
-        raw["cache_salt"] = cache_salt
-    assembled = not stream and can_assemble(raw)
+        fields["cache_salt"] = cache_salt
+    assembled = not stream and can_assemble(read)
     if stream or assembled:
-        raw["stream"] = True
-        raw["stream_options"] = {**(raw.get("stream_options") or {}),
-                                 "include_usage": True, "continuous_usage_stats": True}
-    return msgspec.json.encode(raw), assembled
+        fields["stream"] = True
+        fields["stream_options"] = {**(read.get("stream_options") or {}),
+                                    "include_usage": True, "continuous_usage_stats": True}
+    return msgspec.json.encode(fields), assembled
 
 
 def _estimate_tokens(parsed: ChatBody | CompletionBody) -> int:
