@@ -49,7 +49,8 @@ MODEL = "switchyard-tiny"
 def make_config(session_dir: Path, nats_url: str, redis_url: str) -> Config:
     return Config(
         var_dir=str(session_dir),
-        ingress=IngressConfig(port=free_port()),
+        # One process per ingress (more_ingresses starts them as `python -m router`).
+        ingress=IngressConfig(port=free_port(), workers=1),
         nats=NatsConfig(url=nats_url),
         redis=RedisConfig(url=redis_url),
         auth=AuthConfig(key_secret="test-secret-" + "0" * 32),
