@@ -106,15 +106,34 @@ async def _latency_point(paths: Paths, body: dict[str, object], rate_rps: int,
 
 
 async def _throughput(paths: Paths, body: dict[str, object], path: str, clients: int,
-                      rounds: int, seconds: float) -> dict[str, float]:
-    rps, chunks, failed = [], [], []
+                      rounds: int, seconds: float, pids: list[int]) -> dict[str, float]:
+    """Closed loop; for the path via switchyard also what the ingress workers
+    (`pids`) did per CPU second they used: the rate one busy worker core reaches."""
+    rps, chunks, failed, rps_cpu, chunks_cpu = [], [], [], [], []
     for _ in range(rounds):
-        result = await closed_loop(paths.sender(path, body), clients, seconds)
+        cpu_s = -sum(stage_profile.cpu_seconds(p) for p in pids)
+
+        def window_closed() -> None:
+            nonlocal cpu_s
+            cpu_s += sum(stage_profile.cpu_seconds(p) for p in pids)
+
+        timer = asyncio.get_running_loop().call_later(seconds, window_closed)
+        client = paths.direct_client if path == "direct" else paths.via_client
+        result = await closed_loop(paths.sender(path, body), clients, seconds,
+                                   lambda c=client: c.chunks_seen)
+        timer.cancel()
         rps.append(result.rps)
         chunks.append(result.chunks_per_s)
         failed.append(result.failed)
-    return {"rps": statistics.median(rps), "chunks_per_s": statistics.median(chunks),
-            "failed": max(failed), "load": _uptime()}
+        if path == "via" and cpu_s > 0:
+            rps_cpu.append(result.ok / cpu_s)
+            chunks_cpu.append(result.chunks / cpu_s)
+    out = {"rps": statistics.median(rps), "chunks_per_s": statistics.median(chunks),
+           "failed": max(failed), "load": _uptime()}
+    if rps_cpu:
+        out["per_ingress_cpu_s"] = {"requests": statistics.median(rps_cpu),
+                                    "chunks": statistics.median(chunks_cpu)}
+    return out
 
 
 async def _profiled(paths: Paths, workdir: Path, clients: int,
@@ -131,6 +150,7 @@ async def _profiled(paths: Paths, workdir: Path, clients: int,
     return {"rps": result.rps, "ingress_cpu_us_per_request": cpu_us_per_request,
             "stages_us_per_request": {stage: round(share * cpu_us_per_request, 1)
                                       for stage, share in shares.items()},
+            "top_functions_share": stage_profile.top_functions(raw),
             "load": _uptime()}
 
 
@@ -150,11 +170,12 @@ async def _one_stack(workers: int, args: argparse.Namespace, latency: bool) -> d
                     mode: [await _latency_point(paths, body, rate, args.rounds, args.seconds)
                            for rate in RATES_RPS]
                     for mode, body in (("non_streaming", BODY), ("streaming", STREAM_BODY))}
+            pids = stage_profile.ingress_pids(workdir)
             out["max_rps"] = {path: await _throughput(paths, BODY, path, args.clients,
-                                                      args.rounds, args.seconds)
+                                                      args.rounds, args.seconds, pids)
                               for path in ("direct", "via")}
             out["sse"] = {path: await _throughput(paths, SSE_BODY, path, args.sse_clients,
-                                                  args.rounds, args.seconds)
+                                                  args.rounds, args.seconds, pids)
                           for path in ("direct", "via")}
             out["sse"]["via_chunks_per_s_per_worker"] = (  # type: ignore[index]
                 out["sse"]["via"]["chunks_per_s"] / workers)  # type: ignore[index]
@@ -191,12 +212,16 @@ def print_table(result: dict[str, object]) -> None:
                       f"{s['header_overhead_p50_ms']:>12.3f}{s['header_overhead_p99_ms']:>12.3f}"
                       f"{s['via_failed']:>8.0f}")
     print(f"\n{'workers':<9}{'direct rps':>12}{'via rps':>10}{'via rps/worker':>16}"
-          f"{'direct chunks/s':>17}{'via chunks/s/worker':>21}")
+          f"{'rps/CPU-s':>11}{'direct chunks/s':>17}{'via chunks/s/worker':>21}"
+          f"{'chunks/CPU-s':>14}")
     for stack in stacks:
         rps, sse, w = stack["max_rps"], stack["sse"], stack["workers"]
+        per_cpu = rps["via"].get("per_ingress_cpu_s", {}).get("requests", float("nan"))
+        chunks_cpu = sse["via"].get("per_ingress_cpu_s", {}).get("chunks", float("nan"))
         print(f"{w:<9}{rps['direct']['rps']:>12.0f}{rps['via']['rps']:>10.0f}"
-              f"{rps['via']['rps'] / w:>16.0f}{sse['direct']['chunks_per_s']:>17.0f}"
-              f"{sse['via_chunks_per_s_per_worker']:>21.0f}")
+              f"{rps['via']['rps'] / w:>16.0f}{per_cpu:>11.0f}"
+              f"{sse['direct']['chunks_per_s']:>17.0f}"
+              f"{sse['via_chunks_per_s_per_worker']:>21.0f}{chunks_cpu:>14.0f}")
     for stack in stacks:
         if "profile" in stack:
             p = stack["profile"]

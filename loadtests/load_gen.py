@@ -29,6 +29,8 @@ class Sample:
 class Client:
     session: aiohttp.ClientSession
     headers: dict[str, str] = field(default_factory=dict)
+    # SSE events received so far, counted as they arrive.
+    chunks_seen: int = 0
 
     async def send(self, url: str, body: bytes, stream: bool) -> Sample:
         started = time.perf_counter()
@@ -40,7 +42,9 @@ class Client:
                     async for data in resp.content.iter_any():
                         if not first:
                             first = time.perf_counter()
-                        chunks += data.count(b"data:")
+                        seen = data.count(b"data:")
+                        chunks += seen
+                        self.chunks_seen += seen
                 else:
                     await resp.read()
                     first = time.perf_counter()
@@ -93,6 +97,7 @@ class ClosedLoopResult:
     ok: int
     failed: int
     seconds: float
+    # SSE events that arrived inside the window (requests still running included).
     chunks: int
 
     @property
@@ -104,13 +109,19 @@ class ClosedLoopResult:
         return self.chunks / self.seconds
 
 
-async def closed_loop(send: Callable[[], Awaitable[Sample]], clients: int,
-                      seconds: float) -> ClosedLoopResult:
+async def closed_loop(send: Callable[[], Awaitable[Sample]], clients: int, seconds: float,
+                      chunk_counter: Callable[[], int] = lambda: 0) -> ClosedLoopResult:
     """`clients` clients, each sending its next request when the last ended,
-    for `seconds`; counts what ended inside the window."""
+    for `seconds`; counts the requests that ended inside the window, and the
+    growth of `chunk_counter` over it."""
     loop = asyncio.get_running_loop()
     end_at = loop.time() + seconds
-    result = ClosedLoopResult(0, 0, seconds, 0)
+    result = ClosedLoopResult(0, 0, seconds, -chunk_counter())
+
+    def window_closed() -> None:
+        result.chunks += chunk_counter()
+
+    timer = loop.call_at(end_at, window_closed)
 
     async def client() -> None:
         while loop.time() < end_at:
@@ -119,11 +130,11 @@ async def closed_loop(send: Callable[[], Awaitable[Sample]], clients: int,
                 return
             if sample.ok:
                 result.ok += 1
-                result.chunks += sample.chunks
             else:
                 result.failed += 1
 
-    started = loop.time()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    result.seconds = max(seconds, min(loop.time() - started, seconds))
+    try:
+        await asyncio.gather(*(client() for _ in range(clients)))
+    finally:
+        timer.cancel()
     return result

@@ -69,6 +69,17 @@ def breakdown(raw: str) -> dict[str, float]:
     return {stage: n / total for stage, n in counts.most_common()}
 
 
+def top_functions(raw: str, count: int = 15) -> dict[str, float]:
+    """Share of samples per innermost frame (where the time is spent itself)."""
+    counts: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if stack and samples.isdigit():
+            counts[stack.rsplit(";", 1)[-1]] += int(samples)
+    total = sum(counts.values()) or 1
+    return {frame: round(n / total, 4) for frame, n in counts.most_common(count)}
+
+
 def ingress_pids(workdir: Path) -> list[int]:
     """The ingress workers of the `up` run in `workdir` (their command lines name its config)."""
     pids = []

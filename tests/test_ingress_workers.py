@@ -175,3 +175,16 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
     two_workers.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(two_workers.proc.wait(), 30) == 0
     assert not any(_alive(pid) for pid in workers)
+
+
+@pytest.mark.integration
+async def test_workers_end_with_a_killed_supervisor(two_workers: ChildProcess) -> None:
+    workers = _children(two_workers.pid or 0)
+    assert len(workers) == 2 and two_workers.proc is not None
+    two_workers.proc.kill()
+    await two_workers.proc.wait()
+
+    async def gone() -> bool:
+        return not any(_alive(pid) for pid in workers)
+
+    await wait_until(gone, 30)
