@@ -168,7 +168,7 @@ async def _one_stack(workers: int, args: argparse.Namespace, latency: bool) -> d
             if latency:
                 out["latency"] = {
                     mode: [await _latency_point(paths, body, rate, args.rounds, args.seconds)
-                           for rate in RATES_RPS]
+                           for rate in args.rates]
                     for mode, body in (("non_streaming", BODY), ("streaming", STREAM_BODY))}
             pids = stage_profile.ingress_pids(workdir)
             out["max_rps"] = {path: await _throughput(paths, BODY, path, args.clients,
@@ -236,6 +236,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per point and round")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rates", type=int, nargs="+", default=list(RATES_RPS),
+                        help="open-loop rates (rps) of the latency points")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--clients", type=int, default=64, help="closed-loop clients (rps)")
     parser.add_argument("--sse-clients", type=int, default=16)
