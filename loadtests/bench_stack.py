@@ -59,9 +59,8 @@ base_port = {sim_port}
 replicas = {replicas}
 {simulator_toml}
 """)
-    argv = [sys.executable, "-m", "deploy.cli", "up", "--config", str(config)]
-    if workers != 1:
-        argv += ["--workers", str(workers)]
+    argv = [sys.executable, "-m", "deploy.cli", "up", "--config", str(config),
+            "--workers", str(workers)]
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=workdir, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env=dict(os.environ))
