@@ -32,7 +32,7 @@ integration: deps
 	$(PY) -m pytest -q -m integration
 
 bench: deps
-	$(PY) -m loadtests.bench_latency
+	$(PY) -m loadtests.bench_overhead
 
 bench-routing: deps
 	$(PY) -m loadtests.bench_routing

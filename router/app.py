@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import nats
 from aiohttp import web
@@ -37,13 +38,14 @@ from scheduler.wire import CONTROL_CHANGED_SUBJECT
 # limit comes from the config.
 
 
-def create_app(cfg: Config) -> web.Application:
+def create_app(cfg: Config, metrics_dir: Path | None = None) -> web.Application:
+    """`metrics_dir`: the shared metrics directory of a port's workers."""
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
     quote_no_requests()
     app = web.Application(client_max_size=cfg.ingress.max_body_bytes,
                           middlewares=[error_middleware, query_credentials_guard])
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(metrics_dir)
     app.cleanup_ctx.append(_services(cfg))
     add_routes(app)
     return app

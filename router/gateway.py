@@ -108,6 +108,9 @@ class RequestContext:
     admission: Admission | None
     # Some attempt was placed by this ingress (released here when it ends).
     placed_locally: bool = False
+    # Time spent waiting for the replicas of failed attempts (the current
+    # attempt's is in call.record), left out of switchyard's overhead.
+    upstream_wait_s: float = 0.0
 
 
 class Gateway:
@@ -303,6 +306,7 @@ class Gateway:
         # releases whatever is left.
         ctx.placement, ctx.place_req = placement, retry_req
         ctx.placed_locally = ctx.placed_locally or local
+        ctx.upstream_wait_s += ctx.call.record.upstream_wait_s
         ctx.call = self._call(ctx.parsed, ctx.request_id, placement)
         return True
 

@@ -3,12 +3,13 @@ metering need (msgspec), and pass everything else through untouched."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
 
-from router.assemble import can_assemble
+from router.assemble import ASSEMBLY_FIELDS, can_assemble
 from scheduler.errors import InvalidRequest
 from scheduler.media_urls import check_messages
 
@@ -61,6 +62,13 @@ class CompletionBody(msgspec.Struct, frozen=True):
 # Fields some clients use to pick a server. Replicas are chosen by
 # switchyard alone: a request naming one is refused, never forwarded.
 UPSTREAM_URL_FIELDS = ("api_base", "base_url", "api_url", "endpoint", "upstream_url")
+
+_raw_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# A content given as a list of parts, in a chat body's raw `messages`.
+_CONTENT_LIST = re.compile(rb'"content"\s*:\s*\[')
+_UNICODE_ESCAPE = re.compile(rb"\\u")
+# The top-level fields whose values the upstream body depends on.
+_READ_FIELDS = ("max_completion_tokens", "stream_options", *ASSEMBLY_FIELDS)
 
 _decoders = {
     "chat": msgspec.json.Decoder(ChatBody),
@@ -145,26 +153,41 @@ def _upstream_body(body: bytes, stream: bool, cache_salt: str, max_tokens: int |
     chunk (`continuous_usage_stats`), so a stream cut short still has the
     replica's own counts; the ingress strips what the client did not ask
     for. The client's `cache_salt` is replaced by the tenant's (or dropped).
-    `max_tokens`: set in place of the client's (None: left as it is)."""
-    raw = msgspec.json.decode(body)
+    `max_tokens`: set in place of the client's (None: left as it is).
+
+    Top-level fields stay undecoded (msgspec.Raw): the prompt and everything
+    else the ingress does not change are copied as the client wrote them."""
+    raw = _raw_fields.decode(body)
     for name in UPSTREAM_URL_FIELDS:
         if name in raw:
             raise InvalidRequest(f"`{name}` is not accepted: switchyard chooses the replica.",
                                  param=name)
-    check_messages(raw.get("messages"), media_url_hosts)
+    messages = raw.get("messages")
+    if messages is not None and _may_hold_parts(messages):
+        check_messages(msgspec.json.decode(messages), media_url_hosts)
+    read = {name: msgspec.json.decode(raw[name]) for name in _READ_FIELDS if name in raw}
+    fields: dict[str, object] = dict(raw)
     if max_tokens is not None:
         # The field the replica reads first (vLLM: max_completion_tokens, then max_tokens).
-        raw["max_completion_tokens" if raw.get("max_completion_tokens") else "max_tokens"] = (
+        fields["max_completion_tokens" if read.get("max_completion_tokens") else "max_tokens"] = (
             max_tokens)
-    raw.pop("cache_salt", None)
+    fields.pop("cache_salt", None)
     if cache_salt:
-        raw["cache_salt"] = cache_salt
-    assembled = not stream and can_assemble(raw)
+        fields["cache_salt"] = cache_salt
+    assembled = not stream and can_assemble(read)
     if stream or assembled:
-        raw["stream"] = True
-        raw["stream_options"] = {**(raw.get("stream_options") or {}),
-                                 "include_usage": True, "continuous_usage_stats": True}
-    return msgspec.json.encode(raw), assembled
+        fields["stream"] = True
+        fields["stream_options"] = {**(read.get("stream_options") or {}),
+                                    "include_usage": True, "continuous_usage_stats": True}
+    return msgspec.json.encode(fields), assembled
+
+
+def _may_hold_parts(messages: msgspec.Raw) -> bool:
+    """Whether some message's content may be a list of parts (where media
+    URLs live): only then are the messages decoded for the URL check. A
+    \\u escape could spell the key `content`, so one decodes them too."""
+    return (_CONTENT_LIST.search(messages) is not None
+            or _UNICODE_ESCAPE.search(messages) is not None)
 
 
 def _estimate_tokens(parsed: ChatBody | CompletionBody) -> int:

@@ -37,6 +37,9 @@ from scheduler.webhook_config import WebhooksConfig
 class IngressConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8080
+    # Processes serving the port (SO_REUSEPORT); 0: one per core, at most 2
+    # (router/workers.py: the rest of a local stack needs CPU too).
+    workers: int = 0
     max_body_bytes: int = 1 << 20
     placement_timeout_s: float = 2.0
     # How long a placement may wait in the schedulers' fair queue when every

@@ -55,7 +55,8 @@ TEST_PRICE = Price(effective_from_s=0, input_nusd_per_token=150,
 def make_config(session_dir: Path, nats_url: str, redis_url: str) -> Config:
     return Config(
         var_dir=str(session_dir),
-        ingress=IngressConfig(port=free_port()),
+        # One process per ingress (more_ingresses starts them as `python -m router`).
+        ingress=IngressConfig(port=free_port(), workers=1),
         nats=NatsConfig(url=nats_url),
         redis=RedisConfig(url=redis_url),
         auth=AuthConfig(key_secret="test-secret-" + "0" * 32),
