@@ -34,7 +34,8 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, UsageEvent]:
+async def billed(yard: Switchyard, tenant_id: str, requests: int,
+                 timeout_s: float = 15.0) -> dict[str, UsageEvent]:
     """Waits until the metering service (ClickHouse, FINAL) counts `requests`
     rows for the tenant, then returns the tenant's events from JetStream."""
     nc = await nats.connect(yard.cfg.nats.url)
@@ -47,7 +48,7 @@ async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, U
                 return False
             return bool(totals) and totals[0].requests >= requests
 
-        await wait_until(counted, timeout_s=15.0)
+        await wait_until(counted, timeout_s=timeout_s)
         totals = await query_totals(nc, tenant_id)
         assert totals[0].requests == requests
         sub = await nc.jetstream().pull_subscribe(usage_subject(tenant_id),
