@@ -138,7 +138,8 @@ class Gateway:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
         # Before placement: a refused request never reaches a scheduler or a replica.
         admission = await self._quota.admit(tenant.tenant_id, request_id, parsed.model,
-                                            parsed.prompt_tokens_est, parsed.max_tokens or 0)
+                                            parsed.prompt_tokens_est, parsed.max_tokens or 0,
+                                            tenant.limits)
         try:
             place_req = await self._place_request(request_id, principal, parsed,
                                                   session_id or parsed.user,
