@@ -16,11 +16,15 @@ fail budgets closed fast and admit rate limits locally, and probes the Redis
 every `quota.store_probe_s`; once it answers, a Redis that came back empty
 gets every ledger held here in full before the shard answers again.
 
-A tenant with a budget is admitted only once the shard knows its period's
-spend: when its ledger is loaded, the metering service's billed total for
-the period (ClickHouse, the truth) raises the checkpoint's if higher, so a
-lost or stale checkpoint never counts from less. Without that answer its
-reservations fail closed (SPEND_UNKNOWN) and the next one asks again."""
+A Redis that lost the checkpoints (the shard's epoch key was gone when it
+started, or went missing since) cannot tell a new tenant from one whose
+ledger was lost: a tenant with a budget loaded from it is admitted only once
+the metering service said what the tenant was billed this period (ClickHouse,
+the truth), which raises the ledger's spend if higher, so it never counts
+from 0. Meanwhile (asked in the background) its reservations are answered
+SPEND_UNKNOWN, which fails them closed; a failed ask is made again by the
+next one. A ledger held in memory when the Redis was lost is the truth: it
+is written back in full."""
 
 from __future__ import annotations
 
@@ -81,8 +85,10 @@ class _Tenant:
         self.lock = asyncio.Lock()
         self.version = 0
         self.saved = 0
-        # The period's billed spend has been read (for a tenant with a budget).
-        self.spend_known = False
+        # False: loaded from a Redis that lost checkpoints, so a budget needs
+        # the billed spend first (asked by `learning`).
+        self.spend_known = True
+        self.learning: asyncio.Task[None] | None = None
 
 
 class QuotaService:
@@ -102,13 +108,15 @@ class QuotaService:
         self._reader: TenancyReader | None = None
         self._store = QuotaStore(cfg.quota, cfg.redis, shard)
         self._store_up = True
+        # The Redis may have lost checkpoints: see the module's docstring.
+        self._store_fresh = False
         self._watch: asyncio.Task[None] | None = None
         self._metering: MeteringClient | None = None
 
     async def start(self) -> None:
         self._reader = TenancyReader(connect_redis(self.cfg.redis), self.cfg.quota.cache_ttl_s)
         try:
-            await self._store.claim_epoch()
+            self._store_fresh = await self._store.claim_epoch()
         except StoreUnavailable as exc:
             self._store_down(exc)  # serves anyway: "unavailable" until its Redis is back
         self._nc = await connect_bus(self.cfg.nats, f"quota-{self.shard}")
@@ -196,7 +204,8 @@ class QuotaService:
         ledger.advance(now_s, limits)
         if isinstance(call, QuotaReserve):
             if limits.budget_nusd and not tenant.spend_known:
-                await self._learn_spend(tenant, limits, now_s)
+                self._learn_spend(tenant, limits, now_s)
+                raise SpendUnknown(call.tenant_id)
             price = price_at(await self._reader.prices(call.model), now_s)
             est = estimate(limits, price, call.prompt_tokens, call.max_tokens)
             # A resent call whose request was already reserved on its own
@@ -238,25 +247,37 @@ class QuotaService:
             ledger = TenantLedger.restore(fields, self.clock_s(), quota.retry_after_s,
                                           quota.lease.return_grace_s, quota.reservation_ttl_s)
             tenant = self._tenants[tenant_id] = _Tenant(tenant_id, ledger)
+            tenant.spend_known = not self._store_fresh
         return tenant
 
-    async def _learn_spend(self, tenant: _Tenant, limits: TenantLimits, now_s: float) -> None:
-        """The period's billed spend (the metering service's ClickHouse
-        total) raises the ledger's if higher; SpendUnknown without it."""
+    def _learn_spend(self, tenant: _Tenant, limits: TenantLimits, now_s: float) -> None:
+        """Asks the metering service (once at a time per tenant) for the
+        period's billed spend, which raises the ledger's if higher."""
+        if tenant.learning is not None:
+            return
         assert self._metering is not None
-        self.counts["spend_reads"] += 1
+        metering = self._metering
         start_s = period_start_s(limits.budget_period, now_s)
         to_ms = (int(now_s * 1000) // ROLLUP_MINUTE_MS + 1) * ROLLUP_MINUTE_MS
-        try:
-            rows = await self._metering.usage_rows(UsageRowsQuery(
-                tenant_id=tenant.tenant_id, from_ms=start_s * 1000, to_ms=to_ms))
-        except YardError as exc:
-            self.counts["spend_unknown"] += 1
-            log.warning("spend of tenant %s unknown, its budget fails closed: %s",
-                        tenant.tenant_id, exc)
-            raise SpendUnknown(tenant.tenant_id) from exc
-        tenant.ledger.spent_at_least(sum(row.cost_nusd for row in rows))
-        tenant.spend_known = True
+
+        async def learn() -> None:
+            self.counts["spend_reads"] += 1
+            try:
+                rows = await metering.usage_rows(UsageRowsQuery(
+                    tenant_id=tenant.tenant_id, from_ms=start_s * 1000, to_ms=to_ms))
+            except YardError as exc:
+                self.counts["spend_unknown"] += 1
+                log.warning("spend of tenant %s unknown, its budget fails closed: %s",
+                            tenant.tenant_id, exc)
+                return
+            finally:
+                tenant.learning = None
+            tenant.ledger.spent_at_least(sum(row.cost_nusd for row in rows))
+            tenant.spend_known = True
+
+        tenant.learning = asyncio.create_task(learn(), name=f"quota-spend-{tenant.tenant_id}")
+        self._answering.add(tenant.learning)
+        tenant.learning.add_done_callback(self._answering.discard)
 
     async def _save_then_answer(self, tenant: _Tenant, version: int, reply_to: str,
                                 reply: QuotaReply) -> None:
@@ -303,6 +324,7 @@ class QuotaService:
             try:
                 if await self._store.is_lost():
                     self.counts["store_lost"] += 1
+                    self._store_fresh = True
                     await self._store.claim_epoch()
                     await self._rewrite_all()
                 break

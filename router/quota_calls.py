@@ -70,8 +70,12 @@ class ShardCalls:
     async def ask(self, shard: int, call: QuotaCall, timeout_s: float,
                   admitting: bool) -> QuotaReply:
         """Resends until `timeout_s`; an admission (`admitting`) also stops
-        at the shard's word that its Redis is away."""
+        at the shard's word that its Redis is away. A shard still learning a
+        budget tenant's spend is asked again; at the bound its last answer
+        (SPEND_UNKNOWN) is returned: the shard is there, its breaker stays
+        closed."""
         loop = asyncio.get_running_loop()
+        last: QuotaReply | None = None
         started_s = loop.time()
         deadline_s = started_s + timeout_s
         subject = quota_subject(shard)
@@ -88,15 +92,20 @@ class ShardCalls:
                 continue
             except (nats.errors.Error, msgspec.DecodeError):
                 continue
-            if not reply.error or reply.error == SPEND_UNKNOWN:
+            if not reply.error:
                 took.observe(loop.time() - started_s)
                 return reply
+            if reply.error == SPEND_UNKNOWN:
+                last = reply
             if reply.error == STORE_UNAVAILABLE:
+                last = None
                 if admitting:
                     break  # no use resending while its Redis is away
                 await asyncio.sleep(min(self.cfg.store_probe_s, max(0.0, left_s)))
                 continue
             await asyncio.sleep(min(NO_RESPONDERS_BACKOFF_S, max(0.0, left_s)))
+        if last is not None:
+            return last
         raise QuotaUnavailable("The quota service did not answer in time.",
                                retry_after_s=self.cfg.retry_after_s)
 

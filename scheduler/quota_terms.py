@@ -158,7 +158,7 @@ class QuotaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # within it); past it a budget fails closed with 503 + Retry-After and
     # the shard's breaker opens: its tenants' admissions stop waiting for it,
     # and one probe goes every `breaker_open_s` until it answers again.
-    call_timeout_s: float = 0.25
+    call_timeout_s: float = 1.0
     attempt_timeout_s: float = 0.1
     breaker_open_s: float = 0.5
     # Ingress processes sharing the limits: while a tenant's shard cannot be
@@ -170,7 +170,7 @@ class QuotaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # shard's call to it is bounded by store_timeout_s, after which the shard
     # answers "unavailable" at once and probes it every store_probe_s.
     redis_url: str = ""
-    store_timeout_s: float = 0.1
+    store_timeout_s: float = 0.5
     store_probe_s: float = 0.2
     # A shard loading a tenant with a budget asks the metering service for
     # the period's billed spend (within this), so a lost checkpoint never

@@ -25,6 +25,7 @@ from actors.control_plane import TENANT_KEY
 from actors.control_store import connect_redis
 from actors.quota import QuotaService
 from actors.tenancy_reader import LIMITS_FIELD, PRICES_KEY
+from analytics.metering_client import MeteringClient
 from deploy.procs import free_port
 from router.quota_client import Admission, QuotaClient
 from scheduler.config import (
@@ -53,6 +54,7 @@ from scheduler.wire import (
     quota_reply_decoder,
     quota_subject,
 )
+from scheduler.wire.usage import UsageRowsQuery
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -113,6 +115,12 @@ async def quotas(private_bus: str, redis_url: str, session_dir: Path,
         dump_config(cfg), i) for i in range(SHARDS)]
     metering = MeteringActor.remote(dump_config(cfg))
     await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 120) for a in [*shards, metering]))
+    nc = await nats.connect(cfg.nats.url)
+    try:
+        # Its first query (chDB warming up) may take longer than an admission waits.
+        await MeteringClient(nc, timeout_s=60).usage_rows(UsageRowsQuery(from_ms=0, to_ms=60_000))
+    finally:
+        await nc.drain()
     yield Quotas(cfg, shards)
     await asyncio.gather(*(asyncio.wait_for(a.stop.remote(), 10) for a in [*shards, metering]))
 
@@ -282,6 +290,9 @@ async def test_a_shard_killed_under_load_resets_nothing(
     back = asyncio.ensure_future(asyncio.wait_for(owner.ready.remote(), 60))
     while not back.done():
         await load(1)
+        # Admissions fail fast while the breaker is open: pace them, or this
+        # loop takes a core from the Ray restart it waits for.
+        await asyncio.sleep(0.01)
     await back
     down_s = time.monotonic() - killed_s
     assert await owner.__ray_call__.remote(lambda self: os.getpid()) != pid
