@@ -40,7 +40,9 @@ class OutageDesk:
         # Every tenant's requests admitted here and not yet settled.
         self._open: collections.Counter[str] = collections.Counter()
         self.tabs: dict[tuple[str, str], Lease] = {}
-        self.counts = dict.fromkeys(("admitted", "refused", "probes", "away", "back"), 0)
+        self.counts = dict.fromkeys(("admitted", "refused", "probes", "away", "back",
+                                     "away_ms"), 0)
+        self._away_since_s: dict[int, float] = {}
 
     def breaker(self, tenant_id: str) -> tuple[int, ShardBreaker]:
         shard = shard_of(tenant_id, self.cfg.shards)
@@ -53,6 +55,7 @@ class OutageDesk:
         if breaker.failed(self.clock_s()):
             # Logged once per outage, not per request.
             self.counts["away"] += 1
+            self._away_since_s[shard] = self.clock_s()
             self._metrics.quota_shards_away.inc()
             log.warning("quota shard %d unreachable: budgets fail closed, rate limits are "
                         "admitted from this ingress's local bucket (1/%d of each limit)",
@@ -63,6 +66,7 @@ class OutageDesk:
         if not breaker.succeeded():
             return []
         self.counts["back"] += 1
+        self.counts["away_ms"] += round(1000 * (self.clock_s() - self._away_since_s.pop(shard)))
         self._metrics.quota_shards_away.dec()
         log.warning("quota shard %d answers again; its tenants' local admissions go to it",
                     shard)

@@ -123,3 +123,16 @@ def test_a_snapshot_restores_the_whole_ledger_and_the_truth_only_raises_spend() 
     again = TenantLedger.restore(fields, NOON_S + 3)
     assert (again.meta, again.charges) == (ledger.meta, ledger.charges)
     assert (again.reserved_nusd, again.window_requests) == (500, 2)
+
+
+def test_negative_control_a_ledger_trusting_an_empty_redis_overspends() -> None:
+    # A budget of 10 requests' worth, spent in full before the Redis was lost.
+    limits, cost = TenantLimits(budget_nusd=10_000), Estimate(tokens=10, cost_nusd=1_000)
+    billed_nusd = 10_000
+    trusting = TenantLedger.restore({}, NOON_S)  # what an empty Redis holds
+    trusting.advance(NOON_S, limits)
+    assert trusting.reserve("r", cost, limits, NOON_S).admitted, "the control must overspend"
+    careful = TenantLedger.restore({}, NOON_S)
+    careful.advance(NOON_S, limits)
+    careful.spent_at_least(billed_nusd)  # what the shard does before admitting
+    assert careful.reserve("r", cost, limits, NOON_S).refusal == "budget"
