@@ -319,13 +319,15 @@ class QuotaService:
         self._watch = asyncio.create_task(self._watch_store(), name=f"quota-{self.shard}-store")
 
     async def _watch_store(self) -> None:
+        rewrite = False  # until every ledger held here is back in the Redis
         while True:
             await asyncio.sleep(self.cfg.quota.store_probe_s)
             try:
                 if await self._store.is_lost():
                     self.counts["store_lost"] += 1
-                    self._store_fresh = True
+                    self._store_fresh = rewrite = True
                     await self._store.claim_epoch()
+                if rewrite:
                     await self._rewrite_all()
                 break
             except StoreUnavailable:

@@ -56,8 +56,16 @@ class QuotaStore:
             return await self.redis.get(self._epoch_key) is None
 
     async def load(self, tenant_id: str) -> Mapping[str, str]:
+        """The tenant's hash; raises StoreLost if the epoch key is gone (an
+        empty hash would not tell a new tenant from a lost one)."""
         async with self._bounded():
-            return await self.redis.hgetall(self.prefix + tenant_id)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self._epoch_key)
+                pipe.hgetall(self.prefix + tenant_id)
+                epoch, fields = await pipe.execute()
+        if epoch is None:
+            raise StoreLost(self._epoch_key)
+        return fields
 
     async def write(self, tenant_id: str, changes: Mapping[str, bytes | None]) -> None:
         """The changed fields (None: deleted), in one transaction that also
