@@ -13,7 +13,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 UPLOT_VERSION := $(shell sed -n 's/^UPLOT_VERSION = "\(.*\)"$$/\1/p' deploy/static_assets.py)
 UPLOT_DIR := var/static/uplot-$(UPLOT_VERSION)
 
-.PHONY: run test lint unit integration bench bench-routing fidelity deps vllm clean
+.PHONY: run test lint unit integration bench bench-routing soak-billing fidelity loadtest \
+	soak-5min loadtest-distributed deps vllm clean
 
 run: deps
 	$(VENV)/bin/switchyard up
@@ -31,20 +32,35 @@ integration: deps
 	$(PY) -m pytest -q -m integration
 
 bench: deps
-	$(PY) -m loadtests.bench_latency
+	$(PY) -m loadtests.bench_overhead
 
 bench-routing: deps
 	$(PY) -m loadtests.bench_routing
 
+# RELIABILITY T31, long form: 30 minutes of mixed traffic under faults, then
+# the billing audit; the run's directory (history, truth, rows) is printed.
+soak-billing: deps
+	$(PY) -m loadtests.jepsen --duration-s 1800 --work var/jepsen-$$(date +%Y%m%d-%H%M%S)
+
 fidelity: deps vllm
 	$(PY) -m loadtests.fidelity
+
+# locust against a fresh `switchyard up` (loadtests/locust/); reports under var/loadtest/.
+loadtest: deps
+	$(PY) -m loadtests.locust.run mixed --duration-s 60
+
+soak-5min: deps
+	$(PY) -m loadtests.locust.run soak --duration-s 300
+
+loadtest-distributed: deps
+	$(PY) -m loadtests.locust.run mixed --workers 2 --duration-s 20
 
 deps: $(STAMP) /usr/bin/redis-server $(UPLOT_DIR)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,load]'
 	touch $(STAMP)
 
 vllm: $(VLLM_STAMP)

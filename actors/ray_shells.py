@@ -4,7 +4,7 @@ the actor's own event loop when created, and again after a Ray restart."""
 from __future__ import annotations
 
 import asyncio
-import logging
+import os
 from typing import Any, Protocol
 
 import msgspec
@@ -15,7 +15,7 @@ from actors.replica_agent import ReplicaAgent
 from actors.scheduler import SchedulerService
 from analytics.metering import MeteringService
 from analytics.webhooks import WebhookService
-from scheduler.config import config_from_json
+from scheduler.config import Config, config_from_json, configure_logging
 from scheduler.wire import ReplicaInfo
 
 
@@ -26,9 +26,8 @@ class Service(Protocol):
 
 
 class _Host:
-    def __init__(self, service: Service) -> None:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    def __init__(self, service: Service, cfg: Config) -> None:
+        configure_logging(cfg)
         self._service = service
         # Ray runs an async actor's __init__ on the actor's running loop.
         self._started = asyncio.get_running_loop().create_task(service.start())
@@ -41,6 +40,10 @@ class _Host:
     async def stats(self) -> dict[str, Any]:
         return self._service.stats()
 
+    async def pid(self) -> int:
+        """Its process: a driver that attached tells it from a re-created twin."""
+        return os.getpid()
+
     async def stop(self) -> None:
         await self._service.aclose()
 
@@ -51,14 +54,16 @@ class SchedulerActor(_Host):
     broadcasts from its peers'."""
 
     def __init__(self, config_json: bytes, actor_id: str = "", metrics_port: int = 0) -> None:
-        super().__init__(SchedulerService(config_from_json(config_json), actor_id=actor_id,
-                                          metrics_port=metrics_port))
+        cfg = config_from_json(config_json)
+        super().__init__(SchedulerService(cfg, actor_id=actor_id, metrics_port=metrics_port),
+                         cfg)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class MeteringActor(_Host):
     def __init__(self, config_json: bytes) -> None:
-        super().__init__(MeteringService(config_from_json(config_json)))
+        cfg = config_from_json(config_json)
+        super().__init__(MeteringService(cfg), cfg)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -67,7 +72,8 @@ class QuotaShardActor(_Host):
     hashed onto it; restarted by Ray, it reads them back from Redis."""
 
     def __init__(self, config_json: bytes, shard: int) -> None:
-        super().__init__(QuotaService(config_from_json(config_json), shard))
+        cfg = config_from_json(config_json)
+        super().__init__(QuotaService(cfg, shard), cfg)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -75,7 +81,8 @@ class WebhookActor(_Host):
     """Started only when `webhooks.url` is set."""
 
     def __init__(self, config_json: bytes) -> None:
-        super().__init__(WebhookService(config_from_json(config_json)))
+        cfg = config_from_json(config_json)
+        super().__init__(WebhookService(cfg), cfg)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -87,11 +94,12 @@ class ReplicaAgentActor(_Host):
                  kv_bind_endpoint: str = "tcp://127.0.0.1:*", kv_replay_endpoint: str = "") -> None:
         # Ray pickles these methods by value, globals included: no Decoder
         # objects here (they cannot be pickled).
+        cfg = config_from_json(config_json)
         self._agent = ReplicaAgent(
-            config_from_json(config_json), msgspec.json.decode(replica_json, type=ReplicaInfo),
+            cfg, msgspec.json.decode(replica_json, type=ReplicaInfo),
             kv_topic=kv_topic, kv_bind_endpoint=kv_bind_endpoint,
             kv_replay_endpoint=kv_replay_endpoint)
-        super().__init__(self._agent)
+        super().__init__(self._agent, cfg)
 
     async def kv_events_endpoint(self) -> str:
         """Where the replica's KV-event publisher must connect ("" without a relay)."""

@@ -24,6 +24,7 @@ import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from actors.bus import connect_bus
 from actors.control_store import ReplicaRegistry, connect_redis
@@ -46,6 +47,7 @@ from scheduler.wire import (
     ModelsReply,
     Placement,
     PlaceQueued,
+    PlaceRejected,
     PlaceRequest,
     done_decoder,
     encode,
@@ -75,10 +77,11 @@ class SchedulerService:
         self.room = WaitingRoom(self.core, cfg.scheduler.saturation)
         # Set when a placement starts waiting: its deadline may be the next one.
         self._queued = asyncio.Event()
-        self.counts = dict.fromkeys(("placed", "load_reports", "kv_batches", "kv_resyncs",
+        self.counts = dict.fromkeys(("placed", "shed", "load_reports", "kv_batches", "kv_resyncs",
                                      "unknown_replica", "malformed", "reply_errors",
                                      "peer_placed", "peer_stale", "ejections"), 0)
         self._nc: NATS | None = None
+        self._place_sub: Subscription | None = None
         self._registry: ReplicaRegistry | None = None
         self._timers: list[asyncio.Task[None]] = []
         self._metrics: web.AppRunner | None = None
@@ -92,7 +95,8 @@ class SchedulerService:
         self._registry = ReplicaRegistry(connect_redis(self.cfg.redis))
         await self.reload_registry()
         nc = self._nc
-        await nc.subscribe(PLACE_SUBJECT.format(model="*"), queue=PLACE_QUEUE, cb=self._on_place)
+        self._place_sub = await nc.subscribe(PLACE_SUBJECT.format(model="*"), queue=PLACE_QUEUE,
+                                             cb=self._on_place)
         await nc.subscribe(MODELS_SUBJECT, queue=PLACE_QUEUE, cb=self._on_models)
         await nc.subscribe(DONE_SUBJECT, cb=self._on_done)
         await nc.subscribe(PEER_PLACED_SUBJECT, cb=self._on_peer_placed)
@@ -186,6 +190,9 @@ class SchedulerService:
         except msgspec.DecodeError:
             self._malformed("placement request")
             return
+        if self._backlogged():
+            await self._shed(req, msg.reply)
+            return
         replies = self.room.place(req, msg.reply, self.clock_s())
         self.counts["placed"] += 1
         if self.counts["placed"] % EXPLAIN_EVERY == 1:
@@ -193,6 +200,21 @@ class SchedulerService:
         if any(isinstance(reply.message, PlaceQueued) for reply in replies):
             self._queued.set()
         await self._send(replies)
+
+    def _backlogged(self) -> bool:
+        """More placement requests wait behind this one than the actor keeps:
+        the oldest (this one, whose ingress is about to resend it) is refused,
+        so a flooded actor answers everyone quickly instead of late."""
+        limit = self.cfg.scheduler.place_backlog_max
+        return bool(limit) and self._place_sub is not None and (
+            self._place_sub.pending_msgs > limit)
+
+    async def _shed(self, req: PlaceRequest, reply_to: str) -> None:
+        self.counts["shed"] += 1
+        await self._send([Reply(reply_to, PlaceRejected(
+            request_id=req.request_id, code="scheduler_overloaded",
+            message="The scheduler has more placement requests waiting than it keeps.",
+            retry_after_s=self.cfg.scheduler.saturation.retry_after_s), req)])
 
     async def announce(self, req: PlaceRequest, placement: Placement) -> None:
         """Tells the peers about a placement. Sent before the answer on the same

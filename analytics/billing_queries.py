@@ -70,7 +70,7 @@ def usage_rows_sql(database: str, query: UsageRowsQuery) -> tuple[str, dict[str,
 
 
 def usage_rows(store: UsageStore, query: UsageRowsQuery) -> tuple[UsageRow, ...]:
-    """Runs in the store thread."""
+    """Runs in the store process."""
     sql, parameters = usage_rows_sql(store.database, query)
     fields = ["tenant_id"] + [_GROUP_COLUMNS[g][1] for g in check_groups(query.group_by)]
     rows = []
@@ -93,7 +93,7 @@ def _finite(value: float) -> float:
 
 
 def statement_usage(store: UsageStore, query: StatementQuery) -> tuple[StatementUsage, ...]:
-    """Runs in the store thread. Cached tokens beyond the prompt are billed as
+    """Runs in the store process. Cached tokens beyond the prompt are billed as
     the prompt (as Price.cost_nusd does), so the pieces add up to the cost."""
     sql = (
         "SELECT model, arrayCount(b -> b <= toUnixTimestamp(started_at), {breaks:Array(Int64)})"
@@ -116,7 +116,8 @@ def statement_usage(store: UsageStore, query: StatementQuery) -> tuple[Statement
 
 class BillingQueries:
     """Serves USAGE_ROWS_SUBJECT and STATEMENT_SUBJECT; `in_store` runs a
-    function with the store as its first argument in the store's thread."""
+    module-level function with the store as its first argument in the store
+    process."""
 
     def __init__(self, in_store: StoreCall, counts: dict[str, int]) -> None:
         self._in_store = in_store

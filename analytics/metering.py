@@ -1,17 +1,18 @@
 """MeteringService: usage events from the JetStream usage stream into
 ClickHouse, each request id once, and answers to usage queries over NATS.
 
-Plain asyncio, so a Ray async actor can host it. Every store call runs in
-one dedicated worker thread: clickhouse-connect has no async client, and
-chDB is one engine per process that must never be driven from the loop."""
+Plain asyncio, so a Ray async actor can host it. The store lives in a child
+process of its own (analytics/store_process.py): clickhouse-connect has no
+async client, chDB is one engine per process that must never be driven from
+the loop, and in a thread its inserts and the loop starved each other of the
+GIL."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -26,8 +27,11 @@ from actors.control_store import connect_redis
 from actors.tasks import cancel_and_wait
 from analytics.billing_queries import BillingQueries
 from analytics.pricing import PriceReader
-from analytics.store import UsageStore, open_store
+from analytics.pull_connection import Frame, PullConnection
+from analytics.store import UsageStore
+from analytics.store_process import StoreProcess
 from analytics.usage_consumer import COUNTERS, UsageConsumer
+from analytics.usage_pull import BatchPuller
 from scheduler.config import Config
 from scheduler.wire import (
     USAGE_DEAD_LETTER_SUBJECT,
@@ -50,13 +54,15 @@ T = TypeVar("T")
 
 
 class MeteringService:
+    # The store process's main module (StoreProcess).
+    store_module = "analytics.store_process"
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._executor: ThreadPoolExecutor | None = None
-        self._store: UsageStore | None = None
+        self._store: StoreProcess | None = None
         self._redis: aioredis.Redis | None = None
         self._nc: nats.NATS | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: BatchPuller | None = None
         self._usage: UsageConsumer | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._counts = {"queries": 0, "query_failures": 0}
@@ -64,9 +70,10 @@ class MeteringService:
     async def start(self) -> None:
         """Opens and migrates the store, ensures the streams and the consumer,
         then consumes."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metering-store")
         try:
-            self._store = await self._in_store_thread(self._open_store)
+            self._store = StoreProcess(self.cfg.metering.clickhouse, self.cfg.var_dir,
+                                       self.store_module)
+            await self._with_store(migrate)
             self._redis = connect_redis(self.cfg.redis)
             self._nc = await connect_bus(self.cfg.nats, "switchyard-metering")
             js = self._nc.jetstream(timeout=self.cfg.nats.request_timeout_s)
@@ -78,8 +85,8 @@ class MeteringService:
         except BaseException:
             await self.aclose()
             raise
-        self._usage = UsageConsumer(self.cfg.metering, self._nc, js, self._sub, self._store,
-                                    PriceReader(self._redis), self._in_store_thread)
+        self._usage = UsageConsumer(self.cfg.metering, js, self._sub,
+                                    self._with_store, PriceReader(self._redis))
         self._consumer = asyncio.create_task(self._usage.run_forever(), name="metering-consume")
 
     async def aclose(self) -> None:
@@ -92,14 +99,10 @@ class MeteringService:
             if self._redis is not None:
                 redis, self._redis = self._redis, None
                 await redis.aclose()
-            if self._store is not None:
-                store, self._store = self._store, None
-                await self._in_store_thread(store.close)
         finally:
-            if self._executor is not None:
-                # Does not wait: the worker exits once its last job (close) ends.
-                self._executor.shutdown(wait=False)
-                self._executor = None
+            # Kept (closed) for stats(); a call after this raises.
+            if self._store is not None:
+                await self._store.aclose()
         if cancelled:
             raise asyncio.CancelledError
 
@@ -111,10 +114,8 @@ class MeteringService:
         if nc is None or nc.is_closed:
             return False
         if sub is not None:
-            # nats-py's fetch takes queued messages without marking them done,
-            # so draining this subscription would wait out the drain timeout
-            # (30 s). Its unacked messages come back after ack_wait.
-            await sub.unsubscribe()
+            # Its unacked messages come back after ack_wait.
+            await sub.aclose()
         task = asyncio.current_task()
         cancels_before = task.cancelling() if task is not None else 0
         await nc.drain()
@@ -126,24 +127,13 @@ class MeteringService:
         `dead_letters` events moved to the dead-letter stream, `unpriced`
         events stored at cost 0 because their model had no price."""
         consumed = self._usage.counts if self._usage else dict.fromkeys(COUNTERS, 0)
-        return {**consumed, **self._counts}
+        starts = self._store.starts if self._store else 0
+        return {**consumed, **self._counts, "store_process_starts": starts}
 
-    def _open_store(self) -> UsageStore:
-        store = open_store(self.cfg.metering.clickhouse, self.cfg.var_dir)
-        try:
-            store.migrate()
-        except BaseException:
-            store.close()
-            raise
-        return store
-
-    async def _in_store_thread(self, fn: Callable[..., T], *args: object) -> T:
-        assert self._executor is not None
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def _with_store(self, fn: Callable[..., T], *args: object) -> T:
+    async def _with_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(store, *args) in the store process; fn must be module-level."""
         assert self._store is not None
-        return await self._in_store_thread(fn, self._store, *args)
+        return await self._store.call(fn, *args)
 
     async def _ensure_streams(self, js: JetStreamContext) -> None:
         await self._ensure_stream(js, StreamConfig(
@@ -162,7 +152,7 @@ class MeteringService:
                 raise
             await js.update_stream(config)
 
-    async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    async def _subscribe(self, js: JetStreamContext) -> BatchPuller:
         m = self.cfg.metering
         config = ConsumerConfig(
             durable_name=CONSUMER_NAME, name=CONSUMER_NAME, filter_subject=USAGE_SUBJECTS,
@@ -176,8 +166,16 @@ class MeteringService:
             max_ack_pending=2 * m.batch_max)
         # Creates the durable consumer, or updates it to the configured settings.
         await js.add_consumer(self.cfg.nats.usage_stream, config)
-        return await js.pull_subscribe_bind(durable=CONSUMER_NAME,
-                                            stream=self.cfg.nats.usage_stream)
+        assert self._nc is not None
+        url = self.cfg.nats.url
+
+        async def connect(on_frames: Callable[[list[Frame]], None]) -> PullConnection:
+            return await PullConnection.connect(url, "switchyard-metering-pull", on_frames)
+
+        puller = BatchPuller(connect, self.cfg.nats.usage_stream, CONSUMER_NAME, m.batch_max,
+                             expires_s=m.fetch_wait_s, linger_s=m.linger_s)
+        await puller.start()
+        return puller
 
     async def _on_query(self, msg: Msg) -> None:
         self._counts["queries"] += 1
@@ -185,7 +183,7 @@ class MeteringService:
         assert store is not None
         try:
             query = usage_query_decoder.decode(msg.data)
-            reply = UsageReply(totals=await self._in_store_thread(store.totals, query.tenant_id))
+            reply = UsageReply(totals=await store.call(UsageStore.totals, query.tenant_id))
         except msgspec.DecodeError as exc:
             self._counts["query_failures"] += 1
             reply = UsageReply(error=f"bad usage query: {exc}")
@@ -195,3 +193,8 @@ class MeteringService:
             reply = UsageReply(error=f"usage query failed: {exc}")
         if msg.reply:
             await msg.respond(encode(reply))
+
+
+def migrate(store: UsageStore) -> list[int]:
+    """In the store process at start: the schema, before anything is consumed."""
+    return store.migrate()

@@ -1,10 +1,12 @@
 """`python -m analytics.metering_main --config PATH`: the metering service as
 a plain process, for deployments without Ray and for tests that SIGKILL it.
-Prints "metering ready" once it consumes; SIGTERM or SIGINT stop it cleanly."""
+Prints "metering ready" once it consumes; SIGTERM or SIGINT stop it cleanly,
+and it prints its counters as `metering stats {json}` on the way out."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 
 import uvloop
@@ -24,6 +26,8 @@ async def serve(service: MeteringService) -> None:
         await stop.wait()
     finally:
         await service.aclose()
+        # One line a benchmark or an operator reads after the stop.
+        print(f"metering stats {json.dumps(service.stats())}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

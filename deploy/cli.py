@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="route to this OpenAI-compatible server (repeatable); "
                          "default: simulated replicas")
     up.add_argument("--port", type=int, help="API port (default 8080)")
+    up.add_argument("--workers", type=int, metavar="N",
+                    help="ingress processes on the API port (default: ingress.workers; "
+                         "0: one per core, at most 2)")
     add_replicas_parser(sub, f"TOML config (default: {RUN_CONFIG} of a running stack)")
     add_admin_parsers(sub, f"TOML config (default: {RUN_CONFIG} of a running stack)")
     admin_key = sub.add_parser("admin-key", help="issue a platform admin key into the store "
@@ -50,6 +53,11 @@ def _up_config(args: argparse.Namespace) -> Config:
     if args.port is not None:
         cfg = msgspec.structs.replace(
             cfg, ingress=msgspec.structs.replace(cfg.ingress, port=args.port))
+    if args.workers is not None:
+        if args.workers < 0:
+            raise ConfigError("--workers must be 0 (one per core, at most 2) or more")
+        cfg = msgspec.structs.replace(
+            cfg, ingress=msgspec.structs.replace(cfg.ingress, workers=args.workers))
     return cfg
 
 

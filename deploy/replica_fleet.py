@@ -9,7 +9,7 @@ get agents for health and load only: their KV-event settings are their own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,10 +18,10 @@ import aiohttp
 import msgspec
 
 from deploy.procs import LOOPBACK, ChildProcess, StartFailed, python_module
+from deploy.stack_actors import ActorSpec, StackActors
 from scheduler.config import Config, SimulatorConfig, dump_config
 from scheduler.wire import ReplicaInfo, encode
 
-ACTOR_READY_TIMEOUT_S = 120.0
 REPLICA_READY_TIMEOUT_S = 60.0
 SIM_TOPIC = "sim-{index}"
 
@@ -31,12 +31,12 @@ def replica_id(index: int, url: str) -> str:
 
 
 class ReplicaFleet:
-    def __init__(self, cfg: Config, var: Path, logs: Path) -> None:
+    def __init__(self, cfg: Config, var: Path, logs: Path, actors: StackActors) -> None:
         self.cfg = cfg
         self.var = var
         self.logs = logs
         self.children: list[ChildProcess] = []
-        self.agents: list[object] = []
+        self.actors = actors
 
     async def start(self) -> list[ReplicaInfo]:
         if self.cfg.replicas:
@@ -71,17 +71,22 @@ class ReplicaFleet:
         return infos
 
     async def _agent(self, info: ReplicaInfo, kv_topic: str | None) -> str:
-        """Starts the replica's agent; returns where its KV events must go."""
-        from actors.ray_shells import ReplicaAgentActor
-
-        agent = ReplicaAgentActor.options(name=f"switchyard-agent-{info.id}").remote(
-            dump_config(self.cfg), encode(info), kv_topic=kv_topic)
-        self.agents.append(agent)
+        """Starts the replica's agent (or attaches to it); returns where its KV
+        events must go. An agent `up` creates again binds the port the first
+        one got, so the replica's publisher reconnects to it."""
+        spec = ActorSpec(f"switchyard-agent-{info.id}", f"agent of replica {info.id}",
+                         "ReplicaAgentActor", (dump_config(self.cfg), encode(info)),
+                         {"kv_topic": kv_topic, "kv_bind_endpoint": f"tcp://{LOOPBACK}:*"})
+        (agent,) = await self.actors.ensure([spec])
         try:
-            return await asyncio.wait_for(agent.kv_events_endpoint.remote(),
-                                          ACTOR_READY_TIMEOUT_S)
+            endpoint: str = await asyncio.wait_for(agent.kv_events_endpoint.remote(),
+                                                   self.cfg.ray.call_timeout_s)
         except Exception as exc:  # noqa: BLE001 - reported with the part's name
             raise StartFailed(f"agent of replica {info.id} failed to start: {exc}") from None
+        if endpoint:
+            self.actors.specs[spec.name] = dataclasses.replace(
+                spec, kwargs={**spec.kwargs, "kv_bind_endpoint": endpoint})
+        return endpoint
 
     async def _start_simulator(self, index: int, sim: SimulatorConfig) -> None:
         config_path = self.var / "run" / f"simulator-{index}.json"
@@ -95,9 +100,7 @@ class ReplicaFleet:
         self.children.append(proc)
 
     async def stop(self) -> None:
-        for agent in self.agents:
-            with contextlib.suppress(Exception):  # stopping anyway
-                await asyncio.wait_for(agent.stop.remote(), timeout=10)  # type: ignore[attr-defined]
+        """The replicas; their agents are the actors' to stop (StackActors)."""
         for child in reversed(self.children):
             await child.stop()
 

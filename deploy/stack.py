@@ -2,7 +2,8 @@
 
 Order: nats-server, redis-server, the replicas with their agents (simulated
 unless URLs are given; deploy/replica_fleet.py), the replica registry, Ray
-actors (metering, schedulers, quota shards), the ingress. Each part is awaited until ready;
+actors (metering, schedulers, quota shards; deploy/stack_actors.py, which
+also keeps them alive), the ingress. Each part is awaited until ready;
 a part that fails is named with its reason. Stopping (SIGINT/SIGTERM, or any
 child dying) ends every part, the ingress first.
 """
@@ -14,6 +15,8 @@ import contextlib
 import secrets
 import signal
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,11 +26,19 @@ import msgspec
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import ChildProcess, StartFailed, python_module, start_nats, start_redis
-from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
+from deploy.replica_fleet import ReplicaFleet, healthy
+from deploy.stack_actors import StackActors, stack_specs
 from deploy.tiny_model import TINY_MODEL_DIR
 from scheduler.config import Config, ModelConfig, dump_config
+from scheduler.control import SYSTEM
+from scheduler.tenancy import Price
 
 DEMO_TENANT = "demo"
+# What `up` charges for a served model that has no price (USD 0.15 / 0.075 /
+# 0.60 per million input / cached input / output tokens): an unpriced model
+# is refused for every tenant, so it could not be served at all.
+DEMO_PRICE = Price(effective_from_s=0, input_nusd_per_token=150,
+                   cached_input_nusd_per_token=75, output_nusd_per_token=600)
 
 
 def port_of(url: str) -> int:
@@ -67,6 +78,20 @@ def with_simulated_model(cfg: Config) -> Config:
     return msgspec.structs.replace(cfg, models={**cfg.models, sim.model: model})
 
 
+async def price_unpriced(plane: ControlPlane, models: Iterable[str]) -> list[str]:
+    """Gives each of `models` that has no price DEMO_PRICE (audited, as any
+    price), in force once this returns; the models priced."""
+    unpriced = sorted(set(models) - (await plane.prices(SYSTEM)).keys())
+    # A price starts now or later: the next second, waited for.
+    from_s = int(time.time()) + 1
+    for model in unpriced:
+        await plane.set_price(SYSTEM, "sys-" + secrets.token_hex(8), model,
+                              msgspec.structs.replace(DEMO_PRICE, effective_from_s=from_s))
+    if unpriced:
+        await asyncio.sleep(max(0.0, from_s - time.time()))
+    return unpriced
+
+
 def _stored_secret(path: Path) -> str:
     if not path.exists():
         path.write_text(secrets.token_hex(32))
@@ -80,8 +105,9 @@ class Stack:
         self.var = Path(cfg.var_dir)
         self.logs = self.var / "logs"
         self.children: list[ChildProcess] = []
-        self.actors: list[object] = []
-        self.fleet = ReplicaFleet(cfg, self.var, self.logs)
+        # The replica agents too: one supervisor keeps every actor alive.
+        self.actors = StackActors(cfg)
+        self.fleet = ReplicaFleet(cfg, self.var, self.logs, self.actors)
         self.started = False
 
     async def start(self) -> str:
@@ -97,8 +123,11 @@ class Stack:
             # `up` owns the registry: replicas of an earlier run are dropped.
             for stale in await registry.replicas():
                 await registry.remove_replica(stale.id)
-            for info in await self.fleet.start():
+            infos = await self.fleet.start()
+            for info in infos:
                 await registry.put_replica(info)
+            await price_unpriced(ControlPlane(redis, self.cfg.auth, None),
+                                 (m for info in infos for m in info.models))
             await self._start_actors()
             await self._start_ingress()
             if self.cfg.admin.enabled:
@@ -111,38 +140,9 @@ class Stack:
         return issued.plaintext
 
     async def _start_actors(self) -> None:
-        from actors.ray_shells import (
-            MeteringActor,
-            QuotaShardActor,
-            SchedulerActor,
-            WebhookActor,
-        )
-
-        config_json = dump_config(self.cfg)
-        metering = MeteringActor.options(name="switchyard-metering").remote(config_json)
-        names = [f"switchyard-scheduler-{i}" for i in range(self.cfg.scheduler.actors)]
-        port = self.cfg.scheduler.metrics_port
-        schedulers = [SchedulerActor.options(name=name).remote(config_json, name,
-                                                               port + i if port else 0)
-                      for i, name in enumerate(names)]
-        quota_shards = [QuotaShardActor.options(name=f"switchyard-quota-{i}").remote(config_json, i)
-                        for i in range(self.cfg.quota.shards)]
-        self.actors = [metering, *schedulers, *quota_shards]
-        for name, actor in [("metering actor", metering)] + [
-                (f"scheduler actor {i}", a) for i, a in enumerate(schedulers)] + [
-                (f"quota shard {i}", a) for i, a in enumerate(quota_shards)]:
-            try:
-                await asyncio.wait_for(actor.ready.remote(), ACTOR_READY_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - reported with the part's name
-                raise StartFailed(f"{name} failed to start: {exc}") from None
-        if self.cfg.webhooks.url:
-            # After metering: it binds a consumer to the usage stream metering creates.
-            webhooks = WebhookActor.options(name="switchyard-webhooks").remote(config_json)
-            self.actors.append(webhooks)
-            try:
-                await asyncio.wait_for(webhooks.ready.remote(), ACTOR_READY_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - reported with the part's name
-                raise StartFailed(f"webhook actor failed to start: {exc}") from None
+        for group in stack_specs(self.cfg):
+            await self.actors.ensure(group)
+        self.actors.supervise()
 
     async def _start_ingress(self) -> None:
         config_path = self.var / "run" / "config.json"
@@ -185,9 +185,7 @@ class Stack:
         ingress, servers = self.children[2:], self.children[:2]
         for child in reversed(ingress):
             await child.stop()
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(actor.stop.remote(), timeout=10)  # type: ignore[attr-defined]
+        await self.actors.aclose()
         await self.fleet.stop()
         for child in reversed(servers):
             await child.stop()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from loadtests.bench_latency import BODY, _quantile, start_stack
+from loadtests.bench_stack import BODY, quantile, start_stack, stop_stack
 
 SCENARIOS: dict[str, dict[str, object]] = {
     "healthy": {},
@@ -75,7 +74,8 @@ async def _load(session: aiohttp.ClientSession, url: str, key: str, requests: in
 async def bench(requests: int, concurrency: int) -> dict[str, object]:
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="switchyard-failover-") as tmp:
-        proc, via_url, direct_url, key = await start_stack(Path(tmp), replicas=2)
+        stack = await start_stack(Path(tmp), replicas=2)
+        via_url, direct_url, key = stack.via_url, stack.direct_url, stack.key
         api, sim = urlsplit(via_url), urlsplit(direct_url)
         metrics_url = f"http://{api.netloc}/metrics"
         faults_url = f"http://{sim.netloc}/sim/faults"
@@ -97,13 +97,12 @@ async def bench(requests: int, concurrency: int) -> dict[str, object]:
                     replica_0 = sum(1 for r in served_by if r.endswith(f"-{sim.port}"))
                     results[name] = {
                         "requests": requests, "failed": failures,
-                        "p50_ms": _quantile(latencies, 0.5), "p99_ms": _quantile(latencies, 0.99),
+                        "p50_ms": quantile(latencies, 0.5), "p99_ms": quantile(latencies, 0.99),
                         "served_by_replica_0": replica_0,
                         "retries": after[COUNTERS[0]] - before[COUNTERS[0]],
                         "budget_refusals": after[COUNTERS[1]] - before[COUNTERS[1]]}
         finally:
-            proc.send_signal(signal.SIGTERM)
-            await proc.wait()
+            await stop_stack(stack)
     return {"concurrency": concurrency, "scenarios": results}
 
 

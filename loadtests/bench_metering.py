@@ -9,9 +9,13 @@ consumer's state in NATS, and the rows checked in ClickHouse afterwards).
 lag: events published at a steady `--rate` for `--seconds` while the consumer
 runs, each stamped with its publish time; lag is ClickHouse's `ingested_at`
 (the insert) minus that stamp, so it holds the wait in the stream, the fetch,
-the insert and nothing else. Prints JSON and a short table.
+the insert and nothing else. Both report the consumer's worst event-loop
+stall (its `loop_stall_max_ms`, printed by the process as it stops): the
+store lives in a process of its own, so NATS pings, acks and usage queries
+keep being served while it inserts. Prints JSON and a short table.
 
     python -m loadtests.bench_metering [--events 300000] [--rate 5000] [--seconds 20]
+        [--batch-max 20000]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +39,7 @@ from scheduler.config import ClickHouseConfig, Config, NatsConfig, RedisConfig, 
 from scheduler.wire import UsageEvent, encode, usage_subject
 
 CONSUMER = "yard-metering"
+STATS_PREFIX = "metering stats "
 
 
 def _event(i: int, started_at_ms: int) -> UsageEvent:
@@ -61,8 +67,12 @@ async def _pending(nc: nats.NATS, cfg: Config) -> tuple[int, int, int]:
     return info.num_pending, info.num_ack_pending, info.delivered.stream_seq
 
 
+def _log_path(work: Path) -> Path:
+    return work / "logs" / "metering.log"
+
+
 async def _start_consumer(work: Path, config_path: Path) -> ChildProcess:
-    log_path = work / "logs" / "metering.log"
+    log_path = _log_path(work)
     proc = ChildProcess("metering", python_module("analytics.metering_main", "--config",
                                                   str(config_path)), log_path)
     offset = log_path.stat().st_size if log_path.exists() else 0
@@ -75,15 +85,45 @@ async def _start_consumer(work: Path, config_path: Path) -> ChildProcess:
     return proc
 
 
+async def _stop_consumer(consumer: ChildProcess, work: Path) -> dict[str, int]:
+    """Stops it; returns the counters it printed on the way out."""
+    await consumer.stop()
+    lines = _log_path(work).read_text(errors="replace").splitlines()
+    stats = [line.removeprefix(STATS_PREFIX) for line in lines if line.startswith(STATS_PREFIX)]
+    return json.loads(stats[-1]) if stats else {}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def _cpu_by_part(consumer_pid: int, nats_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the consumer's loop process, its store process
+    and nats-server: where each event's cost goes, whatever else the machine
+    runs meanwhile."""
+    stores = _children(consumer_pid)
+    return {"consumer": _cpu_s(consumer_pid), "store": sum(_cpu_s(pid) for pid in stores),
+            "nats_server": _cpu_s(nats_pid)}
+
+
 async def _throughput(nc: nats.NATS, cfg: Config, work: Path, config_path: Path,
-                      events: int) -> dict[str, float]:
+                      events: int, nats_pid: int) -> dict[str, object]:
     # A first run creates the stream and the durable consumer, then stops.
-    await (await _start_consumer(work, config_path)).stop()
+    await _stop_consumer(await _start_consumer(work, config_path), work)
     now_ms = int(time.time() * 1000)
     await _publish(nc, [_event(i, now_ms) for i in range(events)])
     consumer = await _start_consumer(work, config_path)
+    assert consumer.pid is not None
     try:
         first_s = None
+        cpu_before = _cpu_by_part(consumer.pid, nats_pid)
         while True:
             pending, ack_pending, delivered = await _pending(nc, cfg)
             if first_s is None and delivered > 0:
@@ -92,10 +132,15 @@ async def _throughput(nc: nats.NATS, cfg: Config, work: Path, config_path: Path,
                 break
             await asyncio.sleep(0.01)
         elapsed_s = time.perf_counter() - first_s
+        cpu_after = _cpu_by_part(consumer.pid, nats_pid)
     finally:
-        await consumer.stop()
+        stats = await _stop_consumer(consumer, work)
+    cpu_us = {part: round((cpu_after[part] - cpu_before[part]) * 1e6 / events, 1)
+              for part in cpu_after}
     return {"events": events, "seconds": round(elapsed_s, 3),
-            "events_per_s": round(events / elapsed_s)}
+            "events_per_s": round(events / elapsed_s), "batches": stats.get("batches", -1),
+            "loop_stall_max_ms": stats.get("loop_stall_max_ms", -1),
+            "cpu_us_per_event": cpu_us}
 
 
 async def _lag(nc: nats.NATS, cfg: Config, work: Path, config_path: Path, rate: int,
@@ -118,8 +163,10 @@ async def _lag(nc: nats.NATS, cfg: Config, work: Path, config_path: Path, rate: 
         while (await _pending(nc, cfg))[:2] != (0, 0):
             await asyncio.sleep(0.05)
     finally:
-        await consumer.stop()
-    return {"rate_per_s": rate, "events": total, "achieved_rate_per_s": round(total / published_s)}
+        stats = await _stop_consumer(consumer, work)
+    return {"rate_per_s": rate, "events": total, "achieved_rate_per_s": round(total / published_s),
+            "batches": stats.get("batches", -1),
+            "loop_stall_max_ms": stats.get("loop_stall_max_ms", -1)}
 
 
 def _store_figures(cfg: Config, lag_from_id: int) -> dict[str, float]:
@@ -138,20 +185,22 @@ def _store_figures(cfg: Config, lag_from_id: int) -> dict[str, float]:
             "lag_p99_ms": float(p99), "lag_max_ms": float(worst)}
 
 
-async def run(events: int, rate: int, seconds: float) -> dict[str, object]:
+async def run(events: int, rate: int, seconds: float, batch_max: int) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="bench-metering-"))
     nats_proc, nats_url = await start_nats(work / "nats", work / "logs")
     redis_proc, redis_url = await start_redis(work / "redis", work / "logs", persist=False)
     cfg = Config(var_dir=str(work), nats=NatsConfig(url=nats_url),
                  redis=RedisConfig(url=redis_url),
                  metering=msgspec.structs.replace(
-                     Config().metering, clickhouse=ClickHouseConfig(path=str(work / "chdb"))))
+                     Config().metering, batch_max=batch_max,
+                     clickhouse=ClickHouseConfig(path=str(work / "chdb"))))
     config_path = work / "config.json"
     config_path.write_bytes(dump_config(cfg))
     try:
         nc = await nats.connect(nats_url)
         try:
-            throughput = await _throughput(nc, cfg, work, config_path, events)
+            assert nats_proc.pid is not None
+            throughput = await _throughput(nc, cfg, work, config_path, events, nats_proc.pid)
             lag = await _lag(nc, cfg, work, config_path, rate, seconds, first_id=events)
         finally:
             await nc.close()
@@ -161,7 +210,8 @@ async def run(events: int, rate: int, seconds: float) -> dict[str, object]:
         await nats_proc.stop()
     return {"throughput": throughput, "steady": lag,
             "config": {"batch_max": cfg.metering.batch_max,
-                       "fetch_wait_s": cfg.metering.fetch_wait_s}}
+                       "fetch_wait_s": cfg.metering.fetch_wait_s,
+                       "linger_s": cfg.metering.linger_s}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,15 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--batch-max", type=int, default=Config().metering.batch_max)
     args = parser.parse_args(argv)
-    result = uvloop.run(run(args.events, args.rate, args.seconds))
+    result = uvloop.run(run(args.events, args.rate, args.seconds, args.batch_max))
     json.dump(result, sys.stdout, indent=2)
     t, s = result["throughput"], result["steady"]
     print(f"\n\n{'figure':<34}{'value':>14}")
     print(f"{'events/s into chDB (backlog)':<34}{t['events_per_s']:>14,}")
+    print(f"{'  worst loop stall (ms)':<34}{t['loop_stall_max_ms']:>14,}")
+    for part, cpu_us in t["cpu_us_per_event"].items():
+        print(f"{'  CPU us/event, ' + part:<34}{cpu_us:>14,}")
     print(f"{'steady rate (events/s)':<34}{s['achieved_rate_per_s']:>14,}")
     print(f"{'ingest lag p50 (ms)':<34}{s['lag_p50_ms']:>14,.0f}")
     print(f"{'ingest lag p99 (ms)':<34}{s['lag_p99_ms']:>14,.0f}")
+    print(f"{'  worst loop stall (ms)':<34}{s['loop_stall_max_ms']:>14,}")
     print(f"{'rows / unique request ids':<34}{s['rows']:>7,}/{s['unique_request_ids']:<,}")
     return 0
 

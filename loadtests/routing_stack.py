@@ -23,7 +23,9 @@ from nats.js.api import StreamConfig
 from actors.control_plane import ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import LOOPBACK, ChildProcess, free_port, python_module, start_nats, start_redis
-from deploy.replica_fleet import ACTOR_READY_TIMEOUT_S, ReplicaFleet, healthy
+from deploy.replica_fleet import ReplicaFleet, healthy
+from deploy.stack import price_unpriced
+from deploy.stack_actors import ACTOR_READY_TIMEOUT_S, StackActors
 from deploy.vllm import KvEventsTarget, VllmReplica, VllmReplicaSpec
 from scheduler.config import (
     Config,
@@ -126,7 +128,7 @@ class RunStack:
         self.work = work
         self.fleet: ReplicaFleet | VllmFleet = (
             VllmFleet(cfg, work, vllm_replicas, vllm_kv_blocks) if vllm_replicas
-            else ReplicaFleet(cfg, work, work / "logs"))
+            else ReplicaFleet(cfg, work, work / "logs", StackActors(cfg)))
         self.scheduler: object | None = None
         # The ingress admits every request through them (quota.shards).
         self.quota_shards: list[object] = []
@@ -148,6 +150,8 @@ class RunStack:
             registry = ReplicaRegistry(redis)
             for info in self.infos:
                 await registry.put_replica(info)
+            await price_unpriced(ControlPlane(redis, self.cfg.auth, None),
+                                 (m for info in self.infos for m in info.models))
             _, key = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None), "bench")
             self.api_key = key.plaintext
         finally:
@@ -198,6 +202,10 @@ class RunStack:
                     await asyncio.wait_for(actor.stop.remote(), timeout=10)  # type: ignore[attr-defined]
         await self.fleet.stop()
         # Actors outlive stop() (their processes idle); the next run needs the memory.
-        for actor in [self.scheduler, *self.quota_shards, *self.fleet.agents]:
+        agents = (self.fleet.agents if isinstance(self.fleet, VllmFleet)
+                  else list(self.fleet.actors.handles.values()))
+        if isinstance(self.fleet, ReplicaFleet):
+            await self.fleet.actors.aclose()
+        for actor in [self.scheduler, *self.quota_shards, *agents]:
             if actor is not None:
                 ray.kill(actor)

@@ -34,6 +34,7 @@ from router.auth import Authenticator, refuse_query_credentials
 from router.billing_handlers import BILLING_HANDLERS
 from router.dashboard import VENDOR_DIR, dashboard_handlers
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, error_middleware
+from router.log_redaction import quote_no_requests
 from router.metrics import Metrics
 from scheduler.access import authorize
 from scheduler.admin_api import BY_ROUTE, OPERATIONS, CsvExport, Operation
@@ -63,6 +64,7 @@ def create_admin_app(cfg: Config, vendor_dir: Path = VENDOR_DIR) -> web.Applicat
     """`vendor_dir`: the dashboard's charting library (router/dashboard.py)."""
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
+    quote_no_requests()
     app = web.Application(client_max_size=MAX_BODY_BYTES,
                           middlewares=[error_middleware, admin_guard])
     app[METRICS] = Metrics()

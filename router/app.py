@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import nats
 from aiohttp import web
@@ -13,15 +14,18 @@ from redis.asyncio import Redis
 
 from actors.bus import connect_bus
 from actors.control_plane import ControlPlane
-from actors.control_store import connect_redis
+from actors.control_store import ReplicaRegistry, connect_redis
 from router.auth import Authenticator
 from router.error_map import METRICS, error_middleware
+from router.fallback import FallbackPlacer
 from router.gateway import Gateway, reads_block_hashes
 from router.http_api import GATEWAY, READINESS, add_routes, query_credentials_guard
+from router.log_redaction import quote_no_requests
 from router.metrics import Metrics
 from router.nats_api import NatsApi
 from router.outbox import Outbox
 from router.placer import Placer
+from router.prices import PriceBook
 from router.prompt_blocks import PromptHasher
 from router.quota_client import QuotaClient
 from router.spool import UsageSpool, spool_path
@@ -34,12 +38,14 @@ from scheduler.wire import CONTROL_CHANGED_SUBJECT
 # limit comes from the config.
 
 
-def create_app(cfg: Config) -> web.Application:
+def create_app(cfg: Config, metrics_dir: Path | None = None) -> web.Application:
+    """`metrics_dir`: the shared metrics directory of a port's workers."""
     if not cfg.auth.key_secret:
         raise ConfigError("auth.key_secret (or SWITCHYARD_KEY_SECRET) must be set")
+    quote_no_requests()
     app = web.Application(client_max_size=cfg.ingress.max_body_bytes,
                           middlewares=[error_middleware, query_credentials_guard])
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(metrics_dir)
     app.cleanup_ctx.append(_services(cfg))
     add_routes(app)
     return app
@@ -54,8 +60,11 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             hasher = PromptHasher(cfg.models, cfg.ingress.tokenizer_threads,
                                   cfg.ingress.tokenize_inline_max_bytes, metrics.prompt_hashing)
             await hasher.start()
-        nc = await connect_bus(cfg.nats, "switchyard-ingress")
         redis = connect_redis(cfg.redis)
+        # The ingress only reads the control plane: it publishes nothing.
+        auth = Authenticator(ControlPlane(redis, cfg.auth, publish=None),
+                             cfg.auth.key_secret.encode(), cfg.ingress.key_cache_ttl_s)
+        nc = await connect_bus(cfg.nats, "switchyard-ingress", reconnected=auth.on_reconnected)
         replicas = ReplicaClient(cfg.ingress.upstream_connect_timeout_s,
                                  cfg.ingress.upstream_total_timeout_s)
         await replicas.start()
@@ -64,17 +73,21 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         outbox = Outbox(nc, nc.jetstream(), cfg.ingress.usage_queue_size,
                         cfg.nats.request_timeout_s, metrics, spool)
         outbox.start()
-        # The ingress only reads the control plane: it publishes nothing.
-        auth = Authenticator(ControlPlane(redis, cfg.auth, publish=None),
-                             cfg.auth.key_secret.encode(), cfg.ingress.key_cache_ttl_s)
         control_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=auth.on_control_changed)
         quota = QuotaClient(nc, cfg.quota, metrics=metrics)
         await quota.start()
         quota_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=quota.on_control_changed)
+        prices = PriceBook(redis, cfg.quota.cache_ttl_s, ReplicaRegistry(redis))
+        prices_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=prices.on_control_changed)
         placer = Placer(nc, cfg.ingress.placement_timeout_s,
                         cfg.ingress.placement_attempt_timeout_s, metrics)
         await placer.start()
-        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics, hasher, quota)
+        fallback = None
+        if cfg.ingress.fallback_placement:
+            fallback = FallbackPlacer(cfg, ReplicaRegistry(redis), metrics)
+            await fallback.start()
+        gateway = Gateway(cfg, auth, nc, placer, replicas, outbox, metrics, hasher, quota,
+                          prices, fallback)
         nats_api = NatsApi(nc, gateway)
         await nats_api.start()
         app[GATEWAY] = gateway
@@ -85,10 +98,13 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
             with contextlib.suppress(Exception):
                 await control_sub.unsubscribe()
                 await quota_sub.unsubscribe()
+                await prices_sub.unsubscribe()
             await nats_api.aclose()
             # After the requests: their settlements go with the lease returns.
             await quota.aclose()
             await placer.aclose()
+            if fallback is not None:
+                await fallback.aclose()
             await outbox.aclose()
             await spool.aclose()
             await replicas.aclose()

@@ -21,8 +21,13 @@ _NOT_ASSEMBLED = ("logprobs", "top_logprobs", "prompt_logprobs", "tools", "funct
                   "return_tokens_as_token_ids")
 
 
+# Every field can_assemble reads.
+ASSEMBLY_FIELDS = ("n", *_NOT_ASSEMBLED)
+
+
 def can_assemble(raw: dict[str, Any]) -> bool:
-    """Whether a non-streaming request's answer can be assembled from its stream."""
+    """Whether a non-streaming request's answer can be assembled from its
+    stream; `raw` holds at least its ASSEMBLY_FIELDS."""
     if raw.get("n") not in (None, 1):
         return False
     return not any(raw.get(name) not in (None, False) for name in _NOT_ASSEMBLED)

@@ -4,8 +4,10 @@ then an in-process cache with a short TTL in front of Redis.
 Every ingress subscribes to ControlChanged and evicts the key (or every
 cached key of the tenant) a mutation touched, so a revocation or a
 suspension takes effect within a second; the TTL bounds how long a cached
-copy lives when that broadcast is lost. Expiry and rotation grace ends are
-times in the record, checked on every request, so they need no broadcast.
+copy lives when that broadcast is lost, and the whole cache goes when the
+NATS connection comes back after an outage (a broadcast may have been
+missed). Expiry and rotation grace ends are times in the record, checked on
+every request, so they need no broadcast.
 """
 
 from __future__ import annotations
@@ -124,9 +126,17 @@ class Authenticator:
             self.evict(control_changed_decoder.decode(msg.data))
         except msgspec.DecodeError:
             # A newer peer's message may not decode here: forget everything.
-            log.warning("undecodable control change; key cache cleared")
-            self._evictions += 1
-            self._cache.clear()
+            self._forget_all("undecodable control change")
+
+    async def on_reconnected(self) -> None:
+        """The NATS connection's reconnect callback: a change broadcast while
+        it was down was missed, so no cached copy is trusted."""
+        self._forget_all("NATS reconnected")
+
+    def _forget_all(self, why: str) -> None:
+        log.warning("%s; key cache cleared", why)
+        self._evictions += 1
+        self._cache.clear()
 
     async def _credentials(self, key_id: str) -> Credentials | None:
         now_s = self._clock_s()

@@ -63,10 +63,12 @@ def sse_error_event(exc: BaseException) -> bytes:
 
 
 def nats_error_reply(exc: BaseException) -> bytes:
-    """The same error object as over HTTP (a replica's own, when it refused)."""
+    """The same error object as over HTTP (a replica's own, when it refused),
+    with its retry-after and its headers (x-ratelimit-*)."""
     err = as_yard_error(exc)
     error = msgspec.json.decode(err.payload()).get("error", err.body()["error"])
-    return encode(ApiError(status=err.status, error=error))
+    return encode(ApiError(status=err.status, error=error, retry_after_s=err.retry_after_s,
+                           headers=err.headers()))
 
 
 def _route_label(request: web.Request) -> str:

@@ -1,6 +1,7 @@
 """The path of one request, shared by the HTTP and NATS front ends:
-authenticate, validate, admit against the tenant's quota, place (NATS
-round trip to a scheduler actor), call
+authenticate, validate, refuse an unpriced model, admit against the
+tenant's quota, place (NATS round trip to a scheduler actor, or on this
+ingress when none can be asked: router/fallback.py), call
 the replica (retried on another one while the client has no byte yet), and
 at the end hand usage and a completion notice to the outbox and settle the
 quota."""
@@ -18,9 +19,11 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from router.auth import Authenticator, Principal
+from router.fallback import FallbackPlacer
 from router.metrics import Metrics
 from router.outbox import Outbox
 from router.placer import Placer
+from router.prices import PriceBook
 from router.prompt_blocks import PromptHasher
 from router.quota_client import Admission, QuotaClient
 from router.requests import ChatBody, ParsedRequest, parse_request
@@ -32,11 +35,13 @@ from scheduler.errors import (
     BodyTooLarge,
     ModelNotFound,
     NoCapacity,
+    SchedulerUnreachable,
     UpstreamFailed,
     UsageSpoolFull,
     YardError,
 )
 from scheduler.retry_budget import RetryBudget
+from scheduler.tenancy import TenantLimits
 from scheduler.usage_clamp import Reported, clamp_usage, prompt_tokens_bound
 from scheduler.wire import (
     MODELS_SUBJECT,
@@ -45,6 +50,7 @@ from scheduler.wire import (
     ModelsQuery,
     PlaceDone,
     Placement,
+    PlaceRejected,
     PlaceRequest,
     ReplicaFailed,
     UsageEvent,
@@ -73,6 +79,13 @@ def reads_block_hashes(cfg: Config) -> bool:
     return bool(_profile_scorers(cfg) & BLOCK_HASH_SCORERS)
 
 
+def enforces_limits(limits: TenantLimits) -> bool:
+    """Whether a tenant's quota shard has anything to enforce (max_tokens_cap
+    is applied by the ingress itself)."""
+    return bool(limits.requests_per_minute or limits.tokens_per_minute
+                or limits.max_concurrent_requests or limits.budget_nusd)
+
+
 def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex
 
@@ -90,16 +103,26 @@ class RequestContext:
     call: UpstreamCall
     started_at_s: float
     started_at_ms: int
-    # Settled (or released) once, when the request ends.
-    admission: Admission
+    # Settled (or released) once, when the request ends; None: admitted
+    # without the tenant's shard (no limits, NATS down), nothing to settle.
+    admission: Admission | None
+    # Some attempt was placed by this ingress (released here when it ends).
+    placed_locally: bool = False
+    # Time spent waiting for the replicas of failed attempts (the current
+    # attempt's is in call.record), left out of switchyard's overhead.
+    upstream_wait_s: float = 0.0
 
 
 class Gateway:
     def __init__(self, cfg: Config, auth: Authenticator, nc: NATS, placer: Placer,
                  replicas: ReplicaClient, outbox: Outbox, metrics: Metrics,
-                 hasher: PromptHasher | None, quota: QuotaClient) -> None:
+                 hasher: PromptHasher | None, quota: QuotaClient, prices: PriceBook,
+                 fallback: FallbackPlacer | None) -> None:
+        """`fallback`: None when `ingress.fallback_placement` is off."""
         self.cfg = cfg
         self._quota = quota
+        self._prices = prices
+        self._fallback = fallback
         self._auth = auth
         self._nc = nc
         self._placer = placer
@@ -132,27 +155,41 @@ class Gateway:
             raise BodyTooLarge(f"Request body exceeds {self.cfg.ingress.max_body_bytes} bytes.")
         parsed = parse_request(route, body, tenant.cache_salt,
                                self.cfg.ingress.default_max_tokens,
-                               tenant.limits.max_tokens_cap)
+                               tenant.limits.max_tokens_cap,
+                               self.cfg.ingress.media_url_hosts)
         if not tenant.allows_model(parsed.model):
             # The scheduler's answer for a model nobody serves: whether it exists is not told.
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
         # Before placement: a refused request never reaches a scheduler or a replica.
-        admission = await self._quota.admit(tenant.tenant_id, request_id, parsed.model,
-                                            parsed.prompt_tokens_est, parsed.max_tokens or 0,
-                                            tenant.limits)
+        await self._prices.require(parsed.model, tenant.tenant_id)
+        admission = await self._admit_quota(tenant.tenant_id, tenant.limits, request_id,
+                                            parsed)
         try:
             place_req = await self._place_request(request_id, principal, parsed,
                                                   session_id or parsed.user,
                                                   principal.priority.resolve(priority))
-            placement = await self._place(place_req)
+            placement, local = await self._place(place_req)
         except BaseException:
             # Not placed (refused, timed out, client gone): nothing was spent.
-            self._quota.release(admission)
+            if admission is not None:
+                self._quota.release(admission)
             raise
         self._budget.note_request(started_at_s)
         return RequestContext(request_id, principal, parsed, place_req, placement,
                               self._call(parsed, request_id, placement),
-                              started_at_s, int(time.time() * 1000), admission)
+                              started_at_s, int(time.time() * 1000), admission, local)
+
+    async def _admit_quota(self, tenant_id: str, limits: TenantLimits, request_id: str,
+                           parsed: ParsedRequest) -> Admission | None:
+        """None: admitted without the shard. While NATS is down no shard can
+        be asked; a tenant without limits has nothing to enforce there (its
+        usage is billed from the spooled usage events all the same). Others
+        go to the quota client, which admits rate-limited tenants from its
+        local limit/N bucket while their shard is away and fails budgets closed."""
+        if not self._nc.is_connected and not enforces_limits(limits):
+            return None
+        return await self._quota.admit(tenant_id, request_id, parsed.model,
+                                       parsed.prompt_tokens_est, parsed.max_tokens or 0, limits)
 
     @contextlib.asynccontextmanager
     async def upstream(self, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -204,11 +241,15 @@ class Gateway:
         # replica tried): no usage event, and the admission is released.
         if record.accepted:
             event = self._usage_event(ctx, status, error_code, ttft_s, now_s)
-            self._quota.settle(ctx.admission, event.prompt_tokens, event.cached_tokens,
-                               event.completion_tokens)
+            if ctx.admission is not None:
+                self._quota.settle(ctx.admission, event.prompt_tokens, event.cached_tokens,
+                                   event.completion_tokens)
         else:
             event = None
-            self._quota.release(ctx.admission)
+            if ctx.admission is not None:
+                self._quota.release(ctx.admission)
+        if ctx.placed_locally and self._fallback is not None:
+            self._fallback.done(ctx.request_id)
         self._outbox.request_done(done, event)
 
     def _usage_event(self, ctx: RequestContext, status: int, error_code: str,
@@ -241,6 +282,8 @@ class Gateway:
         with contextlib.suppress(nats.errors.Error):
             await self._nc.publish(REPLICA_FAILED_SUBJECT, encode(ReplicaFailed(
                 replica_id=failed, request_id=ctx.request_id, reason=exc.message)))
+        if self._fallback is not None:
+            self._fallback.replica_failed(failed)
         if ctx.place_req.attempt >= self.cfg.retries.max_attempts:
             return False
         if not self._budget.try_retry(time.monotonic()):
@@ -250,7 +293,7 @@ class Gateway:
             ctx.place_req, exclude=(*ctx.place_req.exclude, failed),
             attempt=ctx.place_req.attempt + 1)
         try:
-            placement = await self._place(retry_req)
+            placement, local = await self._place(retry_req)
         except YardError:
             # No other replica: the client gets the replica's failure.
             self._budget.refund(time.monotonic())
@@ -263,6 +306,8 @@ class Gateway:
         # they hear the placement of attempt 2); the final completion notice
         # releases whatever is left.
         ctx.placement, ctx.place_req = placement, retry_req
+        ctx.placed_locally = ctx.placed_locally or local
+        ctx.upstream_wait_s += ctx.call.record.upstream_wait_s
         ctx.call = self._call(ctx.parsed, ctx.request_id, placement)
         return True
 
@@ -273,9 +318,14 @@ class Gateway:
     async def models(self, principal: Principal) -> tuple[ModelCard, ...]:
         """The models served now that `principal`'s tenant may call."""
         tenant = principal.inference_tenant()
-        reply = await self._request(MODELS_SUBJECT, encode(ModelsQuery()))
-        return tuple(card for card in models_reply_decoder.decode(reply).models
-                     if tenant.allows_model(card.id))
+        try:
+            cards = models_reply_decoder.decode(
+                await self._request(MODELS_SUBJECT, encode(ModelsQuery()))).models
+        except NoCapacity:
+            if self._fallback is None:
+                raise
+            cards = self._fallback.models()
+        return tuple(card for card in cards if tenant.allows_model(card.id))
 
     async def _place_request(self, request_id: str, principal: Principal,
                              parsed: ParsedRequest, session_id: str,
@@ -290,17 +340,36 @@ class Gateway:
                             session_id=session_id, priority=priority,
                             max_queue_s=self.cfg.ingress.max_queue_s)
 
-    async def _place(self, req: PlaceRequest) -> Placement:
+    async def _place(self, req: PlaceRequest) -> tuple[Placement, bool]:
+        """The placement, and whether this ingress made it (the fallback)."""
+        fallback = self._fallback
+        if fallback is not None and fallback.local(self._nc.is_connected):
+            reason = "unreachable" if self._nc.is_connected else "disconnected"
+            return self._decided(fallback.place(req, reason)), True
+        # Asked while falling back: this placement is the probe.
+        probe = fallback is not None and fallback.gate.active
         started_s = time.perf_counter()
         try:
             decision = await self._placer.place(place_subject(req.model), req)
-        except BaseException:
+        except BaseException as exc:
             # The scheduler may have counted it before the answer was lost (or
             # the client left): release it, or it pins the load until its TTL.
             self._outbox.placement_done(PlaceDone(request_id=req.request_id, replica_id="",
                                                   model=req.model))
-            raise
+            if fallback is None:
+                raise
+            if isinstance(exc, SchedulerUnreachable):
+                fallback.unreachable()
+                return self._decided(fallback.place(req, "unreachable")), True
+            # A queued placement that timed out was heard by an actor; a
+            # cancelled one (its client left) tells nothing.
+            fallback.settled(probe, answered=isinstance(exc, YardError))
+        if fallback is not None:
+            fallback.settled(probe, answered=True)
         self._metrics.placement.observe(time.perf_counter() - started_s)
+        return self._decided(decision), False
+
+    def _decided(self, decision: Placement | PlaceRejected) -> Placement:
         if isinstance(decision, Placement):
             return decision
         error_type: type[YardError] = PLACEMENT_ERRORS.get(decision.code, NoCapacity)

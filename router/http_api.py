@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.auth import refuse_query_credentials
 from router.error_map import METRICS, REQUEST_ID, REQUEST_ID_HEADER, sse_error_event
@@ -17,6 +18,14 @@ from scheduler.priority import PRIORITY_HEADER
 GATEWAY = web.AppKey("gateway", Gateway)
 READINESS = web.AppKey("readiness", object)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+# Switchyard's own time for the request, in ms, until its response headers:
+# the time since its body was read minus the time spent waiting for replicas
+# (their response headers and every read of their answer, failed attempts
+# included). Non-streaming: everything but the replica's answer (auth,
+# validation, quota, placement round trip, connecting and sending upstream,
+# assembling the answer). Streaming: the same until the first event; what
+# relaying each later event costs is not in it (the headers left before).
+OVERHEAD_HEADER = "x-switchyard-overhead-ms"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -49,14 +58,23 @@ async def _serve(request: web.Request, route: str) -> web.StreamResponse:
         gateway.finish(ctx, status, error_code)
 
 
-def _headers(ctx: RequestContext) -> dict[str, str]:
+def _headers(request: web.Request, ctx: RequestContext) -> dict[str, str]:
+    overhead_s = (time.monotonic() - ctx.started_at_s - ctx.upstream_wait_s
+                  - ctx.call.record.upstream_wait_s)
+    request.app[METRICS].overhead.labels(ctx.parsed.route, _STREAM_LABEL[ctx.parsed.stream]
+                                         ).observe(overhead_s)
     return {REQUEST_ID_HEADER: ctx.request_id, "x-switchyard-replica": ctx.placement.replica_id,
-            **ctx.admission.headers()}
+            OVERHEAD_HEADER: f"{overhead_s * 1000:.3f}",
+            **(ctx.admission.headers() if ctx.admission is not None else {})}
+
+
+_STREAM_LABEL = {True: "true", False: "false"}
 
 
 async def _relay_body(request: web.Request, ctx: RequestContext,
                       body: bytes) -> web.StreamResponse:
-    response = web.Response(body=body, content_type="application/json", headers=_headers(ctx))
+    response = web.Response(body=body, content_type="application/json",
+                            headers=_headers(request, ctx))
     # Sent here, not after the handler returns, so the outcome is known when
     # `finish` records it.
     try:
@@ -70,13 +88,15 @@ async def _relay_body(request: web.Request, ctx: RequestContext,
 async def _relay_stream(request: web.Request, ctx: RequestContext,
                         first: bytes) -> web.StreamResponse:
     call = ctx.call
-    response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(ctx)})
+    response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(request, ctx)})
     await response.prepare(request)
     try:
         await response.write(b"data: " + first + b"\n\n")
         if first != DONE:
-            async for payload in call.rest():
-                await response.write(b"data: " + payload + b"\n\n")
+            # The events of one read from the replica in one write; the write
+            # waits while the client's socket is full (back-pressure).
+            async for batch in call.rest_batches():
+                await response.write(b"data: " + b"\n\ndata: ".join(batch) + b"\n\n")
         await response.write_eof()
     except YardError as exc:
         call.record.failure = exc
@@ -105,7 +125,8 @@ async def query_credentials_guard(request: web.Request,
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    # The worker that answered, among the processes sharing the port.
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -115,7 +136,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

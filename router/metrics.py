@@ -1,17 +1,31 @@
 """Prometheus metrics of one ingress process (its own registry, so tests can
-run several ingresses in one process)."""
+run several ingresses in one process). The workers of one port share a
+directory instead (prometheus_client's multiprocess mode, router/workers.py):
+each writes its own files, and every worker's /metrics sums them all."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FAST_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
+# Switchyard's own time per request: fine from 0.1 to 5 ms, coarse beyond.
+OVERHEAD_BUCKETS_S = (0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003,
+                      0.005, 0.01, 0.025, 0.1, 1)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        """`multiprocess_dir`: the workers' shared directory (the process's
+        environment must name it before prometheus_client is imported)."""
         self.registry = CollectorRegistry()
+        self._exposed = self.registry
+        if multiprocess_dir is not None:
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, str(multiprocess_dir))
         r = self.registry
         self.requests = Counter(
             "switchyard_http_requests", "Requests answered, by route and status.",
@@ -19,6 +33,11 @@ class Metrics:
         self.request_duration = Histogram(
             "switchyard_http_request_duration_seconds", "Whole request time, by route.",
             ["route"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.overhead = Histogram(
+            "switchyard_overhead_seconds", "Switchyard's own time per request until its "
+            "response headers (x-switchyard-overhead-ms): the request's time so far minus "
+            "the time spent waiting for replicas; stream: until the first event.",
+            ["route", "stream"], buckets=OVERHEAD_BUCKETS_S, registry=r)
         self.ttft = Histogram(
             "switchyard_ttft_seconds", "Time to first token seen by the client.",
             ["route"], buckets=LATENCY_BUCKETS_S, registry=r)
@@ -28,6 +47,13 @@ class Metrics:
         self.placement_retries = Counter(
             "switchyard_placement_retries", "Placements sent again: a scheduler actor did "
             "not answer in time, or none was serving.", registry=r)
+        self.placement_fallbacks = Counter(
+            "switchyard_placement_fallbacks", "Requests this ingress placed itself: NATS "
+            "disconnected, or no scheduler actor answered (unreachable).", ["reason"],
+            registry=r)
+        self.placement_fallback_active = Gauge(
+            "switchyard_placement_fallback_active", "1 while this ingress places requests "
+            "itself instead of asking the scheduler actors.", registry=r)
         self.upstream_errors = Counter(
             "switchyard_upstream_errors", "Replica failures, by replica.",
             ["replica"], registry=r)
@@ -52,7 +78,9 @@ class Metrics:
             "(NATS away or no ack in time).", registry=r)
         self.usage_spool_depth = Gauge(
             "switchyard_usage_spool_depth_events", "Usage events in the disk spool, "
-            "waiting for NATS.", registry=r)
+            "waiting for NATS.", registry=r,
+            # The workers of a port share one spool file: each sees its depth.
+            multiprocess_mode="livemax")
         self.prompt_hashing = Counter(
             "switchyard_prompt_block_hashing", "Prompts hashed for precise prefix routing, "
             "by outcome (inline, pooled, shed, untokenizable, no_tokenizer).",
@@ -84,3 +112,7 @@ class Metrics:
             "switchyard_quota_settle_lost", "Commits, releases or lease returns not "
             "delivered in SETTLE_PATIENCE_S (the shard settles them as fully used).",
             registry=r)
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this process's, or every worker's."""
+        return generate_latest(self._exposed)

@@ -10,6 +10,11 @@ timeout (it died, or hangs), or no actor at all, gets the same request again
 (same request id), which the queue group hands to another actor; all attempts
 share the reply subject, so the first answer wins. An actor that counted an
 abandoned attempt is released by the request's completion notice, as ever.
+
+A placement no actor answered at all (nothing heard by the deadline, no
+responders, or NATS refusing the publish) raises SchedulerUnreachable, which
+the gateway may answer by placing the request itself (router/fallback.py);
+one that waited in a fair queue and timed out is a plain NoCapacity.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from router.metrics import Metrics
-from scheduler.errors import NoCapacity
+from scheduler.errors import NoCapacity, SchedulerUnreachable
 from scheduler.wire import (
     Placement,
     PlaceQueued,
@@ -96,13 +101,15 @@ class Placer:
                     answers.get(), max(0.0, left_s if queued
                                        else min(left_s, self._attempt_timeout_s)))
             except TimeoutError:
-                if queued or loop.time() >= deadline_s:
+                if queued:
                     raise self._failed("Placement timed out.") from None
+                if loop.time() >= deadline_s:
+                    raise self._unreachable("No scheduler answered in time.") from None
                 await self._resend(subject, payload, reply_to)
                 continue
             if answer is None:
                 if loop.time() + NO_RESPONDERS_BACKOFF_S >= deadline_s:
-                    raise self._failed(NO_SCHEDULER)
+                    raise self._unreachable(NO_SCHEDULER)
                 await asyncio.sleep(NO_RESPONDERS_BACKOFF_S)
                 await self._resend(subject, payload, reply_to)
             elif isinstance(answer, PlaceQueued):
@@ -120,11 +127,15 @@ class Placer:
         try:
             await self._nc.publish(subject, payload, reply=reply_to)
         except nats.errors.Error as exc:
-            raise self._failed(f"Placement failed: {type(exc).__name__}.") from None
+            raise self._unreachable(f"Placement failed: {type(exc).__name__}.") from None
 
     def _failed(self, message: str) -> NoCapacity:
         self._metrics.nats_errors.inc()
         return NoCapacity(message, retry_after_s=1.0)
+
+    def _unreachable(self, message: str) -> SchedulerUnreachable:
+        self._metrics.nats_errors.inc()
+        return SchedulerUnreachable(message, retry_after_s=1.0)
 
     async def _on_answer(self, msg: Msg) -> None:
         answers = self._pending.get(msg.subject.rpartition(".")[2])

@@ -95,7 +95,7 @@ class QuotaClient:
         # Near a limit the shard grants no lease: admit per request for a while.
         self._no_lease_until_s: dict[tuple[str, str], float] = {}
         # One lease ask per (tenant, model) at a time; the others wait for it.
-        self._asking: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._asking: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self._background: set[asyncio.Task[object]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys(("local", "calls", "leases", "reserved", "refused",
@@ -149,7 +149,10 @@ class QuotaClient:
             if asking is None:
                 break
             # Another admission is asking for a lease: this one may fit in it.
-            await asyncio.shield(asking)
+            if not await asyncio.shield(asking):
+                # The shard did not answer that ask in time: failed closed now,
+                # not after asking again in turn (N waiters would wait N timeouts).
+                raise self._calls.unavailable(tenant_id, admitting=True)
         if admitted is not None:
             return admitted
         if self._no_lease_until_s.get(key, 0.0) > self.clock_s():
@@ -212,14 +215,19 @@ class QuotaClient:
 
     # --- internals -------------------------------------------------------------
 
-    async def _ask_lease(self, key: tuple[str, str], asked: asyncio.Future[None],
+    async def _ask_lease(self, key: tuple[str, str], asked: asyncio.Future[bool],
                          request_id: str, prompt_tokens: int, max_tokens: int) -> Admission:
+        """`asked` is set once the ask ends: whether the shard answered it."""
+        answered = True
         try:
             return await self._reserve(key, request_id, prompt_tokens, max_tokens,
                                        lease_id="lease-" + uuid.uuid4().hex)
+        except QuotaUnavailable:
+            answered = False
+            raise
         finally:
             del self._asking[key]
-            asked.set_result(None)
+            asked.set_result(answered)
 
     async def _unabandoned(self, call: Coroutine[None, None, Admission]) -> Admission:
         """Runs a call to the shard to its end even when the request is

@@ -3,13 +3,15 @@ metering need (msgspec), and pass everything else through untouched."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
 
-from router.assemble import can_assemble
+from router.assemble import ASSEMBLY_FIELDS, can_assemble
 from scheduler.errors import InvalidRequest
+from scheduler.media_urls import check_messages
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 # Rough characters per token, for the placement estimate only (metering
@@ -61,6 +63,13 @@ class CompletionBody(msgspec.Struct, frozen=True):
 # switchyard alone: a request naming one is refused, never forwarded.
 UPSTREAM_URL_FIELDS = ("api_base", "base_url", "api_url", "endpoint", "upstream_url")
 
+_raw_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# A content given as a list of parts, in a chat body's raw `messages`.
+_CONTENT_LIST = re.compile(rb'"content"\s*:\s*\[')
+_UNICODE_ESCAPE = re.compile(rb"\\u")
+# The top-level fields whose values the upstream body depends on.
+_READ_FIELDS = ("max_completion_tokens", "stream_options", *ASSEMBLY_FIELDS)
+
 _decoders = {
     "chat": msgspec.json.Decoder(ChatBody),
     "completions": msgspec.json.Decoder(CompletionBody),
@@ -92,9 +101,10 @@ class ParsedRequest:
 
 
 def parse_request(route: str, body: bytes, cache_salt: str = "", default_max_tokens: int = 0,
-                  max_tokens_cap: int = 0) -> ParsedRequest:
+                  max_tokens_cap: int = 0, media_url_hosts: tuple[str, ...] = ()) -> ParsedRequest:
     """Validates `body` for `route` ("chat" or "completions"); the body sent
-    upstream carries `cache_salt` (the tenant's) and no other salt.
+    upstream carries `cache_salt` (the tenant's) and no other salt, and media
+    URLs only a replica may fetch (`media_url_hosts`: the allowlist).
 
     `default_max_tokens` (0: none) is a chat request's max_tokens when it
     gives none (a completion's is OpenAI's 16); `max_tokens_cap` (0: none)
@@ -125,7 +135,8 @@ def parse_request(route: str, body: bytes, cache_salt: str = "", default_max_tok
     if max_tokens is not None and max_tokens_cap:
         max_tokens = min(max_tokens, max_tokens_cap)
     upstream_body, assembled = _upstream_body(body, stream, cache_salt,
-                                              None if max_tokens == asked else max_tokens)
+                                              None if max_tokens == asked else max_tokens,
+                                              media_url_hosts)
     return ParsedRequest(route=route, model=parsed.model, stream=stream,
                          include_usage=include_usage, max_tokens=max_tokens,
                          prompt_tokens_est=_estimate_tokens(parsed),
@@ -135,32 +146,48 @@ def parse_request(route: str, body: bytes, cache_salt: str = "", default_max_tok
                          continuous_usage=continuous_usage, assembled=assembled)
 
 
-def _upstream_body(body: bytes, stream: bool, cache_salt: str,
-                   max_tokens: int | None) -> tuple[bytes, bool]:
+def _upstream_body(body: bytes, stream: bool, cache_salt: str, max_tokens: int | None,
+                   media_url_hosts: tuple[str, ...]) -> tuple[bytes, bool]:
     """The body sent upstream, and whether a non-streaming request goes as a
     stream (to be assembled). Streams ask the replica for usage on every
     chunk (`continuous_usage_stats`), so a stream cut short still has the
     replica's own counts; the ingress strips what the client did not ask
     for. The client's `cache_salt` is replaced by the tenant's (or dropped).
-    `max_tokens`: set in place of the client's (None: left as it is)."""
-    raw = msgspec.json.decode(body)
+    `max_tokens`: set in place of the client's (None: left as it is).
+
+    Top-level fields stay undecoded (msgspec.Raw): the prompt and everything
+    else the ingress does not change are copied as the client wrote them."""
+    raw = _raw_fields.decode(body)
     for name in UPSTREAM_URL_FIELDS:
         if name in raw:
             raise InvalidRequest(f"`{name}` is not accepted: switchyard chooses the replica.",
                                  param=name)
+    messages = raw.get("messages")
+    if messages is not None and _may_hold_parts(messages):
+        check_messages(msgspec.json.decode(messages), media_url_hosts)
+    read = {name: msgspec.json.decode(raw[name]) for name in _READ_FIELDS if name in raw}
+    fields: dict[str, object] = dict(raw)
     if max_tokens is not None:
         # The field the replica reads first (vLLM: max_completion_tokens, then max_tokens).
-        raw["max_completion_tokens" if raw.get("max_completion_tokens") else "max_tokens"] = (
+        fields["max_completion_tokens" if read.get("max_completion_tokens") else "max_tokens"] = (
             max_tokens)
-    raw.pop("cache_salt", None)
+    fields.pop("cache_salt", None)
     if cache_salt:
-        raw["cache_salt"] = cache_salt
-    assembled = not stream and can_assemble(raw)
+        fields["cache_salt"] = cache_salt
+    assembled = not stream and can_assemble(read)
     if stream or assembled:
-        raw["stream"] = True
-        raw["stream_options"] = {**(raw.get("stream_options") or {}),
-                                 "include_usage": True, "continuous_usage_stats": True}
-    return msgspec.json.encode(raw), assembled
+        fields["stream"] = True
+        fields["stream_options"] = {**(read.get("stream_options") or {}),
+                                    "include_usage": True, "continuous_usage_stats": True}
+    return msgspec.json.encode(fields), assembled
+
+
+def _may_hold_parts(messages: msgspec.Raw) -> bool:
+    """Whether some message's content may be a list of parts (where media
+    URLs live): only then are the messages decoded for the URL check. A
+    \\u escape could spell the key `content`, so one decodes them too."""
+    return (_CONTENT_LIST.search(messages) is not None
+            or _UNICODE_ESCAPE.search(messages) is not None)
 
 
 def _estimate_tokens(parsed: ChatBody | CompletionBody) -> int:

@@ -1,5 +1,7 @@
 """The call to the chosen replica: one pooled aiohttp session, SSE relayed
-event by event without buffering, usage picked out of the chunks in passing."""
+as it arrives without buffering (the events of one network read together),
+usage picked out of the chunks in passing. The time spent waiting for the
+replica is counted, so the ingress's own time is known (overhead header)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class CallRecord:
     """What the call observed, for metering."""
 
     first_byte_at_s: float | None = None
+    # Time spent awaiting the replica (its response headers, then each read).
+    upstream_wait_s: float = 0.0
     # The replica answered 200: its request runs, so it is billed.
     accepted: bool = False
     # The latest usage the replica reported (on every chunk of a stream).
@@ -104,15 +108,22 @@ class UpstreamCall:
         self.replica_id = replica_id
         self.record = CallRecord()
         self._resp: aiohttp.ClientResponse | None = None
-        self._events: AsyncIterator[bytes] | None = None
+        self._batches: AsyncIterator[list[bytes]] | None = None
+        # The events of the first read that came after the first one.
+        self._first_rest: list[bytes] = []
+        # A line read but not complete yet.
+        self._partial = b""
 
     async def open(self) -> None:
         """Sends the request; a connect failure or an error status raises."""
+        waited_s = time.monotonic()
         try:
             self._resp = await self._session.post(self._url, data=self._body, headers=self._headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(f"replica {self.replica_id} unreachable: {exc!r}",
                                  replica_id=self.replica_id) from None
+        finally:
+            self.record.upstream_wait_s += time.monotonic() - waited_s
         if self._resp.status >= 400:
             body = await self._read_all()
             self._resp.release()
@@ -135,7 +146,7 @@ class UpstreamCall:
         replica counted those tokens."""
         assert self._resp is not None
         try:
-            data = self._resp.content.read_nowait()
+            data = self._partial + self._resp.content.read_nowait()
         except (RuntimeError, aiohttp.ClientError):
             return
         for line in data.split(b"\n"):
@@ -150,11 +161,14 @@ class UpstreamCall:
 
     async def _read_all(self) -> bytes:
         assert self._resp is not None
+        waited_s = time.monotonic()
         try:
             return await self._resp.content.read(MAX_NONSTREAM_BODY_BYTES)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamFailed(f"replica {self.replica_id} failed mid-answer: {exc!r}",
                                  replica_id=self.replica_id) from None
+        finally:
+            self.record.upstream_wait_s += time.monotonic() - waited_s
 
     async def read_body(self, assembled: bool) -> bytes:
         """The whole non-streaming answer: verbatim, or `assembled` from the
@@ -184,33 +198,65 @@ class UpstreamCall:
 
     async def first_event(self, keep_usage_chunk: bool, keep_chunk_usage: bool) -> bytes:
         """Starts reading the stream: its first payload (DONE if it has none);
-        `rest` yields the others."""
-        self._events = self.events(keep_usage_chunk, keep_chunk_usage)
-        return await anext(self._events, DONE)
+        `rest_batches` yields the others."""
+        self._batches = self._read_batches(keep_usage_chunk, keep_chunk_usage)
+        batch = await anext(self._batches, [DONE])
+        self._first_rest = batch[1:]
+        return batch[0]
 
-    def rest(self) -> AsyncIterator[bytes]:
-        assert self._events is not None, "first_event() not awaited"
-        return self._events
+    async def rest_batches(self) -> AsyncIterator[list[bytes]]:
+        """The payloads after the first, a list per network read (the last ends with DONE)."""
+        assert self._batches is not None, "first_event() not awaited"
+        if self._first_rest:
+            yield self._first_rest
+        async for batch in self._batches:
+            yield batch
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """The payloads after the first, one by one."""
+        async for batch in self.rest_batches():
+            for payload in batch:
+                yield payload
 
     async def events(self, keep_usage_chunk: bool,
                      keep_chunk_usage: bool) -> AsyncIterator[bytes]:
-        """Yields each SSE data payload (JSON bytes) as it arrives, then DONE.
-        The usage-only final chunk is dropped unless `keep_usage_chunk`, the
-        usage on the other chunks unless `keep_chunk_usage`."""
+        """Each SSE data payload (JSON bytes) as it arrives, then DONE."""
+        async for batch in self._read_batches(keep_usage_chunk, keep_chunk_usage):
+            for payload in batch:
+                yield payload
+
+    async def _read_batches(self, keep_usage_chunk: bool,
+                            keep_chunk_usage: bool) -> AsyncIterator[list[bytes]]:
+        """The SSE data payloads of each network read (never an empty list),
+        the last one ending with DONE. The usage-only final chunk is dropped
+        unless `keep_usage_chunk`, the usage on the other chunks unless
+        `keep_chunk_usage`."""
         assert self._resp is not None
+        content, record = self._resp.content, self.record
         try:
-            async for line in self._resp.content:
-                payload = line.strip()
-                if not payload.startswith(b"data:"):
-                    continue
-                payload = payload[5:].lstrip()
-                if payload == DONE:
-                    yield DONE
-                    return
-                if self._note_chunk(payload):
-                    yield payload if keep_chunk_usage else strip_usage(payload)
-                elif keep_usage_chunk:
-                    yield payload
+            while True:
+                waited_s = time.monotonic()
+                data = await content.readany()
+                record.upstream_wait_s += time.monotonic() - waited_s
+                if not data:
+                    break
+                lines = (self._partial + data if self._partial else data).split(b"\n")
+                self._partial = lines.pop()
+                batch = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # the blank line between events, comments
+                    payload = line[5:].strip()
+                    if payload == DONE:
+                        batch.append(DONE)
+                        yield batch
+                        return
+                    if self._note_chunk(payload):
+                        batch.append(payload if keep_chunk_usage else strip_usage(payload))
+                    elif keep_usage_chunk:
+                        batch.append(payload)
+                if batch:
+                    yield batch
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise UpstreamFailed(f"replica {self.replica_id} failed mid-stream: {exc!r}",
                                  replica_id=self.replica_id) from None
@@ -234,32 +280,29 @@ class UpstreamCall:
         return probe.usage is None
 
 
+# vLLM writes `usage` compactly after `choices`, holding only numbers, nulls
+# and at most one level of objects (prompt_tokens_details).
 _USAGE_KEY = b',"usage":{'
 _usage_free = msgspec.json.Decoder(dict)
 
 
 def strip_usage(payload: bytes) -> bytes:
     """The chunk without its `usage` field (asked for metering, not by the
-    client). vLLM writes it compactly after `choices`, and it holds only
-    numbers, nulls and objects, so the object ends at its matching brace;
-    any other layout is decoded and encoded again."""
+    client): cut out in vLLM's layout, else decoded and encoded again."""
     start = payload.find(_USAGE_KEY)
     if start < 0:
         if b'"usage"' not in payload:
             return payload
         return _reencoded_without_usage(payload)
-    depth = 0
-    for end in range(start + len(_USAGE_KEY) - 1, len(payload)):
-        byte = payload[end]
-        if byte == 0x7B:  # {
-            depth += 1
-        elif byte == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                return payload[:start] + payload[end + 1:]
-        elif byte == 0x22:  # a string inside usage: not vLLM's layout
-            break
-    return _reencoded_without_usage(payload)
+    # Its keys hold no braces, and its values are numbers, nulls or objects.
+    depth, pos = 1, start + len(_USAGE_KEY)
+    while depth:
+        close = payload.find(b"}", pos)
+        if close < 0:
+            return _reencoded_without_usage(payload)
+        opened = payload.find(b"{", pos, close)
+        depth, pos = (depth + 1, opened + 1) if opened >= 0 else (depth - 1, close + 1)
+    return payload[:start] + payload[pos:]
 
 
 def _reencoded_without_usage(payload: bytes) -> bytes:

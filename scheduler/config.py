@@ -12,6 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -28,6 +29,7 @@ from scheduler.config_scheduler import ScorerRef as ScorerRef
 from scheduler.config_scheduler import SessionAffinityParams as SessionAffinityParams
 from scheduler.config_scheduler import _Section
 from scheduler.errors import ConfigError
+from scheduler.media_urls import check_allowlist
 from scheduler.quota_terms import QuotaConfig
 from scheduler.webhook_config import WebhooksConfig
 
@@ -35,6 +37,9 @@ from scheduler.webhook_config import WebhooksConfig
 class IngressConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8080
+    # Processes serving the port (SO_REUSEPORT); 0: one per core, at most 2
+    # (router/workers.py: the rest of a local stack needs CPU too).
+    workers: int = 0
     max_body_bytes: int = 1 << 20
     placement_timeout_s: float = 2.0
     # How long a placement may wait in the schedulers' fair queue when every
@@ -43,6 +48,12 @@ class IngressConfig(_Section):
     # A scheduler actor that has not answered a placement in this long is taken
     # as lost and the placement goes to another actor (answers take < 1 ms).
     placement_attempt_timeout_s: float = 0.3
+    # When no scheduler actor can be asked (NATS down, none answering), the
+    # ingress places requests itself with this profile (a name under
+    # [scheduler.profiles]) over the replica registry and its own in-flight
+    # counts; false: those requests get 503 no_capacity.
+    fallback_placement: bool = True
+    fallback_profile: str = "least-load"
     upstream_connect_timeout_s: float = 5.0
     # Bounds a whole upstream request; generation of long answers is slow.
     upstream_total_timeout_s: float = 600.0
@@ -56,6 +67,12 @@ class IngressConfig(_Section):
     # up to this size on the event loop (about 1 ms), larger ones on threads.
     tokenize_inline_max_bytes: int = 2_048
     tokenizer_threads: int = 2
+    # Hosts whose http(s) media URLs (image_url, ...) replicas may fetch; none:
+    # only data: URLs (scheduler/media_urls.py). Never loopback or private ones.
+    media_url_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_allowlist(self.media_url_hosts)
 
 
 class AdminConfig(_Section):
@@ -99,6 +116,10 @@ class RayConfig(_Section):
     address: str = ""
     num_cpus: int = 2
     namespace: str = "switchyard"
+    # How often `up` checks its actors; any that does not answer within
+    # call_timeout_s is re-created (or attached), after rejoining Ray if it went away.
+    supervise_interval_s: float = 1.0
+    call_timeout_s: float = 2.0
 
 
 class AuthConfig(_Section):
@@ -150,8 +171,12 @@ class ClickHouseConfig(_Section):
 
 
 class MeteringConfig(_Section):
-    batch_max: int = 5_000
+    batch_max: int = 20_000
+    # How long one pull request waits for events on the server.
     fetch_wait_s: float = 0.5
+    # A batch is stored at most this long after its first event arrived
+    # (sooner when full): the ingest lag's bound at low rates.
+    linger_s: float = 0.1
     ack_wait_s: float = 30.0
     # An event the store refuses (while it answers) on this many deliveries
     # goes to the dead-letter stream. JetStream itself redelivers without
@@ -214,6 +239,9 @@ class ReplicaConfig(_Section):
 
 class Config(_Section):
     var_dir: str = "var"
+    # Of every switchyard process and actor. Prompts and keys are never logged,
+    # at any level (tests/test_log_canaries.py runs the stack at debug).
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     ingress: IngressConfig = IngressConfig()
     admin: AdminConfig = AdminConfig()
     retries: RetriesConfig = RetriesConfig()
@@ -267,8 +295,14 @@ def process_config(prog: str, argv: list[str] | None) -> Config:
     parser.add_argument("--config", type=Path, help="TOML file, or JSON written by `up`")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, os.environ)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(cfg)
     return cfg
+
+
+def configure_logging(cfg: Config) -> None:
+    """Logs to stderr at `cfg.log_level` (also when a handler is already set)."""
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(cfg.log_level.upper())
 
 
 def load_config(path: Path | None, env: Mapping[str, str]) -> Config:

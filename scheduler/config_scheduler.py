@@ -114,6 +114,10 @@ class SchedulerConfig(_Section):
     # so a lost notice cannot pin a replica's load forever.
     placement_ttl_s: float = 900.0
     registry_refresh_s: float = 5.0
+    # A placement request taken up while more than this many wait behind it in
+    # the actor's subscription is refused at once (503 scheduler_overloaded,
+    # Retry-After) instead of being placed late; 0: never.
+    place_backlog_max: int = 256
     # A replica whose agent has reported before but not for this long is
     # taken as unhealthy (the agent died, or cannot reach it).
     load_stale_s: float = 2.0

@@ -152,6 +152,17 @@ class NoCapacity(YardError):
     code = "no_capacity"
 
 
+class SchedulerOverloaded(NoCapacity):
+    """A scheduler actor had more placement requests waiting than it keeps."""
+
+    code = "scheduler_overloaded"
+
+
+class SchedulerUnreachable(NoCapacity):
+    """No scheduler actor answered the placement at all (NATS away, none
+    subscribed, or none answering): the ingress may place it itself."""
+
+
 class QueueTimeout(NoCapacity):
     """Every replica stayed saturated for as long as the request may wait."""
 
@@ -210,7 +221,7 @@ class BudgetExhausted(RateLimited):
 
 
 class ModelNotPriced(YardError):
-    """The tenant has a budget and the model no price: it is never billed at $0."""
+    """The model has no price: it is never served unbilled, for any tenant."""
 
     status = 403
     type = "invalid_request_error"
@@ -258,4 +269,5 @@ PLACEMENT_ERRORS: dict[str, type[YardError]] = {
     "no_capacity": NoCapacity,
     "queue_timeout": QueueTimeout,
     "queue_full": QueueFull,
+    "scheduler_overloaded": SchedulerOverloaded,
 }

@@ -164,7 +164,8 @@ class QuotaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Ingress processes sharing the limits: while a tenant's shard cannot be
     # reached, each admits its rate-limited tenants from a local bucket of
     # limit // ingress_processes (so all of them together stay within the
-    # limit); budgets fail closed.
+    # limit); budgets fail closed. Count every ingress process of the fleet;
+    # `python -m router --workers N` raises it to at least N by itself.
     ingress_processes: int = 1
     # The shards' ledgers live in this Redis ("": the one of [redis]); a
     # shard's call to it is bounded by store_timeout_s, after which the shard

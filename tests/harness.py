@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,9 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp import web
+from redis.asyncio import Redis
 
-from actors.control_plane import ControlPlane, tenant_with_key
+from actors.control_plane import PRICES_KEY, ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
 from deploy.procs import LOOPBACK, ChildProcess, free_port, start_nats
 from deploy.replica_fleet import healthy
@@ -39,17 +40,23 @@ from scheduler.config import (
 )
 from scheduler.quota_terms import QuotaConfig
 from scheduler.replica_metrics import parse_metrics
+from scheduler.tenancy import Price
 from scheduler.wire import ReplicaInfo
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 MODEL = "switchyard-tiny"
+# What a test stack charges for its models (USD 0.15 / 0.075 / 0.60 per
+# million tokens): an unpriced model is refused for every tenant.
+TEST_PRICE = Price(effective_from_s=0, input_nusd_per_token=150,
+                   cached_input_nusd_per_token=75, output_nusd_per_token=600)
 
 
 def make_config(session_dir: Path, nats_url: str, redis_url: str) -> Config:
     return Config(
         var_dir=str(session_dir),
-        ingress=IngressConfig(port=free_port()),
+        # One process per ingress (more_ingresses starts them as `python -m router`).
+        ingress=IngressConfig(port=free_port(), workers=1),
         nats=NatsConfig(url=nats_url),
         redis=RedisConfig(url=redis_url),
         auth=AuthConfig(key_secret="test-secret-" + "0" * 32),
@@ -61,6 +68,14 @@ def make_config(session_dir: Path, nats_url: str, redis_url: str) -> Config:
         # quota tests that need two say so.
         quota=QuotaConfig(shards=1),
     )
+
+
+async def price_models(redis: Redis, models: Iterable[str]) -> None:
+    """Gives each of `models` TEST_PRICE (in effect since ever) unless it has
+    a price: straight into the control store's hash, so test stacks add no
+    audit entries."""
+    for model in models:
+        await redis.hsetnx(PRICES_KEY, model, msgspec.json.encode((TEST_PRICE,)))
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
@@ -140,6 +155,7 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
         registry = ReplicaRegistry(redis)
         for i, url in enumerate(urls):
             await registry.put_replica(ReplicaInfo(id=f"{prefix}-{i}", url=url, models=(MODEL,)))
+        await price_models(redis, [MODEL])
         tenant, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "tests")
     finally:
         await redis.aclose()

@@ -1,5 +1,6 @@
 """What clients see when parts fail: a dead replica (502), no scheduler
-(503 + Retry-After); and the health, readiness and metrics endpoints."""
+(503 + Retry-After without the ingress's fallback placement, served with
+it); and the health, readiness and metrics endpoints."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from deploy.procs import LOOPBACK, free_port, start_nats
 from router.app import create_app
 from scheduler.config import IngressConfig, NatsConfig
 from scheduler.wire import REGISTRY_CHANGED_SUBJECT, RegistryChanged, ReplicaInfo, encode
-from tests.harness import Switchyard, wait_until
+from tests.harness import Switchyard, price_models, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +41,7 @@ async def test_a_dead_replica_is_a_502(switchyard: Switchyard) -> None:
     ghost = ReplicaInfo(id="ghost-0", url=f"http://{LOOPBACK}:{free_port()}", models=("ghost",))
     try:
         await ReplicaRegistry(redis).put_replica(ghost)
+        await price_models(redis, ["ghost"])
         await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
         url = switchyard.base_url + "/chat/completions"
 
@@ -56,31 +58,53 @@ async def test_a_dead_replica_is_a_502(switchyard: Switchyard) -> None:
         await redis.aclose()
 
 
-@pytest_asyncio.fixture
-async def lonely_ingress(switchyard: Switchyard) -> AsyncIterator[str]:
-    """An ingress on its own nats-server, where no scheduler listens."""
+@pytest_asyncio.fixture(params=[False, True], ids=["no-fallback", "fallback"])
+async def lonely_ingress(switchyard: Switchyard,
+                         request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, bool]]:
+    """An ingress on its own nats-server, where no scheduler listens; with
+    or without its fallback placement (the param)."""
     nats_proc, nats_url = await start_nats(
         Path(switchyard.cfg.var_dir) / "lonely-nats",
         Path(switchyard.cfg.var_dir) / "logs")
     cfg = msgspec.structs.replace(switchyard.cfg, nats=NatsConfig(url=nats_url),
-                                  ingress=IngressConfig(port=free_port()))
+                                  ingress=IngressConfig(port=free_port(),
+                                                        fallback_placement=request.param))
     quota = QuotaService(cfg, 0)  # admission passes; placement finds no scheduler
     await quota.start()
     runner = web.AppRunner(create_app(cfg), handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, cfg.ingress.port).start()
-    yield f"http://{LOOPBACK}:{cfg.ingress.port}"
+    yield f"http://{LOOPBACK}:{cfg.ingress.port}", request.param
     await runner.cleanup()
     await quota.aclose()
     await nats_proc.stop()
 
 
-async def test_no_scheduler_is_a_503_with_retry_after(switchyard: Switchyard,
-                                                      lonely_ingress: str) -> None:
-    status, headers, body = await _post(lonely_ingress + "/v1/chat/completions",
-                                        switchyard.api_key, _chat("switchyard-tiny"))
-    assert status == 503 and body["error"]["code"] == "no_capacity"
-    assert int(headers["Retry-After"]) >= 1
+async def test_no_scheduler_is_a_503_or_placed_by_the_ingress(switchyard: Switchyard,
+                                                               lonely_ingress: tuple[str, bool]
+                                                               ) -> None:
+    root, fallback = lonely_ingress
+    url = root + "/v1/chat/completions"
+    status, headers, body = await _post(url, switchyard.api_key, _chat("switchyard-tiny"))
+    if not fallback:
+        assert status == 503 and body["error"]["code"] == "no_capacity"
+        assert int(headers["Retry-After"]) >= 1
+        return
+    # Placed by the ingress over the registry (the session's simulated replicas).
+    assert status == 200, body
+    assert headers["x-switchyard-replica"].startswith("sim-")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(root + "/metrics") as resp:
+            text = await resp.text()
+    assert 'switchyard_placement_fallbacks_total{reason="unreachable"} 1.0' in text
+    assert "switchyard_placement_fallback_active 1.0" in text
+    # The next one within the probe interval does not wait for a scheduler.
+    status, _, _ = await _post(url, switchyard.api_key, _chat("switchyard-tiny"))
+    assert status == 200
+    async with aiohttp.ClientSession() as session:
+        async with session.get(root + "/metrics") as resp:
+            text = await resp.text()
+    assert 'switchyard_placement_fallbacks_total{reason="unreachable"} 2.0' in text
 
 
 async def test_health_readiness_and_metrics(switchyard: Switchyard) -> None:

@@ -4,6 +4,7 @@ migrations, and the MeteringService from JetStream to totals over NATS."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ import pytest_asyncio
 
 from actors.control_plane import PRICES_KEY
 from actors.control_store import connect_redis
-from analytics import schema
+from analytics import schema, usage_consumer
 from analytics.metering import MeteringService
 from analytics.store import UsageStore, open_store
 from analytics.usage_consumer import UsageConsumer
@@ -38,6 +39,7 @@ from scheduler.wire import (
 
 pytestmark = pytest.mark.integration
 
+QUERY_TIMEOUT_S = 10.0
 DEADLINE_S = 10.0
 # This module's Redis database (prices; none are set here).
 REDIS_DB = 16
@@ -244,8 +246,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 async def query_totals(nc: nats.NATS, tenant_id: str | None) -> tuple[UsageTotal, ...]:
+    # A query waits for the insert under way in the one store process, and a
+    # fresh store process's first insert takes seconds on a loaded machine.
     msg = await nc.request(USAGE_QUERY_SUBJECT, encode(UsageQuery(tenant_id=tenant_id)),
-                           timeout=2.0)
+                           timeout=QUERY_TIMEOUT_S)
     reply = usage_reply_decoder.decode(msg.data)
     assert reply.error == ""
     return reply.totals
@@ -296,18 +300,43 @@ async def test_service_end_to_end(metering_cfg: Config) -> None:
         await service.aclose()
 
 
+_real_insert = UsageStore.insert
+# Per process: the store process fails its first insert.
+_flaky_failures = [RuntimeError("store away")]
+
+
+def flaky_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
+                 token: str) -> None:
+    if _flaky_failures:
+        raise _flaky_failures.pop()
+    _real_insert(self, events, costs, token)
+
+
+def refusing_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
+                    token: str) -> None:
+    if any(e.request_id == "poison" for e in events):
+        raise ValueError("the store refuses this one")
+    _real_insert(self, events, costs, token)
+
+
+def _with_insert(insert: Callable[..., None], name: str, store: UsageStore,
+                 *args: object) -> object:
+    """Runs in the store process (where usage_consumer is not patched): its
+    UsageStore.insert replaced, then usage_consumer's function `name`."""
+    UsageStore.insert = insert  # type: ignore[method-assign]
+    return getattr(usage_consumer, name)(store, *args)
+
+
+def faulty_store(monkeypatch: pytest.MonkeyPatch, insert: Callable[..., None]) -> None:
+    """The store process inserts with `insert`: the consumer's store calls
+    travel by reference, so they are swapped for partials that patch there."""
+    for name in ("store_batch", "isolate_failures"):
+        monkeypatch.setattr(usage_consumer, name, functools.partial(_with_insert, insert, name))
+
+
 async def test_service_retries_failed_insert(metering_cfg: Config,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    failures = [RuntimeError("store away")]
-    real_insert = UsageStore.insert
-
-    def flaky_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
-                     token: str) -> None:
-        if failures:
-            raise failures.pop()
-        real_insert(self, events, costs, token)
-
-    monkeypatch.setattr(UsageStore, "insert", flaky_insert)
+    faulty_store(monkeypatch, flaky_insert)
     events = [event(i) for i in range(40)]
     service = MeteringService(metering_cfg)
     await service.start()
@@ -464,15 +493,7 @@ async def test_poison_events_are_dead_lettered_without_blocking_others(
         metering_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     """An undecodable message goes at once; an event the store refuses goes
     after max_deliver deliveries; the rest of their batches is stored."""
-    real_insert = UsageStore.insert
-
-    def refusing_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
-                        token: str) -> None:
-        if any(e.request_id == "poison" for e in events):
-            raise ValueError("the store refuses this one")
-        real_insert(self, events, costs, token)
-
-    monkeypatch.setattr(UsageStore, "insert", refusing_insert)
+    faulty_store(monkeypatch, refusing_insert)
     cfg = msgspec.structs.replace(metering_cfg, metering=msgspec.structs.replace(
         metering_cfg.metering, max_deliver=2))
     good = [event(i) for i in range(60)]

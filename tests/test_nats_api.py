@@ -3,14 +3,21 @@ usage rows in ClickHouse carry exactly the counts the replica reported."""
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import AsyncIterator
 
+import aiohttp
 import msgspec
 import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
 
+from actors.control_plane import ControlPlane
+from actors.control_store import connect_redis
+from scheduler.control import SYSTEM
+from scheduler.tenancy import TenantLimits
 from scheduler.wire import (
     USAGE_QUERY_SUBJECT,
     ApiChunk,
@@ -131,3 +138,34 @@ async def test_usage_lands_in_clickhouse_with_the_replica_counts(
         return await _totals(nc, tenant_id) == expected
 
     await wait_until(landed, timeout_s=15)
+
+
+async def test_a_rate_limit_error_carries_retry_after_and_the_ratelimit_numbers(
+        switchyard: Switchyard, nc: NATS) -> None:
+    redis = connect_redis(switchyard.cfg.redis)
+    try:
+        plane = ControlPlane(redis, switchyard.cfg.auth, None)
+        tenant = await plane.create_tenant(SYSTEM, "nats-rl-1", "nats-rl-" + secrets.token_hex(3),
+                                           limits=TenantLimits(requests_per_minute=1))
+        key = (await plane.create_key(SYSTEM, "nats-rl-2", tenant.tenant_id)).plaintext
+    finally:
+        await redis.aclose()
+    auth = {"Authorization": f"Bearer {key}"}
+    first = api_reply_decoder.decode((await nc.request(CHAT, _body(max_tokens=1), timeout=5,
+                                                       headers=auth)).data)
+    assert isinstance(first, ApiResponse)
+    reply = api_reply_decoder.decode((await nc.request(CHAT, _body(max_tokens=1), timeout=5,
+                                                       headers=auth)).data)
+    assert isinstance(reply, ApiError) and reply.status == 429
+    assert reply.retry_after_s is not None and 0 < reply.retry_after_s <= 60
+    assert reply.headers["x-ratelimit-limit-requests"] == "1"
+    assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+    # The same numbers HTTP sends for the same refusal.
+    async with aiohttp.ClientSession() as http, http.post(
+            switchyard.base_url + "/chat/completions", headers=auth,
+            data=_body(max_tokens=1)) as resp:
+        assert resp.status == 429
+        same = {name: resp.headers.get(name) for name in reply.headers if "reset" not in name}
+        assert same == {name: v for name, v in reply.headers.items() if "reset" not in name}
+        assert set(reply.headers) == {n for n in resp.headers if n.startswith("x-ratelimit-")}
+        assert int(resp.headers["Retry-After"]) == math.ceil(reply.retry_after_s)

@@ -36,7 +36,14 @@ from router.requests import parse_request
 from scheduler.config import AgentConfig, IngressConfig, ModelConfig, SchedulerConfig
 from scheduler.framework import ReplicaId
 from scheduler.wire import USAGE_SUBJECTS, ReplicaInfo
-from tests.harness import MODEL, chat_replica, make_config, prefix_hits_tokens, wait_until
+from tests.harness import (
+    MODEL,
+    chat_replica,
+    make_config,
+    prefix_hits_tokens,
+    price_models,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +91,7 @@ async def precise_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prec
         agents.append(agent)
         fleets.append(await start_fleet(msgspec.structs.replace(
             sim, kv_events_endpoint=agent.kv_events_endpoint), ports=[port]))
+    await price_models(redis, [MODEL])
     tenant, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "precise")
     await redis.aclose()
     nc = await nats.connect(nats_url)  # the usage stream the ingress publishes to

@@ -28,7 +28,7 @@ from loadtests.simulator.fleet import start_fleet
 from router.app import create_app
 from scheduler.config import IngressConfig, NatsConfig, RedisConfig, SchedulerConfig
 from scheduler.wire import USAGE_SUBJECTS, ReplicaInfo
-from tests.harness import MODEL, make_config
+from tests.harness import MODEL, make_config, price_models
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +54,7 @@ async def prefix_stack(session_dir: Path, redis_url: str) -> AsyncIterator[Prefi
     for i, url in enumerate(fleet.urls):
         await ReplicaRegistry(redis).put_replica(ReplicaInfo(id=f"p-{i}", url=url,
                                                              models=(MODEL,)))
+    await price_models(redis, [MODEL])
     _, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "prefix")
     await redis.aclose()
     nc = await nats.connect(nats_url)  # the usage stream the ingress publishes to

@@ -36,7 +36,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from actors.control_plane import ControlPlane, tenant_with_key
-from actors.control_store import connect_redis
+from actors.control_store import ReplicaRegistry, connect_redis
 from actors.control_tx import nats_publisher
 from deploy.procs import LOOPBACK, free_port, start_nats
 from router.app import create_app
@@ -45,6 +45,7 @@ from scheduler.control import SYSTEM
 from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import QuotaConfig
 from scheduler.tenancy import NUSD_PER_USD, Price, TenantLimits
+from scheduler.wire import ReplicaInfo
 from tests.harness import MODEL, Switchyard, more_ingresses, private_switchyard, wait_until
 
 pytestmark = pytest.mark.integration
@@ -268,6 +269,9 @@ async def test_a_one_nusd_budget_admits_nothing_and_unpriced_models_are_refused(
                                           for i in range(50)))
         for status, _, body in outcomes:
             assert status == 429 and body["error"]["code"] == "insufficient_quota", body
+        # Served (registered) but unpriced; one nobody serves would be a 404.
+        await ReplicaRegistry(stack.plane.redis).put_replica(ReplicaInfo(
+            id="unpriced-0", url=f"http://{LOOPBACK}:{free_port()}", models=("unpriced-model",)))
         status, _, body = await _post(http, stack.yard.base_url, key,
                                       {**_chat(1), "model": "unpriced-model"})
     assert status == 403 and body["error"]["code"] == "model_not_priced", body

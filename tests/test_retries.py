@@ -48,7 +48,7 @@ from scheduler.wire import (
     usage_decoder,
     usage_reply_decoder,
 )
-from tests.harness import Switchyard, wait_until
+from tests.harness import Switchyard, price_models, wait_until
 
 pytestmark = pytest.mark.integration
 _pairs = itertools.count()
@@ -87,6 +87,7 @@ async def pair(switchyard: Switchyard) -> AsyncIterator[Pair]:
     try:
         for rid, url in zip(ids, fleet.urls, strict=True):
             await registry.put_replica(ReplicaInfo(id=rid, url=url, models=(model,)))
+        await price_models(redis, [model])
         await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
 
         async def both_known() -> bool:

@@ -59,6 +59,9 @@ async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, U
             except (nats.errors.TimeoutError, TimeoutError):
                 break
             events += [usage_decoder.decode(m.data) for m in msgs]
+            # Acked, or the consumer stops at its max_ack_pending (1,000).
+            for msg in msgs:
+                await msg.ack()
         await sub.unsubscribe()
         by_id = {e.request_id: e for e in events}
         assert len(by_id) == len(events) == requests

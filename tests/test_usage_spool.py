@@ -4,8 +4,8 @@ go to the ingress's disk spool, which fills past its bound (requests then
 fail closed: 503 usage_spool_full) and drains once NATS is back, and every
 served request id ends up in ClickHouse exactly once.
 
-New requests cannot be placed while NATS is away (placement is a NATS round
-trip): those get 503 no_capacity, before any replica, and are not billed."""
+New requests placed by the ingress itself while NATS is away (and a budget
+tenant refused meanwhile): tests/test_nats_outage.py."""
 
 from __future__ import annotations
 
@@ -33,16 +33,17 @@ OUTAGE_S = 5.0
 
 
 @contextlib.asynccontextmanager
-async def stack_with_nats(work: Path, redis_url: str) -> AsyncIterator[
+async def stack_with_nats(work: Path, redis_url: str, redis_db: int = REDIS_DB,
+                          spool_max_events: int = SPOOL_MAX_EVENTS) -> AsyncIterator[
         tuple[Switchyard, list[ChildProcess]]]:
     """A private stack whose nats-server the test may kill and restart
     (the list holds the running one, on the same port and store)."""
     proc, nats_url = await start_nats(work / "nats", work / "logs")
     procs = [proc]
     try:
-        cfg = make_config(work, nats_url, redis_url.removesuffix("/0") + f"/{REDIS_DB}")
+        cfg = make_config(work, nats_url, redis_url.removesuffix("/0") + f"/{redis_db}")
         cfg = msgspec.structs.replace(cfg, ingress=msgspec.structs.replace(
-            cfg.ingress, spool_max_events=SPOOL_MAX_EVENTS))
+            cfg.ingress, spool_max_events=spool_max_events))
         from actors.control_store import connect_redis
 
         redis = connect_redis(cfg.redis)

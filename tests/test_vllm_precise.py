@@ -42,7 +42,14 @@ from scheduler.config import IngressConfig, ModelConfig, SchedulerConfig
 from scheduler.framework import ReplicaId
 from scheduler.wire import USAGE_SUBJECTS, KvEventsRelay, ReplicaInfo, encode, kv_subject
 from tests.fixtures_vllm import VllmReplicas
-from tests.harness import MODEL, chat_replica, make_config, prefix_hits_tokens, wait_until
+from tests.harness import (
+    MODEL,
+    chat_replica,
+    make_config,
+    prefix_hits_tokens,
+    price_models,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -93,6 +100,7 @@ async def vllm_precise(session_dir: Path, redis_url: str,
     urls = {f"ext-{i}": url for i, url in enumerate(vllm_replicas.urls)}
     for rid, url in urls.items():
         await ReplicaRegistry(redis).put_replica(ReplicaInfo(id=rid, url=url, models=(MODEL,)))
+    await price_models(redis, [MODEL])
     tenant, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "vllm-precise")
     await redis.aclose()
     nc = await nats.connect(nats_url)

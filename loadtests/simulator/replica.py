@@ -29,6 +29,7 @@ from loadtests.simulator.ledger import RequestLedger, RequestRecord
 from loadtests.simulator.metrics import CacheInfo, EngineGauges, ReplicaCollector, ReplicaStats
 from loadtests.simulator.sampling import SamplingLimits, Vocabulary
 from loadtests.simulator.shapes import UsageCounts
+from loadtests.simulator.truth_log import TruthLog
 from router.prompt_tokens import ModelTokenizer, load_tokenizer
 from scheduler.config import SimulatorConfig
 
@@ -113,8 +114,12 @@ class SimReplica:
         index: int = 0,
         tokenizer: ModelTokenizer | None = None,
         wall_clock: Callable[[], float] = time.time,
+        truth_log: TruthLog | None = None,
     ) -> None:
+        """`truth_log`: where each token and end of a request is also written
+        (ground truth that outlives the process)."""
         self.cfg = cfg
+        self.truth_log = truth_log
         self.index = index
         self.model = cfg.model
         self.tokenizer = tokenizer or load_tokenizer(
@@ -202,6 +207,7 @@ class SimReplica:
         record = RequestRecord(request_id=request_id, prompt_tokens=len(prompt_ids),
                                cache_salt=cache_salt or "", started_at_s=self._wall_clock())
         self.ledger.add(record)
+        self._journal(record)
         arrived_at_s = loop.time()
         if self.faults.hang_before_first_byte:
             try:
@@ -266,6 +272,7 @@ class SimReplica:
         stats.generation_tokens += 1
         record.completion_tokens += 1
         self._copy_engine_truth(run)
+        self._journal(record)
 
     def _close(self, run: Run, now_s: float) -> None:
         """Ends a run once: the engine drops it if unfinished; counts it; closes its record."""
@@ -295,3 +302,8 @@ class SimReplica:
         record.aborted = reason == "abort"
         record.finish_reason = reason
         record.ended_at_s = self._wall_clock()
+        self._journal(record)
+
+    def _journal(self, record: RequestRecord) -> None:
+        if self.truth_log is not None:
+            self.truth_log.note(record)

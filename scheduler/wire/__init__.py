@@ -366,6 +366,10 @@ class ApiEnd(_Msg, tag="end"):
 class ApiError(_Msg, tag="error"):
     status: int
     error: dict[str, str | None]
+    # When to try again (HTTP's Retry-After, not rounded up to whole seconds).
+    retry_after_s: float | None = None
+    # The HTTP headers the same error has: OpenAI's x-ratelimit-* on a 429.
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 ApiReply = ApiChunk | ApiResponse | ApiEnd | ApiError
