@@ -371,7 +371,7 @@ async def test_without_its_shard_a_budget_fails_closed_and_rate_limits_go_local(
         status, _, body = await _post(http, shardless_ingress, budget_key, _chat(1))
         assert status == 503 and body["error"]["code"] == "quota_unavailable", body
         assert time.monotonic() - started_s < 0.5
-        # Rate limits only: admitted from the local bucket (no scheduler
-        # listens on that bus either, so its placement is what fails).
+        # Rate limits only: admitted from the local bucket (and, no scheduler
+        # listening on that bus either, placed by the ingress itself).
         status, _, body = await _post(http, shardless_ingress, rpm_key, _chat(1))
-    assert body["error"]["code"] != "quota_unavailable", body
+    assert status == 200, body
