@@ -3,14 +3,28 @@ the tenants hashed onto it, answering calls on `yard.quota.<shard>`. Hosted
 by a Ray actor (actors/ray_shells.py); plain asyncio here so it can be
 tested on its own.
 
-Durability: every change reaches Redis before its call is answered: the
-changed fields of the tenant's hash (`<quota.redis_prefix><tenant id>`: a
-field per charge, one for the period's spend) in one MULTI pipeline. Calls
-that arrive while a write is under way share the next one (group commit).
-A ledger is read back from that hash the first time its tenant is asked
-about, so a restarted shard resets nothing, and a retried call finds the
-charge it made. A write that fails answers `error` (the ingress resends,
-which is idempotent) and its fields go out again with the next write."""
+Durability: every change reaches Redis (actors/quota_store.py) before its
+call is answered: the changed fields of the tenant's hash (a field per
+charge, one for the period's spend) in one MULTI pipeline. Calls that arrive
+while a write is under way share the next one (group commit). A ledger is
+read back from that hash the first time its tenant is asked about, so a
+restarted shard resets nothing, and a retried call finds the charge it made.
+
+When that Redis fails (an error, or no answer within `quota.store_timeout_s`)
+the shard answers every call with STORE_UNAVAILABLE at once, so ingresses
+fail budgets closed fast and admit rate limits locally, and probes the Redis
+every `quota.store_probe_s`; once it answers, a Redis that came back empty
+gets every ledger held here in full before the shard answers again.
+
+A Redis that lost the checkpoints (the shard's epoch key was gone when it
+started, or went missing since) cannot tell a new tenant from one whose
+ledger was lost: a tenant with a budget loaded from it is admitted only once
+the metering service said what the tenant was billed this period (ClickHouse,
+the truth), which raises the ledger's spend if higher, so it never counts
+from 0. Meanwhile (asked in the background) its reservations are answered
+SPEND_UNKNOWN, which fails them closed; a failed ask is made again by the
+next one. A ledger held in memory when the Redis was lost is the truth: it
+is written back in full."""
 
 from __future__ import annotations
 
@@ -27,11 +41,15 @@ from nats.aio.msg import Msg
 
 from actors.bus import connect_bus
 from actors.control_store import connect_redis
+from actors.quota_store import QuotaStore, StoreUnavailable
 from actors.tenancy_reader import TenancyReader
+from analytics.metering_client import MeteringClient
+from scheduler.billing import period_start_s
 from scheduler.config import Config
+from scheduler.errors import YardError
 from scheduler.quota_ledger import TenantLedger
-from scheduler.quota_terms import Verdict, estimate
-from scheduler.tenancy import price_at
+from scheduler.quota_terms import SPEND_UNKNOWN, STORE_UNAVAILABLE, Verdict, estimate
+from scheduler.tenancy import TenantLimits, price_at
 from scheduler.wire import (
     CONTROL_CHANGED_SUBJECT,
     QuotaCall,
@@ -45,11 +63,18 @@ from scheduler.wire import (
     quota_call_decoder,
     quota_subject,
 )
+from scheduler.wire.usage import UsageRowsQuery
 
 log = logging.getLogger("switchyard.quota")
-# What makes a call fail (and be resent) rather than crash the shard.
+# What makes a call fail (and be resent) rather than crash the shard: the
+# control store's limits and prices unreadable or malformed.
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError, msgspec.DecodeError,
                 ValueError)
+ROLLUP_MINUTE_MS = 60_000
+
+
+class SpendUnknown(Exception):
+    """The metering service did not say what a budget tenant spent."""
 
 
 class _Tenant:
@@ -60,6 +85,10 @@ class _Tenant:
         self.lock = asyncio.Lock()
         self.version = 0
         self.saved = 0
+        # False: loaded from a Redis that lost checkpoints, so a budget needs
+        # the billed spend first (asked by `learning`).
+        self.spend_known = True
+        self.learning: asyncio.Task[None] | None = None
 
 
 class QuotaService:
@@ -70,15 +99,28 @@ class QuotaService:
         self.shard = shard
         self.clock_s = clock_s
         self.counts = dict.fromkeys(("admitted", "refused", "leases", "commits", "releases",
-                                     "lease_returns", "errors", "malformed", "writes"), 0)
+                                     "lease_returns", "errors", "malformed", "writes",
+                                     "unavailable", "store_down", "store_lost", "rewrites",
+                                     "spend_reads", "spend_unknown"), 0)
         self._tenants: dict[str, _Tenant] = {}
         self._answering: set[asyncio.Task[None]] = set()
         self._nc: NATS | None = None
         self._reader: TenancyReader | None = None
+        self._store = QuotaStore(cfg.quota, cfg.redis, shard)
+        self._store_up = True
+        # The Redis may have lost checkpoints: see the module's docstring.
+        self._store_fresh = False
+        self._watch: asyncio.Task[None] | None = None
+        self._metering: MeteringClient | None = None
 
     async def start(self) -> None:
         self._reader = TenancyReader(connect_redis(self.cfg.redis), self.cfg.quota.cache_ttl_s)
+        try:
+            self._store_fresh = await self._store.claim_epoch()
+        except StoreUnavailable as exc:
+            self._store_down(exc)  # serves anyway: "unavailable" until its Redis is back
         self._nc = await connect_bus(self.cfg.nats, f"quota-{self.shard}")
+        self._metering = MeteringClient(self._nc, timeout_s=self.cfg.quota.truth_timeout_s)
         await self._nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=self._on_control_changed)
         await self._nc.subscribe(quota_subject(self.shard), cb=self._on_call)
         await self._nc.flush()
@@ -86,19 +128,28 @@ class QuotaService:
     async def aclose(self) -> None:
         if self._nc is not None:
             await self._nc.drain()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         if self._answering:
-            await asyncio.wait(self._answering, timeout=self.cfg.redis.timeout_s * 2)
+            await asyncio.wait(self._answering, timeout=self.cfg.quota.store_timeout_s * 2)
         for task in self._answering:
             task.cancel()
         await asyncio.gather(*self._answering, return_exceptions=True)
+        await self._store.aclose()
         if self._reader is not None:
             await self._reader.redis.aclose()
+
+    @property
+    def store_up(self) -> bool:
+        return self._store_up
 
     def stats(self) -> dict[str, int]:
         """Counts (refusals also by reason, `refused_<reason>`), and what the
         tenants known here hold open: reservations and leases, reserved nUSD."""
         ledgers = [t.ledger for t in self._tenants.values()]
         return {**self.counts, "tenants": len(self._tenants), "answering": len(self._answering),
+                "store_up": int(self._store_up),
                 "open_charges": sum(sum(c.open for c in ledger.charges.values())
                                     for ledger in ledgers),
                 "reserved_nusd": sum(ledger.reserved_nusd for ledger in ledgers)}
@@ -120,8 +171,20 @@ class QuotaService:
             self.counts["malformed"] += 1
             log.warning("malformed quota call dropped")
             return
+        if not self._store_up:
+            self.counts["unavailable"] += 1
+            await self._answer(msg.reply, QuotaReply(error=STORE_UNAVAILABLE))
+            return
         try:
             tenant, reply = await self._apply(call)
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+            self.counts["unavailable"] += 1
+            await self._answer(msg.reply, QuotaReply(error=STORE_UNAVAILABLE))
+            return
+        except SpendUnknown:
+            await self._answer(msg.reply, QuotaReply(error=SPEND_UNKNOWN))
+            return
         except STORE_ERRORS as exc:
             self.counts["errors"] += 1
             log.warning("quota call for tenant %s failed: %r", call.tenant_id, exc)
@@ -135,11 +198,14 @@ class QuotaService:
 
     async def _apply(self, call: QuotaCall) -> tuple[_Tenant, QuotaReply]:
         assert self._reader is not None
-        tenant = await self._tenant(call.tenant_id)
         limits = await self._reader.limits(call.tenant_id)
+        tenant = await self._tenant(call.tenant_id)
         ledger, now_s = tenant.ledger, self.clock_s()
         ledger.advance(now_s, limits)
         if isinstance(call, QuotaReserve):
+            if limits.budget_nusd and not tenant.spend_known:
+                self._learn_spend(tenant, limits, now_s)
+                raise SpendUnknown(call.tenant_id)
             price = price_at(await self._reader.prices(call.model), now_s)
             est = estimate(limits, price, call.prompt_tokens, call.max_tokens)
             # A resent call whose request was already reserved on its own
@@ -176,22 +242,51 @@ class QuotaService:
     async def _tenant(self, tenant_id: str) -> _Tenant:
         tenant = self._tenants.get(tenant_id)
         if tenant is None:
-            assert self._reader is not None
             quota = self.cfg.quota
-            fields = await self._reader.redis.hgetall(quota.redis_prefix + tenant_id)
+            fields = await self._store.load(tenant_id)
             ledger = TenantLedger.restore(fields, self.clock_s(), quota.retry_after_s,
                                           quota.lease.return_grace_s, quota.reservation_ttl_s)
             tenant = self._tenants[tenant_id] = _Tenant(tenant_id, ledger)
+            tenant.spend_known = not self._store_fresh
         return tenant
+
+    def _learn_spend(self, tenant: _Tenant, limits: TenantLimits, now_s: float) -> None:
+        """Asks the metering service (once at a time per tenant) for the
+        period's billed spend, which raises the ledger's if higher."""
+        if tenant.learning is not None:
+            return
+        assert self._metering is not None
+        metering = self._metering
+        start_s = period_start_s(limits.budget_period, now_s)
+        to_ms = (int(now_s * 1000) // ROLLUP_MINUTE_MS + 1) * ROLLUP_MINUTE_MS
+
+        async def learn() -> None:
+            self.counts["spend_reads"] += 1
+            try:
+                rows = await metering.usage_rows(UsageRowsQuery(
+                    tenant_id=tenant.tenant_id, from_ms=start_s * 1000, to_ms=to_ms))
+            except YardError as exc:
+                self.counts["spend_unknown"] += 1
+                log.warning("spend of tenant %s unknown, its budget fails closed: %s",
+                            tenant.tenant_id, exc)
+                return
+            finally:
+                tenant.learning = None
+            tenant.ledger.spent_at_least(sum(row.cost_nusd for row in rows))
+            tenant.spend_known = True
+
+        tenant.learning = asyncio.create_task(learn(), name=f"quota-spend-{tenant.tenant_id}")
+        self._answering.add(tenant.learning)
+        tenant.learning.add_done_callback(self._answering.discard)
 
     async def _save_then_answer(self, tenant: _Tenant, version: int, reply_to: str,
                                 reply: QuotaReply) -> None:
         try:
             await self._save(tenant, version)
-        except STORE_ERRORS as exc:
+        except StoreUnavailable as exc:
             self.counts["errors"] += 1
-            log.warning("quota state of tenant %s not saved: %r", tenant.tenant_id, exc)
-            reply = QuotaReply(error=type(exc).__name__)
+            self._store_down(exc)
+            reply = QuotaReply(error=STORE_UNAVAILABLE)
         await self._answer(reply_to, reply)
 
     async def _save(self, tenant: _Tenant, version: int) -> None:
@@ -210,18 +305,44 @@ class QuotaService:
             tenant.saved = target
 
     async def _write(self, tenant_id: str, changes: dict[str, bytes | None]) -> None:
-        assert self._reader is not None
-        key = self.cfg.quota.redis_prefix + tenant_id
-        puts = {field: value for field, value in changes.items() if value is not None}
-        gone = [field for field, value in changes.items() if value is None]
-        async with asyncio.timeout(self.cfg.redis.timeout_s):
-            async with self._reader.redis.pipeline(transaction=True) as pipe:
-                if puts:
-                    pipe.hset(key, mapping=puts)  # type: ignore[arg-type]
-                if gone:
-                    pipe.hdel(key, *gone)
-                await pipe.execute()
+        await self._store.write(tenant_id, changes)
         self.counts["writes"] += 1
+
+    def _store_down(self, exc: BaseException) -> None:
+        """Answers "unavailable" from now on until a probe finds the Redis back."""
+        if not self._store_up:
+            return
+        self._store_up = False
+        self.counts["store_down"] += 1
+        log.warning("quota shard %d: its Redis failed (%r); answering unavailable until "
+                    "it is back", self.shard, exc)
+        self._watch = asyncio.create_task(self._watch_store(), name=f"quota-{self.shard}-store")
+
+    async def _watch_store(self) -> None:
+        rewrite = False  # until every ledger held here is back in the Redis
+        while True:
+            await asyncio.sleep(self.cfg.quota.store_probe_s)
+            try:
+                if await self._store.is_lost():
+                    self.counts["store_lost"] += 1
+                    self._store_fresh = rewrite = True
+                    await self._store.claim_epoch()
+                if rewrite:
+                    await self._rewrite_all()
+                break
+            except StoreUnavailable:
+                continue
+        self._store_up = True
+        log.warning("quota shard %d: its Redis is back", self.shard)
+
+    async def _rewrite_all(self) -> None:
+        """Every ledger held here, in full, into a Redis that lost them."""
+        for tenant in list(self._tenants.values()):
+            async with tenant.lock:
+                target = tenant.version
+                await self._store.rewrite(tenant.tenant_id, tenant.ledger.snapshot())
+                tenant.saved = target
+                self.counts["rewrites"] += 1
 
     async def _answer(self, reply_to: str, reply: QuotaReply) -> None:
         if not reply_to:

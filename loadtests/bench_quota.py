@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,22 @@ from actors.control_plane import TENANT_KEY
 from actors.control_store import connect_redis
 from actors.ray_runtime import init_local_ray, shutdown_ray
 from actors.tenancy_reader import LIMITS_FIELD, PRICES_KEY
+from analytics.metering_client import MeteringClient
 from deploy.procs import start_nats, start_redis
 from router.quota_client import QuotaClient
-from scheduler.config import Config, NatsConfig, RedisConfig, dump_config
+from scheduler.config import (
+    ClickHouseConfig,
+    Config,
+    MeteringConfig,
+    NatsConfig,
+    RedisConfig,
+    dump_config,
+)
 from scheduler.errors import YardError
 from scheduler.quota_terms import LeaseSizing, QuotaConfig
 from scheduler.tenancy import Price, TenantLimits
 from scheduler.wire import QuotaRelease, QuotaReserve, encode, quota_reply_decoder, quota_subject
+from scheduler.wire.usage import UsageRowsQuery
 
 MODEL = "bench-model"
 PRICE = Price(effective_from_s=0, input_nusd_per_token=500, cached_input_nusd_per_token=50,
@@ -164,15 +175,39 @@ async def _with_shard(cfg: Config, measure: Any) -> dict[str, float]:
         ray.kill(shard)
 
 
-async def _main(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def quota_bench_stack(work: Path, quota: QuotaConfig) -> AsyncIterator[Config]:
+    """nats-server, redis-server (MODEL priced) and the metering service, which
+    tells a shard on a new Redis what a budget tenant was billed (nothing)."""
+    from actors.ray_shells import MeteringActor
+
     nats_proc, nats_url = await start_nats(work / "nats", work / "logs")
     redis_proc, redis_url = await start_redis(work / "redis", work / "logs", persist=False)
+    metering = None
     try:
-        base = Config(nats=NatsConfig(url=nats_url), redis=RedisConfig(url=redis_url),
-                      quota=QuotaConfig(shards=1))
-        redis = connect_redis(base.redis)
+        cfg = Config(nats=NatsConfig(url=nats_url), redis=RedisConfig(url=redis_url),
+                     metering=MeteringConfig(clickhouse=ClickHouseConfig(path=str(work / "chdb"))),
+                     quota=quota)
+        redis = connect_redis(cfg.redis)
         await redis.hset(PRICES_KEY, MODEL, msgspec.json.encode((PRICE,)).decode())
         await redis.aclose()
+        metering = MeteringActor.remote(dump_config(cfg))
+        await asyncio.wait_for(metering.ready.remote(), 120)
+        nc = await nats.connect(nats_url)
+        try:  # its first query warms chDB up
+            await MeteringClient(nc, timeout_s=60).usage_rows(UsageRowsQuery(to_ms=60_000))
+        finally:
+            await nc.drain()
+        yield cfg
+    finally:
+        if metering is not None:
+            await asyncio.wait_for(metering.stop.remote(), 10)
+        await redis_proc.stop()
+        await nats_proc.stop()
+
+
+async def _main(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    async with quota_bench_stack(work, QuotaConfig(shards=1)) as base:
         no_leases = msgspec.structs.replace(base, quota=msgspec.structs.replace(
             base.quota, lease=NO_LEASES))
         rounds: dict[str, list[dict[str, float]]] = {"leases": [], "per_request": [],
@@ -187,9 +222,6 @@ async def _main(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 base, lambda c: _fast_path(c, args.calls)))
         return {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 for name, runs in rounds.items()}
-    finally:
-        await redis_proc.stop()
-        await nats_proc.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import msgspec
 import uvloop
 
 from router.workers import die_with_parent, resolve_workers, supervise
@@ -33,20 +34,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, rest = _parser().parse_known_args(argv)
     cfg = process_config("python -m router", rest)
+    workers = resolve_workers(args.workers or cfg.ingress.workers, os.cpu_count())
     if args.worker is not None:
         die_with_parent(args.supervisor)
-        return _serve(cfg, args.metrics_dir, reuse_port=True)
-    workers = resolve_workers(args.workers or cfg.ingress.workers, os.cpu_count())
+        return _serve(_limits_shared_by(cfg, workers), args.metrics_dir, reuse_port=True)
     if workers == 1:
         return _serve(cfg, None, reuse_port=False)
     metrics_dir = Path(cfg.var_dir) / "run" / f"metrics-{cfg.ingress.port}"
     supervisor = os.getpid()
 
     def argv_of(index: int) -> list[str]:
-        return [sys.executable, "-m", "router", *rest, "--worker", str(index),
+        return [sys.executable, "-m", "router", *rest, "--workers", str(workers),
+                "--worker", str(index),
                 "--supervisor", str(supervisor), "--metrics-dir", str(metrics_dir)]
 
     return uvloop.run(supervise(argv_of, workers, metrics_dir))
+
+
+def _limits_shared_by(cfg: Config, workers: int) -> Config:
+    """While a quota shard is away each process admits from its own bucket
+    of limit // quota.ingress_processes: that count takes in at least this
+    ingress's own workers."""
+    if cfg.quota.ingress_processes >= workers:
+        return cfg
+    return msgspec.structs.replace(cfg, quota=msgspec.structs.replace(
+        cfg.quota, ingress_processes=workers))
 
 
 def _serve(cfg: Config, metrics_dir: Path | None, reuse_port: bool) -> int:

@@ -183,12 +183,13 @@ class Gateway:
                            parsed: ParsedRequest) -> Admission | None:
         """None: admitted without the shard. While NATS is down no shard can
         be asked; a tenant without limits has nothing to enforce there (its
-        usage is billed from the spooled usage events all the same), while
-        one with limits or a budget fails closed (503 quota_unavailable)."""
+        usage is billed from the spooled usage events all the same). Others
+        go to the quota client, which admits rate-limited tenants from its
+        local limit/N bucket while their shard is away and fails budgets closed."""
         if not self._nc.is_connected and not enforces_limits(limits):
             return None
         return await self._quota.admit(tenant_id, request_id, parsed.model,
-                                       parsed.prompt_tokens_est, parsed.max_tokens or 0)
+                                       parsed.prompt_tokens_est, parsed.max_tokens or 0, limits)
 
     @contextlib.asynccontextmanager
     async def upstream(self, ctx: RequestContext) -> AsyncIterator[bytes]:

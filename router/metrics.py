@@ -89,8 +89,12 @@ class Metrics:
             "switchyard_nats_errors", "Failed NATS publishes and requests.", registry=r)
         self.quota_admissions = Counter(
             "switchyard_quota_admissions", "Requests admitted by quota: under a lease held "
-            "by this ingress (lease) or by a call to the tenant's shard (shard).",
+            "by this ingress (lease), by a call to the tenant's shard (shard), or by this "
+            "ingress's local bucket while the shard is unreachable (outage).",
             ["path"], registry=r)
+        self.quota_shards_away = Gauge(
+            "switchyard_quota_shards_away", "Quota shards this ingress's breaker holds "
+            "open (unreachable: budgets fail closed, rate limits local).", registry=r)
         self.quota_rejections = Counter(
             "switchyard_quota_rejections", "Requests refused by quota, by reason (requests, "
             "tokens, too_large, concurrency, budget, unpriced).", ["reason"], registry=r)

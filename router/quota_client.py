@@ -13,10 +13,14 @@ admitted under it) or else reserves this one request: near a limit the
 shard grants no leases and every admission is exact.
 
 The shard cannot be reached within `quota.call_timeout_s` (resending the
-same idempotent call meanwhile, e.g. while Ray restarts it): the admission
-fails closed with QuotaUnavailable (503 + Retry-After), for budgets and rate
-limits alike, so no limit is ever exceeded; a lease already held keeps
-admitting until it ends, which covers a shard restart for busy tenants.
+same idempotent call meanwhile, e.g. while Ray restarts it), or answers that
+its Redis is away: the shard's breaker opens (router/quota_outage.py), and
+until a probe finds it back its tenants' admissions do not wait for it: a
+tenant with a budget, or whose limits the caller did not give, fails closed
+with QuotaUnavailable (503 + Retry-After); one with rate limits only is
+admitted from this ingress's local bucket (its 1/`quota.ingress_processes`
+share of each limit). A lease already held keeps admitting until it ends,
+which covers a shard restart for busy tenants.
 Settling calls (commit, release, lease return) are retried in the
 background for `SETTLE_PATIENCE_S`; one that never arrives is settled by the
 shard as fully used (reservation TTL, lease return grace)."""
@@ -32,18 +36,20 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from router.metrics import Metrics
+from router.quota_calls import ShardCalls
 from router.quota_lease import Lease
+from router.quota_outage import OutageDesk
 from scheduler.errors import QuotaUnavailable, quota_refusal
+from scheduler.quota_outage import ShardBreaker
 from scheduler.quota_terms import (
+    SPEND_UNKNOWN,
     QuotaConfig,
     RateLimitNumbers,
     estimate,
-    shard_of,
 )
 from scheduler.tenancy import TenantLimits
 from scheduler.wire import (
@@ -52,22 +58,13 @@ from scheduler.wire import (
     QuotaCommit,
     QuotaLeaseReturn,
     QuotaRelease,
-    QuotaReply,
     QuotaReserve,
     control_changed_decoder,
-    encode,
-    quota_reply_decoder,
-    quota_subject,
 )
 
 log = logging.getLogger("switchyard.quota_client")
-# Pause before resending to a shard with no subscriber (it is restarting).
-NO_RESPONDERS_BACKOFF_S = 0.02
 # How long a commit, release or lease return keeps being resent.
 SETTLE_PATIENCE_S = 30.0
-_CALL_LABELS: dict[type[QuotaCall], str] = {
-    QuotaReserve: "reserve", QuotaCommit: "commit", QuotaRelease: "release",
-    QuotaLeaseReturn: "lease_return"}
 
 
 @dataclass
@@ -76,7 +73,8 @@ class Admission:
     request_id: str
     model: str
     numbers: RateLimitNumbers
-    # Set when admitted under a lease (settled locally while the lease lasts).
+    # Set when admitted under a lease, or under the local bucket's tab while
+    # the shard was away (settled locally while either lasts).
     lease: Lease | None = None
 
     def headers(self) -> dict[str, str]:
@@ -102,6 +100,9 @@ class QuotaClient:
         self._reaper: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys(("local", "calls", "leases", "reserved", "refused",
                                      "unavailable", "settle_lost"), 0)
+        self.outage = OutageDesk(cfg, clock_s, self._metrics)
+        self._calls = ShardCalls(nc, cfg, self._metrics, self.outage, self.counts,
+                                 self._spawn, self._came_back)
 
     async def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_forever(), name="quota-lease-reaper")
@@ -111,8 +112,9 @@ class QuotaClient:
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
-        for key, lease in list(self._leases.items()):
+        for key, lease in [*self._leases.items(), *self.outage.tabs.items()]:
             self._end(key, lease)
+        self.outage.tabs.clear()
         await self.drain()
 
     async def drain(self) -> None:
@@ -121,9 +123,25 @@ class QuotaClient:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def admit(self, tenant_id: str, request_id: str, model: str, prompt_tokens: int,
-                    max_tokens: int) -> Admission:
+                    max_tokens: int, limits: TenantLimits | None = None) -> Admission:
         """Raises RateLimited, BudgetExhausted, ModelNotPriced (refused) or
-        QuotaUnavailable (the shard did not answer in time)."""
+        QuotaUnavailable (the shard did not answer in time). `limits`: the
+        tenant's as this ingress knows them (its key's), for the local bucket
+        while the shard is away; without them such an admission fails closed."""
+        try:
+            admitted = await self._admit(tenant_id, request_id, model, prompt_tokens,
+                                         max_tokens)
+        except QuotaUnavailable:
+            if limits is None or limits.budget_nusd:
+                raise
+            tab, numbers = self.outage.admit((tenant_id, model), request_id, prompt_tokens,
+                                             max_tokens, limits)
+            admitted = Admission(tenant_id, request_id, model, numbers, tab)
+        self.outage.noted(tenant_id, prompt_tokens, max_tokens, limits)
+        return admitted
+
+    async def _admit(self, tenant_id: str, request_id: str, model: str, prompt_tokens: int,
+                     max_tokens: int) -> Admission:
         key = (tenant_id, model)
         while (admitted := self._admit_leased(key, request_id, prompt_tokens,
                                               max_tokens)) is None:
@@ -134,7 +152,7 @@ class QuotaClient:
             if not await asyncio.shield(asking):
                 # The shard did not answer that ask in time: failed closed now,
                 # not after asking again in turn (N waiters would wait N timeouts).
-                raise self._unavailable(tenant_id, reserving=True)
+                raise self._calls.unavailable(tenant_id, admitting=True)
         if admitted is not None:
             return admitted
         if self._no_lease_until_s.get(key, 0.0) > self.clock_s():
@@ -148,6 +166,7 @@ class QuotaClient:
     def settle(self, adm: Admission, prompt_tokens: int, cached_tokens: int,
                completion_tokens: int) -> None:
         """The request ended with this usage (a partial stream: what it generated)."""
+        self.outage.ended(adm.tenant_id)
         lease = adm.lease
         if lease is not None and not lease.sent:
             price = lease.granted.price
@@ -163,6 +182,7 @@ class QuotaClient:
     def release(self, adm: Admission) -> None:
         """The request failed before the replica took it, or its client left
         first: nothing spent."""
+        self.outage.ended(adm.tenant_id)
         lease = adm.lease
         if lease is not None and not lease.sent:
             lease.settle(adm.request_id, 0, 0)
@@ -247,8 +267,14 @@ class QuotaClient:
                        max_tokens: int, lease_id: str) -> Admission:
         tenant_id, model = key
         asked_at_s = self.clock_s()
+        shard, breaker = self.outage.breaker(tenant_id)
+        if breaker.open:
+            # No call: nothing to give back.
+            if breaker.take_probe(asked_at_s):
+                self._calls.probe(shard, breaker, tenant_id)
+            raise self._calls.unavailable(tenant_id, admitting=True)
         try:
-            reply = await self._call(tenant_id, QuotaReserve(
+            reply = await self._calls.call(tenant_id, QuotaReserve(
                 tenant_id=tenant_id, request_id=request_id, model=model,
                 prompt_tokens=prompt_tokens, max_tokens=max_tokens, lease_id=lease_id))
         except QuotaUnavailable:
@@ -261,6 +287,9 @@ class QuotaClient:
                 self._in_background(tenant_id, QuotaLeaseReturn(tenant_id=tenant_id,
                                                                 lease_id=lease_id), after=None)
             raise
+        if reply.error == SPEND_UNKNOWN:
+            # The shard does not know yet what this budget tenant spent.
+            raise self._calls.unavailable(tenant_id, admitting=True)
         if reply.lease is not None:
             self.counts["leases"] += 1
             self._metrics.quota_leases.labels("granted").inc()
@@ -286,38 +315,14 @@ class QuotaClient:
         self._metrics.quota_admissions.labels("shard").inc()
         return Admission(tenant_id, request_id, model, verdict.numbers)
 
-    async def _call(self, tenant_id: str, call: QuotaCall,
-                    timeout_s: float | None = None) -> QuotaReply:
-        """The shard's answer, resending the same call until `timeout_s`."""
-        loop = asyncio.get_running_loop()
-        started_s = loop.time()
-        deadline_s = started_s + (timeout_s or self.cfg.call_timeout_s)
-        subject = quota_subject(shard_of(tenant_id, self.cfg.shards))
-        payload = encode(call)
-        took = self._metrics.quota_call_duration.labels(_CALL_LABELS[type(call)])
-        while (left_s := deadline_s - loop.time()) > 0:
-            self.counts["calls"] += 1
-            try:
-                msg = await self._nc.request(subject, payload,
-                                             timeout=min(left_s, self.cfg.attempt_timeout_s))
-                reply = quota_reply_decoder.decode(msg.data)
-            except nats.errors.NoRespondersError:
-                await asyncio.sleep(min(NO_RESPONDERS_BACKOFF_S, max(0.0, left_s)))
-                continue
-            except (nats.errors.Error, msgspec.DecodeError):
-                continue
-            if not reply.error:
-                took.observe(loop.time() - started_s)
-                return reply
-            await asyncio.sleep(min(NO_RESPONDERS_BACKOFF_S, max(0.0, left_s)))
-        raise self._unavailable(tenant_id, reserving=isinstance(call, QuotaReserve))
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    def _unavailable(self, tenant_id: str, reserving: bool) -> QuotaUnavailable:
-        self.counts["unavailable"] += 1
-        if reserving:
-            self._metrics.quota_unavailable.inc()
-        return QuotaUnavailable("The quota service did not answer in time.",
-                                retry_after_s=self.cfg.retry_after_s, tenant_id=tenant_id)
+    def _came_back(self, shard: int, breaker: ShardBreaker) -> None:
+        for key, tab in self.outage.succeeded(shard, breaker):
+            self._end(key, tab)
 
     def _end(self, key: tuple[str, str], lease: Lease) -> None:
         """No more admissions under it; hands back what it did not use once
@@ -353,7 +358,7 @@ class QuotaClient:
             # once that return is in may it be committed or released.
             await asyncio.shield(after.returning)
         try:
-            await self._call(tenant_id, call, timeout_s=SETTLE_PATIENCE_S)
+            await self._calls.call(tenant_id, call, timeout_s=SETTLE_PATIENCE_S)
         except QuotaUnavailable:
             self.counts["settle_lost"] += 1
             self._metrics.quota_settle_lost.inc()

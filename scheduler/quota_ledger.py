@@ -137,6 +137,19 @@ class TenantLedger:
         self._dirty.clear()
         return changes
 
+    def snapshot(self) -> dict[str, bytes]:
+        """Every field of the ledger, for a Redis that lost them; pending
+        changes are part of it."""
+        self._dirty.clear()
+        return {META_FIELD: _encode(self.meta),
+                **{CHARGE_PREFIX + i: _encode(c) for i, c in self.charges.items()}}
+
+    def spent_at_least(self, spent_nusd: int) -> None:
+        """The period's spend is known to be at least this (the billed truth)."""
+        if spent_nusd > self.meta.spent_nusd:
+            self.meta.spent_nusd = spent_nusd
+            self._dirty.add(META_FIELD)
+
     def mark_unsaved(self, fields: Iterable[str]) -> None:
         """A write of these fields failed: they go out again with the next one."""
         self._dirty.update(fields)
@@ -161,7 +174,12 @@ class TenantLedger:
     def commit(self, request_id: str, tokens: int, cost_nusd: int, now_s: float) -> bool:
         """Settles a reservation with the true usage; False if there was none open."""
         charge = self.charges.get(request_id)
-        if charge is None or charge.lease or not charge.open:
+        if charge is None:
+            # Admitted where this ledger cannot see (its state was lost): its
+            # spend still counts, once.
+            charge = Charge(until_s=now_s, requests=1, tokens=tokens)
+            self._add(request_id, charge, now_s)
+        if charge.lease or not charge.open:
             return False
         self.meta.spent_nusd += cost_nusd
         self._dirty.add(META_FIELD)
@@ -215,7 +233,14 @@ class TenantLedger:
         true tokens and spend of those completed; the ones still running
         become reservations. False if it was settled already."""
         charge = self.charges.get(lease_id)
-        if charge is None or not charge.lease or not charge.open:
+        if charge is None:
+            # Granted before this ledger's state was lost, or a tab of what
+            # an ingress admitted on its own while the shard was away: what
+            # it used counts, as of now.
+            charge = Charge(until_s=now_s, requests=used_requests, tokens=used_tokens,
+                            lease=True)
+            self._add(lease_id, charge, now_s)
+        if not charge.lease or not charge.open:
             return False
         until_s = min(charge.until_s, now_s)
         self.meta.spent_nusd += spent_nusd

@@ -19,6 +19,12 @@ from scheduler.tenancy import Price, TenantLimits
 # Rate limits hold over any window of this length.
 WINDOW_S = 60.0
 
+# A shard's answers (QuotaReply.error) that fail the call at once, not
+# resent: its Redis cannot be reached (so none of its tenants' calls can
+# succeed for now), or a budget tenant's spend cannot be known yet.
+STORE_UNAVAILABLE = "store_unavailable"
+SPEND_UNKNOWN = "spend_unknown"
+
 # Why a reserve or a lease was refused ("" = admitted).
 Refusal = Literal["", "requests", "tokens", "concurrency", "budget", "unpriced", "too_large"]
 
@@ -149,9 +155,28 @@ class QuotaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Tenants are hashed onto this many shard actors; every process must agree.
     shards: int = 2
     # Bounds one admission's calls to its shard (resent to a restarted one
-    # within it); past it a budget fails closed with 503 + Retry-After.
-    call_timeout_s: float = 0.25
+    # within it); past it a budget fails closed with 503 + Retry-After and
+    # the shard's breaker opens: its tenants' admissions stop waiting for it,
+    # and one probe goes every `breaker_open_s` until it answers again.
+    call_timeout_s: float = 1.0
     attempt_timeout_s: float = 0.1
+    breaker_open_s: float = 0.5
+    # Ingress processes sharing the limits: while a tenant's shard cannot be
+    # reached, each admits its rate-limited tenants from a local bucket of
+    # limit // ingress_processes (so all of them together stay within the
+    # limit); budgets fail closed. Count every ingress process of the fleet;
+    # `python -m router --workers N` raises it to at least N by itself.
+    ingress_processes: int = 1
+    # The shards' ledgers live in this Redis ("": the one of [redis]); a
+    # shard's call to it is bounded by store_timeout_s, after which the shard
+    # answers "unavailable" at once and probes it every store_probe_s.
+    redis_url: str = ""
+    store_timeout_s: float = 0.5
+    store_probe_s: float = 0.2
+    # A shard loading a tenant with a budget asks the metering service for
+    # the period's billed spend (within this), so a lost checkpoint never
+    # lets it count from 0; without an answer the budget fails closed.
+    truth_timeout_s: float = 1.0
     # Retry-After of a refusal that may clear any moment (concurrency, budget
     # held by reservations in flight) and of a 503 when the shard is away.
     retry_after_s: float = 1.0

@@ -20,8 +20,9 @@ import pytest_asyncio
 
 from deploy.procs import LOOPBACK, ChildProcess, free_port
 from deploy.replica_fleet import healthy
+from router.__main__ import _limits_shared_by
 from router.workers import resolve_workers
-from scheduler.config import dump_config
+from scheduler.config import Config, dump_config
 from tests.harness import MODEL, PROJECT_DIR, Switchyard, wait_until
 
 BODY = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "Hi there"}]}
@@ -32,6 +33,14 @@ OVERHEAD_COUNT = 'switchyard_overhead_seconds_count{route="chat",stream="%s"}'
     (0, 1, 1), (0, 2, 2), (0, 16, 2), (0, None, 1), (3, 2, 3), (1, 16, 1)])
 def test_workers_resolved(configured: int, cpus: int | None, expected: int) -> None:
     assert resolve_workers(configured, cpus) == expected
+
+
+@pytest.mark.parametrize(("configured", "workers", "expected"), [(1, 2, 2), (4, 2, 4), (2, 2, 2)])
+def test_outage_buckets_take_in_every_worker(configured: int, workers: int,
+                                             expected: int) -> None:
+    cfg = msgspec.structs.replace(Config(), quota=msgspec.structs.replace(
+        Config().quota, ingress_processes=configured))
+    assert _limits_shared_by(cfg, workers).quota.ingress_processes == expected
 
 
 def _overhead_count(text: str, stream: bool) -> float:

@@ -23,6 +23,7 @@ ROUTER_IMPORTS_ALLOWED = {
     ROOT / "loadtests" / "bench_prompt_hashing.py": {
         "router.prompt_tokens", "router.prompt_blocks", "router.requests"},
     ROOT / "loadtests" / "bench_quota.py": {"router.quota_client"},
+    ROOT / "loadtests" / "bench_quota_timeout.py": {"router.quota_client"},
 }
 
 

@@ -106,7 +106,8 @@ class Run:
         self.done.append(("release", request_id, self.now_s))
 
     def lease(self, prompt: int, max_tokens: int) -> None:
-        lease_id = f"l{len(self.leases)}"
+        # Never an id used before: a settled one is remembered for a while.
+        lease_id = f"l{len(self.admitted)}-{len(self.done)}"
         per_request = estimate(self.limits, PRICE, prompt, max_tokens)
         granted = self.ledger.grant_lease(lease_id, per_request, self.limits, SIZING, self.now_s)
         if granted is None:
