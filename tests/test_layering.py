@@ -32,7 +32,7 @@ def _modules(package: str) -> list[str]:
                   for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py")
 
 
-def _imports(path: Path) -> set[str]:
+def module_imports(path: Path) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -57,7 +57,7 @@ def test_nothing_imports_router(package: str) -> None:
         allowed = set().union(*(modules for where, modules in ROUTER_IMPORTS_ALLOWED.items()
                                 if path.is_relative_to(where)))
         assert not any((m == "router" or m.startswith("router.")) and m not in allowed
-                       for m in _imports(path)), path
+                       for m in module_imports(path)), path
 
 
 @pytest.mark.parametrize("module", [m for p in PACKAGES for m in _modules(p)

@@ -3,7 +3,6 @@ wall between locust's gevent-patched process and the project's asyncio code."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 from loadtests.locust.memory import Sample, role_totals, rss_drift
 from loadtests.locust.results import EXPECTED_429, Row, problems, tenant_rps
 from loadtests.locust.sse import chunk_content, read_stream
+from tests.test_layering import module_imports
 
 ROOT = Path(__file__).resolve().parent.parent
 # The modules that run inside locust's process.
@@ -122,23 +122,13 @@ def _project_modules() -> Iterator[tuple[str, Path]]:
             yield ".".join(path.relative_to(ROOT).with_suffix("").parts), path
 
 
-def _imports(path: Path) -> set[str]:
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-    return found
-
-
 def _top(name: str) -> str:
     return name.split(".", 1)[0]
 
 
 def test_no_project_module_imports_locust_and_the_locust_side_imports_no_project_code() -> None:
     for module, path in _project_modules():
-        imports = _imports(path)
+        imports = module_imports(path)
         if module in LOCUST_SIDE:
             # Only the standard library, locust and the locust side itself.
             assert not {_top(m) for m in imports} & set(ASYNCIO_WORLD), module

@@ -31,7 +31,13 @@ from pathlib import Path
 
 from deploy.admin_cli import ADMIN_KEY_ENV, admin_key
 from deploy.procs import LOOPBACK, free_port
-from loadtests.locust.memory import ProcessSampler, cpu_share, role_totals, rss_drift
+from loadtests.locust.memory import (
+    ProcessSampler,
+    Sample,
+    cpu_share,
+    role_totals,
+    rss_drift,
+)
 from loadtests.locust.results import problems, read_stats, summary, tenant_rps
 from loadtests.locust.stack import PROJECT_DIR, TenantPlan, UpStack, provision, warm_up
 from scheduler.errors import YardError
@@ -110,18 +116,23 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-async def mixed(args: argparse.Namespace, stack: UpStack, keys_file: Path) -> dict:
-    run = LocustRun(args.out, "locust", stack.api_url, keys_file, args.users, args.duration_s,
-                    args.workers, ["--abusive-rps", str(args.abusive_rps)])
-    sampler = ProcessSampler([os.getpid()], args.out / "processes.csv")
+async def _run_sampled(run: LocustRun, out: Path) -> list[Sample]:
+    """Runs locust while the stack's processes are sampled into processes.csv."""
+    sampler = ProcessSampler([os.getpid()], out / "processes.csv")
     sampler.start()
     try:
         await run.run()
     finally:
         await sampler.aclose()
+    return sampler.samples
+
+
+async def mixed(args: argparse.Namespace, stack: UpStack, keys_file: Path) -> dict:
+    run = LocustRun(args.out, "locust", stack.api_url, keys_file, args.users, args.duration_s,
+                    args.workers, ["--abusive-rps", str(args.abusive_rps)])
+    samples = await _run_sampled(run, args.out)
     rows = read_stats(run.prefix)
-    return {"rows": summary(rows), "problems": problems(rows),
-            "cpu_s": cpu_share(sampler.samples)}
+    return {"rows": summary(rows), "problems": problems(rows), "cpu_s": cpu_share(samples)}
 
 
 async def soak(args: argparse.Namespace, stack: UpStack, keys_file: Path) -> dict:
@@ -133,14 +144,9 @@ async def soak(args: argparse.Namespace, stack: UpStack, keys_file: Path) -> dic
     target_rps = args.load * max_rps
     run = LocustRun(args.out, "locust", stack.api_url, keys_file, args.users, args.duration_s,
                     args.workers, [*abusive, "--rps-per-user", f"{target_rps / args.users:.4f}"])
-    sampler = ProcessSampler([os.getpid()], args.out / "processes.csv")
-    sampler.start()
-    try:
-        await run.run()
-    finally:
-        await sampler.aclose()
+    samples = await _run_sampled(run, args.out)
     rows = read_stats(run.prefix)
-    rss = rss_drift(role_totals(sampler.samples, "ingress"), RSS_WARMUP_S)
+    rss = rss_drift(role_totals(samples, "ingress"), RSS_WARMUP_S)
     found = problems(rows)
     if not rss:
         found.append("too few memory samples of the ingress")
@@ -148,7 +154,7 @@ async def soak(args: argparse.Namespace, stack: UpStack, keys_file: Path) -> dic
         found.append(f"ingress RSS drifted {rss['rss_drift_pct']} % (> {args.max_drift_pct})")
     return {"max_rps": round(max_rps, 1), "target_rps": round(target_rps, 1),
             "achieved_rps": round(tenant_rps(rows), 1), "ingress_memory": rss,
-            "rows": summary(rows), "problems": found, "cpu_s": cpu_share(sampler.samples)}
+            "rows": summary(rows), "problems": found, "cpu_s": cpu_share(samples)}
 
 
 async def main_async(args: argparse.Namespace) -> dict:
