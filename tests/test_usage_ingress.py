@@ -34,10 +34,12 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def billed(yard: Switchyard, tenant_id: str, requests: int,
-                 timeout_s: float = 15.0) -> dict[str, UsageEvent]:
+async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, UsageEvent]:
     """Waits until the metering service (ClickHouse, FINAL) counts `requests`
-    rows for the tenant, then returns the tenant's events from JetStream."""
+    rows for the tenant, then returns the tenant's events from JetStream.
+    The wait covers the consumer's ack_wait: deliveries it had not acked when
+    its connection to NATS dropped (a test killing NATS) come back only then."""
+    timeout_s = 15.0 + yard.cfg.metering.ack_wait_s
     nc = await nats.connect(yard.cfg.nats.url)
     try:
         async def counted() -> bool:
