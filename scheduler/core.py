@@ -27,6 +27,7 @@ from scheduler.config import ModelConfig, SchedulerConfig
 from scheduler.ejection import Ejections
 from scheduler.framework import Decision, ReplicaId, ReplicaView, SchedRequest
 from scheduler.kv_events import KVCacheEvent
+from scheduler.load_totals import LoadJournal
 from scheduler.registry import PluginState, build_profiles
 from scheduler.saturation import all_saturated
 from scheduler.wire import (
@@ -87,6 +88,8 @@ class SchedulerCore:
         # The views of `replicas` as the list every decision starts from.
         self._views: list[ReplicaView] = []
         self.state_version = 0
+        # Every change of a replica's load, so the profile updates only those scores.
+        self.load_journal = LoadJournal()
         # request id -> placement, oldest first (insertion order == time order).
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
         # Recently done request ids, oldest first (a bounded FIFO).
@@ -126,6 +129,7 @@ class SchedulerCore:
         view.running, view.waiting, view.kv_cache_usage = running, waiting, kv_cache_usage
         view.load_reported_at_s = now_s
         view.placed_since_report = 0
+        self.load_journal.note(view.id)
         if capacity_blocks is not None and capacity_blocks != view.capacity_blocks:
             view.capacity_blocks = capacity_blocks
             self.state.set_capacity(view.id, capacity_blocks)
@@ -209,7 +213,8 @@ class SchedulerCore:
             return self._placement(req.request_id, prior.replica_id)
         if prior is not None:
             self._forget(req.request_id)
-        decision = self.profile.decide(req, self._views, self.rng, self.state_version)
+        decision = self.profile.decide(req, self._views, self.rng, self.state_version,
+                                       self.load_journal)
         self.last_decision = decision
         if decision.chosen is None:
             return self._rejection(req)
@@ -245,6 +250,7 @@ class SchedulerCore:
         chosen.in_flight_requests += 1
         chosen.in_flight_tokens += tokens
         chosen.placed_since_report += 1
+        self.load_journal.note(chosen.id)
         self._in_flight[req.request_id] = _InFlight(chosen.id, req.now_s, tokens, req.attempt)
         self.profile.observe(req, chosen)
 
@@ -310,6 +316,7 @@ class SchedulerCore:
             if view.in_flight_requests > 0:
                 view.in_flight_requests -= 1
             view.in_flight_tokens = max(0, view.in_flight_tokens - entry.tokens)
+            self.load_journal.note(view.id)
 
     def _rejection(self, req: SchedRequest) -> PlaceRejected:
         if not any(req.model in view.models for view in self.replicas.values()):

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from operator import add
 from typing import NewType, Protocol, runtime_checkable
 
+from scheduler.load_totals import LoadJournal, LoadScorer, LoadTotals
+
 ReplicaId = NewType("ReplicaId", str)
 Scores = dict[ReplicaId, float]
 # A scorer's answer: one score per candidate, in candidate order (dense), or
@@ -178,6 +180,8 @@ class _FilterCache:
 
     version: int | None = None
     by_model: dict[str, _Kept] = field(default_factory=dict)
+    # The load scorers' answers for each cached candidate list.
+    load_by_model: dict[str, LoadTotals] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +199,9 @@ class Profile:
     _state_filters: tuple[Filter, ...] = field(init=False)
     _request_filters: tuple[Filter, ...] = field(init=False)
     _cache: _FilterCache = field(init=False)
+    # The scorers whose answers a LoadTotals keeps, and for each scorer whether it is one.
+    _load_scorers: tuple[WeightedScorer, ...] = field(init=False)
+    _is_load: tuple[bool, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         plugins = (*self.filters, *(w.scorer for w in self.scorers), self.picker)
@@ -207,15 +214,20 @@ class Profile:
                 ("scorer_names", tuple(w.scorer.name for w in self.scorers)),
                 ("_state_filters", tuple(self.filters[:leading])),
                 ("_request_filters", tuple(self.filters[leading:])),
-                ("_cache", _FilterCache())):
+                ("_cache", _FilterCache()),
+                ("_is_load", tuple(isinstance(w.scorer, LoadScorer) for w in self.scorers)),
+                ("_load_scorers", tuple(w for w in self.scorers
+                                        if isinstance(w.scorer, LoadScorer)))):
             object.__setattr__(self, name, value)
 
     def decide(self, req: SchedRequest, replicas: list[ReplicaView], rng: random.Random,
-               state_version: int | None = None) -> Decision:
+               state_version: int | None = None, journal: LoadJournal | None = None) -> Decision:
         """`state_version` names the state of `replicas` (the same list, whose
         models, health and draining flags change only with the version), so
-        the state-only filters' output can be reused; None: run them all."""
-        kept = self._state_filtered(req, replicas, state_version)
+        the state-only filters' output can be reused; None: run them all.
+        `journal` lists every replica whose load changed since the last call;
+        with it, load scores are kept between decisions instead of recomputed."""
+        kept = cached = self._state_filtered(req, replicas, state_version)
         for f in self._request_filters:
             narrowed = f.filter(req, kept.replicas)
             if len(narrowed) != len(kept.replicas):
@@ -224,7 +236,11 @@ class Profile:
         decision = Decision(self.name, req.request_id, None, kept.ids, kept.filtered_out,
                             self.scorer_names)
         if kept.ids:
-            decision.totals = self._weighted_totals(req, kept, decision.answers)
+            if journal is not None and state_version is not None and kept is cached:
+                decision.totals = self._kept_totals(req, kept, journal, decision.answers)
+            else:
+                decision.totals = self._weighted_totals(req, kept, [
+                    w.scorer.score(req, kept.replicas) for w in self.scorers], decision.answers)
             decision.chosen = self.picker.pick(req, kept.ids, decision.totals, rng)
         return decision
 
@@ -235,6 +251,7 @@ class Profile:
             if cache.version != state_version or len(cache.by_model) >= MAX_CACHED_MODELS:
                 cache.version = state_version
                 cache.by_model.clear()
+                cache.load_by_model.clear()
             hit = cache.by_model.get(req.model)
             if hit is not None:
                 return hit
@@ -249,18 +266,42 @@ class Profile:
             cache.by_model[req.model] = kept
         return kept
 
-    def _weighted_totals(self, req: SchedRequest, kept: _Kept,
+    def _kept_totals(self, req: SchedRequest, kept: _Kept, journal: LoadJournal,
+                     answers: list[Answer]) -> list[float]:
+        """The totals with the load scorers' answers kept current by `journal`."""
+        replicas = kept.replicas
+        if not self._load_scorers:
+            return self._weighted_totals(req, kept, [
+                w.scorer.score(req, replicas) for w in self.scorers], answers)
+        load = self._cache.load_by_model.get(req.model)
+        if load is None:
+            load = self._cache.load_by_model[req.model] = LoadTotals(
+                req.model, replicas, kept.position,
+                [(w.scorer, w.weight) for w in self._load_scorers], journal)
+        load_answers, totals = load.answers(req)
+        if len(load_answers) == len(self.scorers):
+            answers += load_answers
+            return totals
+        kept_answers = iter(load_answers)
+        own: list[Answer] = [next(kept_answers) if is_load else w.scorer.score(req, replicas)
+                             for w, is_load in zip(self.scorers, self._is_load, strict=True)]
+        if any(isinstance(a, list) and not is_load
+               for a, is_load in zip(own, self._is_load, strict=True)):
+            # Another dense answer: the sum must add them all in profile order.
+            return self._weighted_totals(req, kept, own, answers)
+        answers += own
+        self._add_sparse(kept, own, totals)
+        return totals
+
+    def _weighted_totals(self, req: SchedRequest, kept: _Kept, own: list[Answer],
                          answers: list[Answer]) -> list[float]:
+        """The weighted sum of the scorers' answers `own` (kept in `answers`)."""
         replicas = kept.replicas
         totals: list[float] | None = None
-        sparse: list[tuple[Scores, float]] = []
-        for weighted in self.scorers:
-            answer = weighted.scorer.score(req, replicas)
+        for weighted, answer in zip(self.scorers, own, strict=True):
             answers.append(answer)
             weight = weighted.weight
             if not isinstance(answer, list):
-                if answer:
-                    sparse.append((answer, weight))
                 continue
             if len(answer) != len(replicas):
                 raise ValueError(f"scorer `{weighted.scorer.name}` answered {len(answer)} "
@@ -274,14 +315,18 @@ class Profile:
                 totals = [t + s * weight for t, s in zip(totals, answer, strict=True)]
         if totals is None:
             totals = [0.0] * len(replicas)
-        if sparse:
-            position = kept.position.get
-            for answer, weight in sparse:
+        self._add_sparse(kept, own, totals)
+        return totals
+
+    def _add_sparse(self, kept: _Kept, own: list[Answer], totals: list[float]) -> None:
+        position = kept.position.get
+        for weighted, answer in zip(self.scorers, own, strict=True):
+            if answer and not isinstance(answer, list):
+                weight = weighted.weight
                 for rid, score in answer.items():
                     i = position(rid)
                     if i is not None:
                         totals[i] += score * weight
-        return totals
 
     def observe(self, req: SchedRequest, replica: ReplicaView) -> None:
         """Tells the plugins that learn from decisions where `req` went."""

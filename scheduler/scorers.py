@@ -7,8 +7,9 @@ separates two idle replicas. Prefix and session scorers answer a dict of the
 replicas they favour (the others score 0), which keeps their cost to the few
 holders; the profile ignores entries for replicas that are not candidates.
 
-Per-replica loops are comprehensions over plain lists: in Python 3.11 these
-beat map() over attrgetter/operator functions, and they run on every decision.
+Load scorers are `LoadScorer`s (scheduler/load_totals.py): they say how to
+read one replica's load, so the profile can keep their scores current from
+the replicas whose load changed instead of recomputing all on each decision.
 """
 
 from __future__ import annotations
@@ -21,16 +22,8 @@ from functools import lru_cache
 from scheduler.approx_index import ApproxIndex
 from scheduler.config import DEFAULT_MODEL, CostParams, ModelConfig
 from scheduler.framework import ReplicaId, ReplicaView, SchedRequest, Scores
+from scheduler.load_totals import dense_answer
 from scheduler.prefix_index import PrefixIndex
-
-
-def lower_is_better(values: list[float]) -> list[float]:
-    """Min-max scaling that gives the lowest value 1 and the highest 0."""
-    lo, hi = min(values), max(values)
-    if hi <= lo:
-        return [1.0] * len(values)
-    scale = 1.0 / (hi - lo)
-    return [(hi - v) * scale for v in values]
 
 
 def fractions(overlap: dict[ReplicaId, int], total: int) -> Scores:
@@ -42,18 +35,26 @@ class InFlightRequests:
     """Prefers fewer requests placed here and not yet done (counted at decision time)."""
 
     name = "in-flight-requests"
+    ranked = True
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
-        return lower_is_better([r.in_flight_requests for r in replicas])
+        return dense_answer(self, req, replicas)
+
+    def value(self, model: str, replica: ReplicaView) -> float:
+        return replica.in_flight_requests
 
 
 class InFlightTokens:
     """Prefers fewer tokens in flight here: prompt estimates plus max_tokens."""
 
     name = "in-flight-tokens"
+    ranked = True
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
-        return lower_is_better([r.in_flight_tokens for r in replicas])
+        return dense_answer(self, req, replicas)
+
+    def value(self, model: str, replica: ReplicaView) -> float:
+        return replica.in_flight_tokens
 
 
 class QueueDepth:
@@ -61,18 +62,26 @@ class QueueDepth:
     the requests placed since that report, which it cannot have counted yet."""
 
     name = "queue-depth"
+    ranked = True
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
-        return lower_is_better([r.waiting + r.placed_since_report for r in replicas])
+        return dense_answer(self, req, replicas)
+
+    def value(self, model: str, replica: ReplicaView) -> float:
+        return replica.waiting + replica.placed_since_report
 
 
 class KvCacheUsage:
     """Prefers free KV cache: 1 - the reported usage fraction (absolute, not ranked)."""
 
     name = "kv-cache-usage"
+    ranked = False
 
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
-        return [1.0 - min(1.0, max(0.0, r.kv_cache_usage)) for r in replicas]
+        return dense_answer(self, req, replicas)
+
+    def value(self, model: str, replica: ReplicaView) -> float:
+        return 1.0 - min(1.0, max(0.0, replica.kv_cache_usage))
 
 
 class SessionTable:
@@ -237,23 +246,30 @@ class Cost:
         self.prefill_weight = params.prefill_weight
         self.models = models
 
+    ranked = True
+
     def score(self, req: SchedRequest, replicas: list[ReplicaView]) -> list[float]:
+        return dense_answer(self, req, replicas)
+
+    def value(self, model: str, replica: ReplicaView) -> float:
+        """Decode load in blocks: the larger of in-flight tokens and reported usage."""
+        block_size_tokens = max(1, self.models.get(model, DEFAULT_MODEL).block_size_tokens)
+        tokens = replica.in_flight_tokens / block_size_tokens
+        used = replica.kv_cache_usage * replica.capacity_blocks
+        return tokens if tokens > used else used
+
+    def relief(self, req: SchedRequest) -> Scores:
+        """The prefill each holder saves, in blocks. Min-max scaling ignores a
+        constant, so the prefill every replica would pay in full is left out
+        and only what a holder saves is subtracted from its decode load."""
         block_size_tokens = max(1, self.models.get(req.model, DEFAULT_MODEL).block_size_tokens)
         # A chunk hash stands for one block of text too (prefix-approx's chunking).
         prompt_blocks = max(len(req.block_hashes), len(req.chunk_hashes),
                             math.ceil(req.prompt_tokens / block_size_tokens))
         prefill_blocks = self.prefill_weight * prompt_blocks
-        # Min-max scaling ignores a constant, so the prefill every replica would
-        # pay in full is left out and only what a holder saves is subtracted
-        # from its decode load: the larger of in-flight tokens in blocks and
-        # reported usage.
         held, of_blocks = self._held_runs(req)
         saved_per_block = prefill_blocks / of_blocks if of_blocks else 0.0
-        saved = {rid: matched * saved_per_block for rid, matched in held.items()}.get
-        return lower_is_better([
-            (tokens if (tokens := r.in_flight_tokens / block_size_tokens)
-             > (used := r.kv_cache_usage * r.capacity_blocks) else used) - saved(r.id, 0.0)
-            for r in replicas])
+        return {rid: matched * saved_per_block for rid, matched in held.items()}
 
     def placed(self, req: SchedRequest, replica: ReplicaView) -> None:
         if req.block_hashes:
