@@ -199,9 +199,9 @@ class Profile:
     _state_filters: tuple[Filter, ...] = field(init=False)
     _request_filters: tuple[Filter, ...] = field(init=False)
     _cache: _FilterCache = field(init=False)
-    # The scorers whose answers a LoadTotals keeps, and for each scorer whether it is one.
+    # The scorers whose answers a LoadTotals keeps, and the others with their places.
     _load_scorers: tuple[WeightedScorer, ...] = field(init=False)
-    _is_load: tuple[bool, ...] = field(init=False)
+    _other_scorers: tuple[tuple[int, WeightedScorer], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         plugins = (*self.filters, *(w.scorer for w in self.scorers), self.picker)
@@ -215,9 +215,10 @@ class Profile:
                 ("_state_filters", tuple(self.filters[:leading])),
                 ("_request_filters", tuple(self.filters[leading:])),
                 ("_cache", _FilterCache()),
-                ("_is_load", tuple(isinstance(w.scorer, LoadScorer) for w in self.scorers)),
                 ("_load_scorers", tuple(w for w in self.scorers
-                                        if isinstance(w.scorer, LoadScorer)))):
+                                        if isinstance(w.scorer, LoadScorer))),
+                ("_other_scorers", tuple((k, w) for k, w in enumerate(self.scorers)
+                                         if not isinstance(w.scorer, LoadScorer)))):
             object.__setattr__(self, name, value)
 
     def decide(self, req: SchedRequest, replicas: list[ReplicaView], rng: random.Random,
@@ -278,19 +279,25 @@ class Profile:
             load = self._cache.load_by_model[req.model] = LoadTotals(
                 req.model, replicas, kept.position,
                 [(w.scorer, w.weight) for w in self._load_scorers], journal)
-        load_answers, totals = load.answers(req)
-        if len(load_answers) == len(self.scorers):
-            answers += load_answers
+        own, totals = load.answers(req)
+        if not self._other_scorers:
+            answers += own
             return totals
-        kept_answers = iter(load_answers)
-        own: list[Answer] = [next(kept_answers) if is_load else w.scorer.score(req, replicas)
-                             for w, is_load in zip(self.scorers, self._is_load, strict=True)]
-        if any(isinstance(a, list) and not is_load
-               for a, is_load in zip(own, self._is_load, strict=True)):
+        others = [(k, w.weight, w.scorer.score(req, replicas)) for k, w in self._other_scorers]
+        dense = False
+        for k, _, answer in others:
+            own.insert(k, answer)
+            dense = dense or isinstance(answer, list)
+        if dense:
             # Another dense answer: the sum must add them all in profile order.
             return self._weighted_totals(req, kept, own, answers)
         answers += own
-        self._add_sparse(kept, own, totals)
+        position = kept.position.get
+        for _, weight, answer in others:
+            for rid, score in answer.items():
+                i = position(rid)
+                if i is not None:
+                    totals[i] += score * weight
         return totals
 
     def _weighted_totals(self, req: SchedRequest, kept: _Kept, own: list[Answer],

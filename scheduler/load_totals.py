@@ -225,8 +225,9 @@ class LoadTotals:
             self.totals = fold(all_scores, self.weights)
         elif patched:
             totals = self.totals = self.totals[:]
+            total = self._total
             for i in patched:
-                totals[i] = self._total(all_scores, i)
+                totals[i] = total(all_scores, i)
 
     def _rebuild(self) -> None:
         self.seen = self.journal.end
@@ -241,6 +242,6 @@ class LoadTotals:
         """Candidate i's total, summed as `fold` sums it."""
         weights = self.weights
         total = answers[0][i] * weights[0]
-        for j in range(1, len(answers)):
+        for j in range(1, len(weights)):
             total = total + answers[j][i] * weights[j]
         return total
