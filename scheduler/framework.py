@@ -9,6 +9,10 @@ replica was chosen.
 A decision runs on every request, so scores travel as plain lists aligned with
 the candidates: a load scorer answers one float per candidate, a prefix scorer
 a dict of the few replicas it favours, and the profile adds them up as lists.
+Load scorers (`load_totals.LoadScorer`) read one replica at a time, so given
+the core's journal of load changes the profile keeps their answers and
+totals per candidate list and updates the changed replicas only; a decision
+adds the few holders' sparse scores to a copy of those totals.
 The per-candidate explanation is built from what the decision kept, only when
 a sampled log line asks for it. Filters whose output depends only on the
 request's model and the replicas' registry and health are run once per model

@@ -224,7 +224,7 @@ class LoadTotals:
         if rescaled:
             self.totals = fold(all_scores, self.weights)
         elif patched:
-            totals = self.totals = self.totals[:]
+            totals = self.totals
             total = self._total
             for i in patched:
                 totals[i] = total(all_scores, i)

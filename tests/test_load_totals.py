@@ -16,7 +16,7 @@ import pytest
 
 import scheduler.load_totals as load_totals
 from scheduler.config import ModelConfig, ProfileConfig, ScorerRef, decode_config
-from scheduler.framework import Profile, ReplicaId, ReplicaView, SchedRequest
+from scheduler.framework import Decision, Profile, ReplicaId, ReplicaView, SchedRequest
 from scheduler.kv_events import BlockStored
 from scheduler.load_totals import LoadJournal
 from scheduler.registry import PluginState, build_profile
@@ -73,6 +73,8 @@ class _Twin:
     rng: random.Random
     journal: LoadJournal | None
     in_flight: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The last decision and a deep copy of its scores as they were made.
+    last: tuple[Decision, list[object]] | None = None
 
     def note(self, index: int) -> None:
         if self.journal is not None:
@@ -112,6 +114,11 @@ def _step(twins: tuple[_Twin, _Twin], rng: random.Random, step: int, version: in
         req = _request(rng, step, prompts)
         decisions = [t.profile.decide(req, t.views, t.rng, version, t.journal) for t in twins]
         kept, fresh = decisions
+        if twins[0].last is not None:
+            # Kept answers are never changed under an earlier decision's explain().
+            earlier, scores = twins[0].last
+            assert [earlier.totals, *earlier.answers] == scores
+        twins[0].last = (kept, copy.deepcopy([kept.totals, *kept.answers]))
         assert (kept.chosen, kept.candidates, kept.totals, kept.answers) == (
             fresh.chosen, fresh.candidates, fresh.totals, fresh.answers)
         views = [v for v in twins[1].views if v.id in fresh.candidates]
