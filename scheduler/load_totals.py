@@ -51,7 +51,11 @@ class RelievedLoadScorer(LoadScorer, Protocol):
 
 def lower_is_better(values: list[float]) -> list[float]:
     """Min-max scaling that gives the lowest value 1 and the highest 0."""
-    lo, hi = min(values), max(values)
+    return scaled(values, min(values), max(values))
+
+
+def scaled(values: list[float], lo: float, hi: float) -> list[float]:
+    """`lower_is_better` given the values' min and max."""
     if hi <= lo:
         return [1.0] * len(values)
     scale = 1.0 / (hi - lo)
@@ -162,8 +166,9 @@ class LoadTotals:
                 values[i] -= saved
                 held.append(i)
         lo, hi = self.bounds[j]
-        if min(values) != lo or max(values) != hi:
-            return lower_is_better(values), True
+        relieved_lo, relieved_hi = min(values), max(values)
+        if relieved_lo != lo or relieved_hi != hi:
+            return scaled(values, relieved_lo, relieved_hi), True
         scores = self.scores[j][:]
         if hi > lo:
             scale = 1.0 / (hi - lo)
@@ -214,7 +219,7 @@ class LoadTotals:
             elif (lo, hi) != self.bounds[j]:
                 # Min-max scaling: new bounds change every replica's score.
                 self.bounds[j] = (lo, hi)
-                all_scores[j] = lower_is_better(values)
+                all_scores[j] = scaled(values, lo, hi)
                 rescaled = True
             elif hi > lo:
                 scores = all_scores[j] = all_scores[j][:]
