@@ -22,10 +22,6 @@ kept per replica; only a prompt's first chunk goes into a table shared by the
 fleet (first chunk -> bitmask of the replicas holding it), so recording a
 prompt's new tail, on every decision, touches one replica's dict. (`MarkIndex`
 puts every key in that table, for prompts held by many replicas.)
-
-A key may stand for several blocks (`record`'s `blocks`: a prompt remembered
-by marks at a stride, like `scorers.mark_positions`); capacity and sizes
-count the blocks the held keys stand for.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from itertools import repeat
 
 from scheduler.framework import ReplicaId
@@ -43,26 +38,6 @@ from scheduler.prefix_index import ReplicaBits, consume
 
 # Generations per TTL (and per capacity): expiry is late by at most ttl_s / GENERATIONS.
 GENERATIONS = 8
-# A prompt can be remembered by the keys of its blocks at these positions only
-# (1, 2, 4, then every MARK_STRIDE_BLOCKS, and its last): a dozen or two
-# entries per placement instead of one per block, at the price of a run found
-# up to a stride short.
-MARK_STRIDE_BLOCKS = 8
-
-
-@lru_cache(maxsize=4_096)
-def mark_positions(blocks: int) -> tuple[int, ...]:
-    """The block counts whose last block marks a prompt of `blocks` blocks."""
-    marks = {p for p in (1, 2, 4) if p < blocks}
-    marks.update(range(MARK_STRIDE_BLOCKS, blocks, MARK_STRIDE_BLOCKS))
-    return tuple(sorted(marks | {blocks})) if blocks else ()
-
-
-@lru_cache(maxsize=4_096)
-def mark_blocks(blocks: int) -> tuple[int, ...]:
-    """The blocks each mark of a prompt of `blocks` blocks stands for."""
-    positions = mark_positions(blocks)
-    return tuple(p - q for p, q in zip(positions, (0, *positions), strict=False))
 
 
 def chunk_hashes(prompt: bytes, chunk_bytes: int, max_chunks: int) -> tuple[int, ...]:
@@ -87,9 +62,6 @@ class _Generation:
     expires_at_s: float
     # In recording order; may repeat keys a newer generation took over.
     keys: list[int] = field(default_factory=list)
-    # The blocks each of `keys` stands for, and their sum.
-    blocks: list[int] = field(default_factory=list)
-    recorded_blocks: int = 0
 
 
 @dataclass(slots=True)
@@ -100,8 +72,6 @@ class _Replica:
     generation_of: dict[int, int] = field(default_factory=dict)
     generations: deque[_Generation] = field(default_factory=deque)
     next_serial: int = 0
-    # The blocks the keys of `generation_of` stand for.
-    held_blocks: int = 0
 
 
 class ApproxIndex(ReplicaBits):
@@ -119,11 +89,11 @@ class ApproxIndex(ReplicaBits):
         self.evicted_blocks = 0
 
     def size_blocks(self) -> int:
-        return sum(r.held_blocks for r in self._replicas_by_id.values())
+        return sum(len(r.generation_of) for r in self._replicas_by_id.values())
 
     def replica_blocks(self, replica_id: ReplicaId) -> int:
         replica = self._replicas_by_id.get(replica_id)
-        return 0 if replica is None else replica.held_blocks
+        return 0 if replica is None else len(replica.generation_of)
 
     def set_capacity(self, replica_id: ReplicaId, capacity_blocks: int) -> None:
         replica = self._replica(replica_id)
@@ -136,10 +106,7 @@ class ApproxIndex(ReplicaBits):
             self._unlink_gone(replica.bit, replica.generation_of)
             self._free_bit(replica_id)
 
-    def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float,
-               blocks: Sequence[int] | None = None) -> None:
-        """Records `keys` held by the replica; `blocks`: how many blocks each
-        stands for (None: one each)."""
+    def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float) -> None:
         replica = self._replica(replica_id)
         self._expire(replica, now_s)
         generation = self._current(replica, now_s)
@@ -155,14 +122,9 @@ class ApproxIndex(ReplicaBits):
         # A key repeated within `keys` is listed twice; forgetting it counts it once.
         fresh = keys[hi:]
         if fresh:
-            fresh_blocks = [1] * len(fresh) if blocks is None else blocks[hi:]
             self._link_new(replica, fresh, hi == 0)
-            new = dict(zip(fresh, fresh_blocks, strict=True))
-            replica.held_blocks += sum(n for key, n in new.items() if key not in generation_of)
             generation_of.update(zip(fresh, repeat(serial)))
             generation.keys += fresh
-            generation.blocks += fresh_blocks
-            generation.recorded_blocks += sum(fresh_blocks)
         generation.expires_at_s = now_s + self.ttl_s
         self._evict_over_capacity(replica)
 
@@ -220,7 +182,7 @@ class ApproxIndex(ReplicaBits):
         if generations:
             current = generations[-1]
             if (now_s - current.opened_at_s < self.ttl_s / GENERATIONS
-                    and current.recorded_blocks < max(1, replica.capacity_blocks // GENERATIONS)):
+                    and len(current.keys) < max(1, replica.capacity_blocks // GENERATIONS)):
                 return current
         current = _Generation(replica.next_serial, now_s, now_s + self.ttl_s)
         replica.next_serial += 1
@@ -237,36 +199,27 @@ class ApproxIndex(ReplicaBits):
 
     def _evict_over_capacity(self, replica: _Replica) -> None:
         generations = replica.generations
-        while replica.held_blocks > replica.capacity_blocks:
+        while len(replica.generation_of) > replica.capacity_blocks:
             oldest = generations[0]
-            # The fewest of its last keys whose blocks cover the excess.
-            over, count = replica.held_blocks - replica.capacity_blocks, 0
-            for n in reversed(oldest.blocks):
-                count += 1
-                over -= n
-                if over <= 0:
-                    break
-            self.evicted_blocks += self._forget(replica, oldest, count)
+            self.evicted_blocks += self._forget(
+                replica, oldest, len(replica.generation_of) - replica.capacity_blocks)
             if not oldest.keys:
                 generations.popleft()
 
     def _forget(self, replica: _Replica, generation: _Generation, count: int | None) -> int:
         """Drops the last `count` keys recorded in `generation` (all when None);
-        returns how many blocks the replica no longer holds."""
-        keys, blocks = generation.keys, generation.blocks
+        returns how many chunks the replica no longer holds."""
+        keys = generation.keys
         cut = 0 if count is None else max(0, len(keys) - count)
-        dropped = dict(zip(keys[cut:], blocks[cut:], strict=True))
-        generation.recorded_blocks -= sum(blocks[cut:])
-        del keys[cut:], blocks[cut:]
+        dropped = keys[cut:]
+        del keys[cut:]
         generation_of, serial = replica.generation_of, generation.serial
         # Deduplicated: a key may be listed twice in one generation when `keys`
         # were not a chain (the bisection in record assumes one).
-        gone = [key for key in dropped if generation_of.get(key) == serial]
+        gone = [key for key in dict.fromkeys(dropped) if generation_of.get(key) == serial]
         consume(map(generation_of.__delitem__, gone))
         self._unlink_gone(replica.bit, gone)
-        gone_blocks = sum(map(dropped.__getitem__, gone))
-        replica.held_blocks -= gone_blocks
-        return gone_blocks
+        return len(gone)
 
     def _link_new(self, replica: _Replica, fresh: Sequence[int], from_start: bool) -> None:
         """Links what the shared table keeps of `fresh` keys about to be recorded
@@ -318,23 +271,3 @@ class MarkIndex(ApproxIndex):
 
     def _unlink_gone(self, bit: int, keys: Iterable[int]) -> None:
         self._unlink(bit, keys)
-
-
-class StridedApproxIndex(ApproxIndex):
-    """An approximate index that remembers a prompt by its chunks at the mark
-    positions only (`mark_positions`), each mark counted, against the
-    replica's capacity, as the chunks since the previous one. Runs are read
-    back in chunks, found up to a stride short: recording a prompt's fresh
-    tail then touches a few keys instead of one per chunk."""
-
-    def record(self, replica_id: ReplicaId, keys: Sequence[int], now_s: float,
-               blocks: Sequence[int] | None = None) -> None:
-        """Records the chunk keys `keys` (`blocks` is ignored: one chunk each)."""
-        positions = mark_positions(len(keys))
-        super().record(replica_id, [keys[p - 1] for p in positions], now_s,
-                       mark_blocks(len(keys)))
-
-    def runs(self, keys: Sequence[int], now_s: float) -> dict[ReplicaId, int]:
-        positions = mark_positions(len(keys))
-        marked = super().runs([keys[p - 1] for p in positions], now_s)
-        return {rid: positions[matched - 1] for rid, matched in marked.items()}

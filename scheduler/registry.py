@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from scheduler.approx_index import ApproxIndex, MarkIndex, StridedApproxIndex
+from scheduler.approx_index import ApproxIndex, MarkIndex
 from scheduler.config import ModelConfig, PluginParams, ProfileConfig, SchedulerConfig
 from scheduler.errors import ConfigError
 from scheduler.filters import Healthy, NotDraining, NotExcluded, ServesModel
@@ -54,7 +54,7 @@ class PluginState:
             precise=PrefixIndex(cfg.replica_capacity_blocks),
             pending=(MarkIndex(cfg.replica_capacity_blocks, params.prefix_precise.pending_ttl_s)
                      if params.prefix_precise.pending_ttl_s > 0 else None),
-            approx=StridedApproxIndex(cfg.replica_capacity_blocks, params.prefix_approx.ttl_s),
+            approx=ApproxIndex(cfg.replica_capacity_blocks, params.prefix_approx.ttl_s),
             sessions=SessionTable(params.session_affinity.max_sessions),
             params=params,
             models=models or {},

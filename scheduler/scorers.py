@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
-from scheduler.approx_index import ApproxIndex, mark_positions
+from scheduler.approx_index import ApproxIndex
 from scheduler.config import DEFAULT_MODEL, CostParams, ModelConfig
 from scheduler.framework import ReplicaId, ReplicaView, SchedRequest, Scores
 from scheduler.load_totals import dense_answer
@@ -121,12 +122,27 @@ class SessionAffinity:
             self.sessions.record(req.session_id, replica.id)
 
 
+# A prompt just sent is remembered by the hashes of its blocks at these
+# positions only (1, 2, 4, then every PENDING_STRIDE_BLOCKS, and its last):
+# a dozen or two entries per placement instead of one per block, at the price
+# of a run found up to a stride short until the KV events give it exactly.
+PENDING_STRIDE_BLOCKS = 8
+
+
+@lru_cache(maxsize=4_096)
+def pending_positions(blocks: int) -> tuple[int, ...]:
+    """The block counts whose last block marks a prompt of `blocks` blocks."""
+    marks = {p for p in (1, 2, 4) if p < blocks}
+    marks.update(range(PENDING_STRIDE_BLOCKS, blocks, PENDING_STRIDE_BLOCKS))
+    return tuple(sorted(marks | {blocks})) if blocks else ()
+
+
 class PreciseHoldings:
     """What a replica holds by block hash: its KV events say so, or a prompt
     was sent to it within the pending TTL and its events have not come yet
     (its prefill takes a while; until then a burst sharing the prompt would
     see no replica holding it and spread). Block hashes are chained, so the
-    marks of a prompt (`mark_positions`) are a chain too: the pending
+    marks of a prompt (`pending_positions`) are a chain too: the pending
     index keeps them like approximate chunks."""
 
     def __init__(self, events: PrefixIndex, pending: ApproxIndex | None) -> None:
@@ -142,7 +158,7 @@ class PreciseHoldings:
         if self.pending is None:
             return runs
         self._scored = (blocks, dict(runs))
-        positions = mark_positions(len(blocks))
+        positions = pending_positions(len(blocks))
         marks = [blocks[p - 1] for p in positions]
         for rid, matched in self.pending.runs(marks, now_s).items():
             if matched and positions[matched - 1] > runs.get(rid, 0):
@@ -158,7 +174,7 @@ class PreciseHoldings:
             # the prompt's own tail, which the events will show before any
             # follow-up (the next turn comes after this one's answer).
             return
-        marks = [blocks[p - 1] for p in mark_positions(len(blocks))]
+        marks = [blocks[p - 1] for p in pending_positions(len(blocks))]
         self.pending.record(replica_id, marks, now_s)
 
 

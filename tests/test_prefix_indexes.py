@@ -8,14 +8,7 @@ import random
 
 import pytest
 
-from scheduler.approx_index import (
-    GENERATIONS,
-    ApproxIndex,
-    MarkIndex,
-    StridedApproxIndex,
-    mark_blocks,
-    mark_positions,
-)
+from scheduler.approx_index import GENERATIONS, ApproxIndex, MarkIndex
 from scheduler.framework import ReplicaId
 from scheduler.prefix_index import ReplicaHashSets
 
@@ -226,45 +219,3 @@ def test_approx_bisection_equals_a_linear_reading(kind: type[ApproxIndex], seed:
     assert index.size_blocks() == _listed(index)
     if kind is MarkIndex:
         assert _holder_pairs(index) == index.size_blocks()
-
-
-# --- approximate: strided marks ------------------------------------------------------------
-
-@pytest.mark.parametrize(("blocks", "positions", "stands_for"), [
-    (0, (), ()),
-    (1, (1,), (1,)),
-    (4, (1, 2, 4), (1, 1, 2)),
-    (20, (1, 2, 4, 8, 16, 20), (1, 1, 2, 4, 8, 4)),
-    (24, (1, 2, 4, 8, 16, 24), (1, 1, 2, 4, 8, 8)),
-])
-def test_mark_positions_and_the_blocks_each_stands_for(blocks, positions, stands_for) -> None:
-    assert mark_positions(blocks) == positions and mark_blocks(blocks) == stands_for
-    assert sum(stands_for) == blocks
-
-
-@pytest.mark.parametrize(("shared", "run"), [
-    (20, 20),   # the whole prompt
-    (19, 16),   # up to a stride short: chunk 20's mark differs
-    (12, 8),
-    (3, 2),
-    (0, None),
-])
-def test_strided_runs_are_read_back_in_chunks(shared: int, run: int | None) -> None:
-    index = StridedApproxIndex(default_capacity_blocks=1_000, ttl_s=100.0)
-    sent = list(range(1, 21))
-    index.record(A, sent, now_s=0.0)
-    assert index.replica_blocks(A) == 20
-    asked = sent[:shared] + [100 + k for k in range(20 - shared)]
-    assert index.runs(asked, now_s=1.0) == ({} if run is None else {A: run})
-
-
-def test_strided_capacity_counts_the_blocks_marks_stand_for() -> None:
-    # Capacity 32: a second 20-chunk prompt evicts the first's tail marks
-    # (last recorded first) until the blocks held fit again.
-    index = StridedApproxIndex(default_capacity_blocks=32, ttl_s=100.0)
-    first, second = list(range(1, 21)), list(range(101, 121))
-    index.record(A, first, now_s=0.0)
-    index.record(A, second, now_s=1.0)
-    assert index.runs(second, now_s=2.0) == {A: 20}
-    assert index.runs(first, now_s=2.0) == {A: 8}   # marks 20 (4) and 16 (8) went
-    assert index.replica_blocks(A) == 28 and index.evicted_blocks == 12
