@@ -91,7 +91,8 @@ class SchedulerService:
             # First: a taken port fails the start before the actor takes placements.
             self._metrics = await serve_metrics(self.actor_id, self.events, self.sizes,
                                                 self.metrics_port)
-        self._nc = await connect_bus(self.cfg.nats, self.actor_id)
+        # Its own peer broadcasts, one per placement, would only be decoded and dropped.
+        self._nc = await connect_bus(self.cfg.nats, self.actor_id, echo=False)
         self._registry = ReplicaRegistry(connect_redis(self.cfg.redis))
         await self.reload_registry()
         nc = self._nc
