@@ -249,7 +249,7 @@ async def test_losing_the_quota_redis_fails_budgets_closed_fast_and_rate_limits_
         assert len(admitted) <= RPM_LIMIT // 2 + 20, len(admitted)  # + a lease's slice
     # The fleet as a whole: exact only when the traffic before the outage was
     # split evenly, since each ingress's bucket counts its own admissions of
-    # the last minute, not the others' (README, Quotas); a 61/59 split lets
+    # the last minute, not the others' (docs/quotas.md); a 61/59 split lets
     # one through. Bounded by the uneven share.
     fleet = sum(o.status == 200 for o in outcomes if o.tenant == "rpm")
     print(f"rate-limited tenant: {fleet} admitted against a limit of {RPM_LIMIT}")

@@ -112,7 +112,7 @@ class UpStack:
             env={**os.environ, "PYTHONPATH": str(PROJECT_DIR),
                  # Ray nices its workers to 15 by default, and the scheduler and quota
                  # actors are on the request path: behind every other busy process of
-                 # a shared machine they stopped answering in time (README, Load tests).
+                 # a shared machine they stopped answering in time (docs/benchmarks.md, Load tests).
                  "RAY_worker_niceness": str(ray_worker_niceness)})
         log.close()
         stack = cls(proc, config_path=work / "var" / "run" / "config.json")
