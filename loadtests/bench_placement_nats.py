@@ -1,9 +1,10 @@
 """Placement round trip over NATS: requests to scheduler actors
-(SchedulerService, in this process) on a real nats-server, sequential, with
-nats-py's request (one wildcard reply subscription and a future per request:
-the mechanism of the ingress's router/placer.py, which loadtests may not
-import), beside the pure core's decision time, so the cost of each layer
-shows. Each placement is followed by its completion notice, as in service.
+(SchedulerService, in this process) on a real nats-server, sequential, the
+way the ingress's router/placer.py asks (which loadtests may not import):
+one wildcard reply subscription, and per request a reply subject under it,
+a future and one loop timer. Beside it the pure core's decision time, so
+the cost of each layer shows. Each placement is followed by its completion
+notice, as in service.
 
 Starts nats-server and redis-server on free loopback ports (8 replicas in the
 registry), runs each way in rounds for 1 and 2 actors, and prints JSON and a
@@ -15,6 +16,7 @@ short table (p50/p99 in microseconds, medians over rounds).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import random
@@ -27,6 +29,7 @@ from pathlib import Path
 import nats
 import uvloop
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from actors.control_store import ReplicaRegistry, connect_redis
 from actors.scheduler import SchedulerService
@@ -43,6 +46,7 @@ from scheduler.wire import (
 )
 
 MODEL = "bench-model"
+ANSWER_TIMEOUT_S = 2.0
 REPLICAS = 8
 _ids = itertools.count()
 
@@ -52,11 +56,44 @@ def _request() -> PlaceRequest:
                         prompt_tokens=200, max_tokens=100)
 
 
-async def _nats_once(nc: NATS) -> float:
-    req = _request()
+class _Asker:
+    """Placement requests answered on one wildcard reply subscription."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox()
+        self.waiting: dict[str, asyncio.Future[bytes]] = {}
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.prefix + ".*", cb=self._on_answer)
+
+    async def _on_answer(self, msg: Msg) -> None:
+        waiter = self.waiting.pop(msg.subject, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg.data)
+
+    async def ask(self, payload: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        reply_to = f"{self.prefix}.{next(_ids)}"
+        waiter = self.waiting[reply_to] = loop.create_future()
+        timer = loop.call_later(ANSWER_TIMEOUT_S, _expire, waiter)
+        try:
+            await self.nc.publish(place_subject(MODEL), payload, reply=reply_to)
+            return await waiter
+        finally:
+            timer.cancel()
+            self.waiting.pop(reply_to, None)
+
+
+def _expire(waiter: asyncio.Future[bytes]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("no placement answer in time"))
+
+
+async def _nats_once(asker: _Asker) -> float:
+    nc, req = asker.nc, _request()
     started_ns = time.perf_counter_ns()
-    msg = await nc.request(place_subject(MODEL), encode(req), timeout=2)
-    place_reply_decoder.decode(msg.data)
+    place_reply_decoder.decode(await asker.ask(encode(req)))
     elapsed_ns = time.perf_counter_ns() - started_ns
     await nc.publish(DONE_SUBJECT, encode(PlaceDone(request_id=req.request_id,
                                                     replica_id="", model=MODEL)))
@@ -83,12 +120,14 @@ async def _measure(cfg: Config, actors: int, rounds: int, requests: int) -> dict
     for service in services:
         await service.start()
     nc = await nats.connect(cfg.nats.url)
+    asker = _Asker(nc)
+    await asker.start()
     per_round: dict[str, list[tuple[float, float]]] = {"nats_round_trip": [], "core": []}
     try:
         for _ in range(requests // 10):  # warm-up
-            await _nats_once(nc)
+            await _nats_once(asker)
         for _ in range(rounds):
-            samples = [await _nats_once(nc) for _ in range(requests)]
+            samples = [await _nats_once(asker) for _ in range(requests)]
             per_round["nats_round_trip"].append((_quantile(samples, 0.5),
                                                  _quantile(samples, 0.99)))
             samples = [_core_once(services[0]) for _ in range(requests)]
