@@ -22,6 +22,7 @@ from analytics.metering import MeteringService
 from analytics.store import Columns, UsageStore, open_store, usage_columns
 from analytics.usage_consumer import UsageConsumer
 from deploy.procs import start_nats
+from loadtests.jepsen.ambiguous_store import AmbiguousInsert, AmbiguousStore
 from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig, RedisConfig
 from scheduler.tenancy import Price
 from scheduler.wire import (
@@ -149,6 +150,52 @@ def test_same_batch_twice_one_copy_in_raw_rows_and_rollups(tmp_path: Path) -> No
                                 column_oriented=True,
                                 settings={"insert_deduplication_token": "same-token"})
         assert store.client.query("SELECT count() FROM yard_test.control").result_rows == [(60,)]
+    finally:
+        store.close()
+
+
+class Draws:
+    """A random source for AmbiguousStore: these draws, then never again below the ratio."""
+
+    def __init__(self, *draws: float) -> None:
+        self._draws = list(draws)
+
+    def random(self) -> float:
+        return self._draws.pop(0) if self._draws else 1.0
+
+
+@pytest.mark.parametrize("lookup", [True, False], ids=["retry-looks-up", "control-no-lookup"])
+def test_ambiguous_insert_then_retry_counts_once_in_the_rollup(tmp_path: Path, lookup: bool,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A batch's insert commits and then raises; so does the retry of the
+    whole batch (deduplicated by its token), so the consumer splits it and
+    inserts halves under new tokens. The retry looks every row up first, so
+    the halves find their rows stored: usage_minute equals usage_raw FINAL.
+    The control (a lookup that finds nothing, as before the fix) stores the
+    halves again, and the rollup counts them twice while FINAL hides it."""
+    events = [event(i) for i in range(30)]
+    costs = [7 * i for i in range(30)]
+    store = AmbiguousStore(migrated_store(tmp_path), 0.5, Draws(0.0, 0.0))  # type: ignore[arg-type]
+    if not lookup:
+        monkeypatch.setattr(UsageStore, "stored_request_ids", lambda *_: set())
+    try:
+        payload = usage_consumer.encode_batch(events, costs, [])
+        with pytest.raises(AmbiguousInsert):
+            usage_consumer.store_batch(store, payload)
+        assert usage_consumer.isolate_failures(store, payload) == {}
+        truth = (30, sum(e.prompt_tokens for e in events),
+                 sum(e.completion_tokens for e in events), sum(costs))
+        [final] = store.client.query(
+            "SELECT count(), sum(prompt_tokens), sum(completion_tokens), sum(cost_nusd)"
+            " FROM yard_test.usage_raw FINAL").result_rows
+        assert tuple(final) == truth
+        if lookup:
+            assert store.raw_row_count() == 30
+            assert rollup_sums(store) == truth
+        else:
+            assert store.raw_row_count() == 60
+            assert rollup_sums(store) == tuple(2 * v for v in truth)
     finally:
         store.close()
 
