@@ -9,6 +9,7 @@ after its last read (less a second of clock skew between hosts)."""
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
@@ -37,16 +38,27 @@ def event_cost_nusd(event: UsageEvent, prices: Prices) -> int | None:
     return price.cost_nusd(event.prompt_tokens, event.cached_tokens, event.completion_tokens)
 
 
-def batch_costs(events: Sequence[UsageEvent], prices: Prices) -> tuple[list[int], int]:
-    """Each event's cost (0 where unpriced) and how many were unpriced."""
+def batch_costs(events: Sequence[UsageEvent], prices: Prices) -> tuple[list[int], list[int]]:
+    """Each event's cost as event_cost_nusd prices it (0 where unpriced), and
+    the positions of the unpriced ones. Each model's prices are ordered once per
+    call, not once per event: this runs for every event the consumer stores."""
+    schedules: dict[str, tuple[list[int], list[Price]]] = {}
+    for model, model_prices in prices.items():
+        ordered = sorted(model_prices, key=lambda p: p.effective_from_s)
+        schedules[model] = ([p.effective_from_s * 1000 for p in ordered], ordered)
     costs: list[int] = []
-    unpriced = 0
-    for event in events:
-        cost = event_cost_nusd(event, prices)
-        if cost is None:
-            unpriced += 1
-            cost = 0
-        costs.append(cost)
+    unpriced: list[int] = []
+    for i, event in enumerate(events):
+        schedule = schedules.get(event.model)
+        at = bisect_right(schedule[0], event.started_at_ms) if schedule else 0
+        if not event.billable:
+            costs.append(0)
+        elif at == 0:
+            unpriced.append(i)
+            costs.append(0)
+        else:
+            costs.append(schedule[1][at - 1].cost_nusd(  # type: ignore[index]
+                event.prompt_tokens, event.cached_tokens, event.completion_tokens))
     return costs, unpriced
 
 

@@ -5,9 +5,12 @@ code run every method in one dedicated worker thread, never on the loop."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import clickhouse_connect
+from clickhouse_connect.driver import options as clickhouse_options
 from clickhouse_connect.driver.client import Client
 
 from analytics.schema import apply_migrations, checked_database
@@ -20,6 +23,16 @@ USAGE_COLUMNS = (
     "prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms", "latency_ms",
     "status", "error_code", "started_at", "priority", "cost_nusd",
 )
+# UsageEvent's attribute for each of USAGE_COLUMNS but the last (cost is
+# computed at ingest). Integers go in as DateTime64(3) ticks, i.e. epoch ms.
+_EVENT_FIELDS = tuple(attrgetter(name) for name in (
+    "request_id", "tenant_id", "key_id", "model", "replica_id", "route",
+    "prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms", "latency_ms",
+    "status", "error_code", "started_at_ms", "priority"))
+# A batch as the store takes it: one list per USAGE_COLUMNS entry, rows aligned.
+Columns = list[list[Any]]
+REQUEST_ID_COLUMN = 0
+TENANT_ID_COLUMN = 1
 _UINT32_LIMIT = 1 << 32
 _UINT16_LIMIT = 1 << 16
 _INT64_LIMIT = 1 << 63
@@ -34,6 +47,17 @@ def fits_columns(event: UsageEvent) -> bool:
             and 0 <= event.completion_tokens < _UINT32_LIMIT
             and 0 <= event.status < _UINT16_LIMIT and 0 <= event.started_at_ms < _INT64_LIMIT
             and -_INT16_LIMIT <= event.priority < _INT16_LIMIT)
+
+
+def usage_columns(events: Sequence[UsageEvent], costs_nusd: Sequence[int]) -> Columns:
+    """The events as columns, each read by one map in C: half the cost of a
+    transposition of per-event tuples, a third less than comprehensions."""
+    return [list(map(field, events)) for field in _EVENT_FIELDS] + [list(costs_nusd)]
+
+
+def column_rows(columns: Columns, rows: Sequence[int]) -> Columns:
+    """The given rows of `columns`, in that order."""
+    return [[column[i] for i in rows] for column in columns]
 
 
 def chdb_path(cfg: ClickHouseConfig, var_dir: str) -> Path:
@@ -54,40 +78,29 @@ class UsageStore:
         return apply_migrations(self.database, self.client.command,
                                 lambda sql: self.client.query(sql).result_rows)
 
-    def insert(self, events: Sequence[UsageEvent], costs_nusd: Sequence[int],
-               dedup_token: str) -> None:
-        """One column-oriented insert. Repeating it with the same token adds
-        nothing, to usage_raw nor to the rollups its view feeds."""
-        if not events:
+    def insert(self, columns: Columns, dedup_token: str) -> None:
+        """One column-oriented insert (usage_columns' layout). Repeating it
+        with the same token adds nothing, to usage_raw nor to the rollups its
+        view feeds."""
+        if not columns[REQUEST_ID_COLUMN]:
             return
-        columns = [
-            [e.request_id for e in events], [e.tenant_id for e in events],
-            [e.key_id for e in events], [e.model for e in events],
-            [e.replica_id for e in events], [e.route for e in events],
-            [e.prompt_tokens for e in events], [e.cached_tokens for e in events],
-            [e.completion_tokens for e in events], [e.ttft_ms for e in events],
-            [e.latency_ms for e in events], [e.status for e in events],
-            [e.error_code for e in events],
-            # Integers go in as DateTime64(3) ticks, i.e. epoch milliseconds.
-            [e.started_at_ms for e in events],
-            [e.priority for e in events], list(costs_nusd),
-        ]
         self.client.insert("usage_raw", columns, database=self.database,
                            column_names=USAGE_COLUMNS, column_oriented=True,
                            settings={"insert_deduplication_token": dedup_token,
                                      "deduplicate_blocks_in_dependent_materialized_views": 1})
 
-    def stored_request_ids(self, events: Sequence[UsageEvent]) -> set[str]:
-        """Which of these events' request ids usage_raw already holds (a
-        redelivery of an insert whose ack was lost). The primary key
-        (tenant_id, request_id) makes this a point lookup per id."""
-        if not events:
+    def stored_request_ids(self, tenant_ids: Sequence[str],
+                           request_ids: Sequence[str]) -> set[str]:
+        """Which of these request ids (of these tenants) usage_raw already
+        holds: a redelivery of an insert whose ack was lost, or a retry of one
+        that failed after it committed. The primary key (tenant_id,
+        request_id) makes this a point lookup per id."""
+        if not request_ids:
             return set()
         sql = (f"SELECT DISTINCT request_id FROM {self.database}.usage_raw"
                " WHERE tenant_id IN {tenants:Array(String)}"
                " AND request_id IN {ids:Array(String)}")
-        parameters = {"tenants": sorted({e.tenant_id for e in events}),
-                      "ids": [e.request_id for e in events]}
+        parameters = {"tenants": sorted(set(tenant_ids)), "ids": list(request_ids)}
         return {row[0] for row in self.client.query(sql, parameters=parameters).result_rows}
 
     def ping(self) -> None:
@@ -131,4 +144,7 @@ def open_store(cfg: ClickHouseConfig, var_dir: str) -> UsageStore:
     else:
         raise ConfigError(
             f"invalid config: metering.clickhouse.interface {cfg.interface!r} (chdb or http)")
+    # clickhouse-connect imports pandas (if installed) on its first insert,
+    # most of a second: done here, at start, not in the first batch's lag.
+    _ = clickhouse_options.pd
     return UsageStore(client, cfg.database)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from analytics.schema import MIGRATIONS
-from analytics.store import UsageStore, open_store
+from analytics.store import UsageStore, open_store, usage_columns
 from scheduler.config import ClickHouseConfig
 from scheduler.wire import UsageEvent
 
@@ -104,7 +104,8 @@ def store(tmp_path: Path) -> Iterator[UsageStore]:
                                         database=DATABASE), str(tmp_path))
     assert store.migrate() == [version for version, _ in MIGRATIONS]
     events = _events()
-    store.insert(events, [1_000 * (i + 1) for i in range(len(events))], "grafana-seed")
+    store.insert(usage_columns(events, [1_000 * (i + 1) for i in range(len(events))]),
+                 "grafana-seed")
     yield store
     store.close()
 

@@ -19,9 +19,10 @@ from actors.control_plane import PRICES_KEY
 from actors.control_store import connect_redis
 from analytics import schema, usage_consumer
 from analytics.metering import MeteringService
-from analytics.store import UsageStore, open_store
+from analytics.store import Columns, UsageStore, open_store, usage_columns
 from analytics.usage_consumer import UsageConsumer
 from deploy.procs import start_nats
+from loadtests.jepsen.ambiguous_store import AmbiguousInsert, AmbiguousStore
 from scheduler.config import ClickHouseConfig, Config, MeteringConfig, NatsConfig, RedisConfig
 from scheduler.tenancy import Price
 from scheduler.wire import (
@@ -77,7 +78,7 @@ def test_store_insert_and_totals(tmp_path: Path) -> None:
     events = [event(i, "acme") for i in range(50)] + [event(i, "beta") for i in range(20)]
     store = migrated_store(tmp_path)
     try:
-        store.insert(events, [0] * len(events), "token-1")
+        store.insert(usage_columns(events, [0] * len(events)), "token-1")
         assert store.totals(None) == (expected_total("acme", events),
                                       expected_total("beta", events))
         assert store.totals("beta") == (expected_total("beta", events),)
@@ -90,11 +91,11 @@ def test_store_same_token_inserts_once(tmp_path: Path) -> None:
     events = [event(i) for i in range(30)]
     store = migrated_store(tmp_path)
     try:
-        store.insert(events, [0] * 30, "same-token")
-        store.insert(events, [0] * 30, "same-token")
+        store.insert(usage_columns(events, [0] * 30), "same-token")
+        store.insert(usage_columns(events, [0] * 30), "same-token")
         assert store.raw_row_count() == 30
         # A new token stores the rows again; FINAL still counts each request once.
-        store.insert(events, [0] * 30, "other-token")
+        store.insert(usage_columns(events, [0] * 30), "other-token")
         assert store.raw_row_count() == 60
         assert store.totals("acme") == (expected_total("acme", events),)
     finally:
@@ -105,7 +106,7 @@ def test_migrations_idempotent(tmp_path: Path) -> None:
     store = open_store(ch_config(tmp_path), str(tmp_path))
     try:
         assert store.migrate() == [1, 2]
-        store.insert([event(1)], [0], "t")
+        store.insert(usage_columns([event(1)], [0]), "t")
     finally:
         store.close()
     store = open_store(ch_config(tmp_path), str(tmp_path))
@@ -135,8 +136,8 @@ def test_same_batch_twice_one_copy_in_raw_rows_and_rollups(tmp_path: Path) -> No
     costs = [7 * i for i in range(30)]
     store = migrated_store(tmp_path)
     try:
-        store.insert(events, costs, "same-token")
-        store.insert(events, costs, "same-token")
+        store.insert(usage_columns(events, costs), "same-token")
+        store.insert(usage_columns(events, costs), "same-token")
         assert store.raw_row_count() == 30
         assert rollup_sums(store) == (30, sum(e.prompt_tokens for e in events),
                                       sum(e.completion_tokens for e in events), sum(costs))
@@ -153,13 +154,61 @@ def test_same_batch_twice_one_copy_in_raw_rows_and_rollups(tmp_path: Path) -> No
         store.close()
 
 
+class Draws:
+    """A random source for AmbiguousStore: these draws, then never again below the ratio."""
+
+    def __init__(self, *draws: float) -> None:
+        self._draws = list(draws)
+
+    def random(self) -> float:
+        return self._draws.pop(0) if self._draws else 1.0
+
+
+@pytest.mark.parametrize("lookup", [True, False], ids=["retry-looks-up", "control-no-lookup"])
+def test_ambiguous_insert_then_retry_counts_once_in_the_rollup(tmp_path: Path, lookup: bool,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A batch's insert commits and then raises; so does the retry of the
+    whole batch (deduplicated by its token), so the consumer splits it and
+    inserts halves under new tokens. The retry looks every row up first, so
+    the halves find their rows stored: usage_minute equals usage_raw FINAL.
+    The control (a lookup that finds nothing, as before the fix) stores the
+    halves again, and the rollup counts them twice while FINAL hides it."""
+    events = [event(i) for i in range(30)]
+    costs = [7 * i for i in range(30)]
+    store = AmbiguousStore(migrated_store(tmp_path), 0.5, Draws(0.0, 0.0))  # type: ignore[arg-type]
+    if not lookup:
+        monkeypatch.setattr(UsageStore, "stored_request_ids", lambda *_: set())
+    try:
+        payload = usage_consumer.encode_batch(events, costs, [])
+        with pytest.raises(AmbiguousInsert):
+            usage_consumer.store_batch(store, payload)
+        assert usage_consumer.isolate_failures(store, payload) == {}
+        truth = (30, sum(e.prompt_tokens for e in events),
+                 sum(e.completion_tokens for e in events), sum(costs))
+        [final] = store.client.query(
+            "SELECT count(), sum(prompt_tokens), sum(completion_tokens), sum(cost_nusd)"
+            " FROM yard_test.usage_raw FINAL").result_rows
+        assert tuple(final) == truth
+        if lookup:
+            assert store.raw_row_count() == 30
+            assert rollup_sums(store) == truth
+        else:
+            assert store.raw_row_count() == 60
+            assert rollup_sums(store) == tuple(2 * v for v in truth)
+    finally:
+        store.close()
+
+
 def test_stored_request_ids(tmp_path: Path) -> None:
     store = migrated_store(tmp_path)
     try:
-        store.insert([event(1), event(2), event(3, "beta")], [0, 0, 0], "t")
+        store.insert(usage_columns([event(1), event(2), event(3, "beta")], [0, 0, 0]), "t")
         asked = [event(1), event(2, "beta"), event(3, "beta"), event(4)]
-        assert store.stored_request_ids(asked) == {"req-acme-1", "req-beta-3"}
-        assert store.stored_request_ids([]) == set()
+        assert store.stored_request_ids([e.tenant_id for e in asked],
+                                        [e.request_id for e in asked]) == {"req-acme-1",
+                                                                            "req-beta-3"}
+        assert store.stored_request_ids([], []) == set()
     finally:
         store.close()
 
@@ -197,7 +246,7 @@ def test_migration_2_on_a_store_at_version_1_with_rows(tmp_path: Path,
         store.client.command(backfill.format(db="yard_test"))
         assert rollup_sums(store) == want
         # New rows reach the rollup through the view.
-        store.insert([event(100)], [9], "t")
+        store.insert(usage_columns([event(100)], [9]), "t")
         assert rollup_sums(store) == (46, want[1] + event(100).prompt_tokens,
                                       want[2] + event(100).completion_tokens, 9)
     finally:
@@ -305,18 +354,16 @@ _real_insert = UsageStore.insert
 _flaky_failures = [RuntimeError("store away")]
 
 
-def flaky_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
-                 token: str) -> None:
+def flaky_insert(self: UsageStore, columns: Columns, token: str) -> None:
     if _flaky_failures:
         raise _flaky_failures.pop()
-    _real_insert(self, events, costs, token)
+    _real_insert(self, columns, token)
 
 
-def refusing_insert(self: UsageStore, events: list[UsageEvent], costs: list[int],
-                    token: str) -> None:
-    if any(e.request_id == "poison" for e in events):
+def refusing_insert(self: UsageStore, columns: Columns, token: str) -> None:
+    if "poison" in columns[0]:
         raise ValueError("the store refuses this one")
-    _real_insert(self, events, costs, token)
+    _real_insert(self, columns, token)
 
 
 def _with_insert(insert: Callable[..., None], name: str, store: UsageStore,

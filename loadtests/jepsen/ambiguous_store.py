@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
 
-from analytics.store import UsageStore
+from analytics.store import REQUEST_ID_COLUMN, Columns, UsageStore
 from analytics.store_process import child_main
-from scheduler.wire import UsageEvent
 
 
 class AmbiguousInsert(ConnectionResetError):
@@ -26,11 +24,11 @@ class AmbiguousStore(UsageStore):
         self._ratio = ratio
         self._rng = rng
 
-    def insert(self, events: Sequence[UsageEvent], costs_nusd: Sequence[int],
-               dedup_token: str) -> None:
-        super().insert(events, costs_nusd, dedup_token)
-        if events and self._rng.random() < self._ratio:
-            print(f"ambiguous insert of {len(events)} events", flush=True)
+    def insert(self, columns: Columns, dedup_token: str) -> None:
+        super().insert(columns, dedup_token)
+        rows = len(columns[REQUEST_ID_COLUMN])
+        if rows and self._rng.random() < self._ratio:
+            print(f"ambiguous insert of {rows} events", flush=True)
             raise AmbiguousInsert("connection reset after the insert was committed")
 
 
