@@ -227,6 +227,8 @@ async def _one_stack(workers: int, args: argparse.Namespace, latency: bool) -> d
                     mode: [await _latency_point(paths, body, rate, args.rounds, args.seconds)
                            for rate in args.rates]
                     for mode, body in (("non_streaming", BODY), ("streaming", STREAM_BODY))}
+                if args.latency_only:
+                    return out
             pids = stage_profile.ingress_pids(workdir)
             out["max_rps"] = {path: await _throughput(paths, BODY, path, args.clients,
                                                       args.rounds, args.seconds, pids)
@@ -316,6 +318,8 @@ def main() -> int:
     parser.add_argument("--floor", action="store_true",
                         help="also aiohttp alone (a bare server, a bare proxy): its requests "
                         "per CPU second")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the added latency points (first stack)")
     parser.add_argument("--profile-only", action="store_true",
                         help="only the profile (quick, for work on the hot path)")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
