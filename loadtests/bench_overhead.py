@@ -9,13 +9,17 @@ events), in one run, alternating, in rounds; medians over rounds.
   2 ingress workers, beside the replicas' own;
 - SSE chunks relayed per second per worker;
 - optionally (`--profile`) a per-stage breakdown of one worker's CPU time
-  per request, from py-spy samples (loadtests/stage_profile.py).
+  per request, from py-spy samples (loadtests/stage_profile.py);
+- optionally (`--floor`) the same closed loop against aiohttp alone (a bare
+  server and a bare proxy, loadtests/aiohttp_floor.py): the floor under the
+  ingress's CPU per request.
 
 The simulated replicas decode in zero time, so they are not the limit. The
 load generator, the replicas, NATS, Ray and the ingress share this
 machine's cores: see `uptime` in the output.
 
-    python -m loadtests.bench_overhead [--rounds 3] [--seconds 2] [--workers 1 2] [--profile]
+    python -m loadtests.bench_overhead [--rounds 3] [--seconds 2] [--workers 1 2]
+        [--profile] [--floor]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -34,9 +39,10 @@ from pathlib import Path
 import msgspec
 import uvloop
 
+from deploy.procs import free_port
 from loadtests import stage_profile
 from loadtests.bench_stack import BODY, MODEL, BenchStack, quantile, start_stack, stop_stack
-from loadtests.load_gen import Sample, closed_loop, new_client, open_loop
+from loadtests.load_gen import Client, Sample, closed_loop, new_client, open_loop
 
 # Replicas that answer at once: decode and prefill take no simulated time.
 FAST_SIMULATOR = """decode_ms_per_token = 0.0
@@ -109,6 +115,15 @@ async def _throughput(paths: Paths, body: dict[str, object], path: str, clients:
                       rounds: int, seconds: float, pids: list[int]) -> dict[str, float]:
     """Closed loop; for the path via switchyard also what the ingress workers
     (`pids`) did per CPU second they used: the rate one busy worker core reaches."""
+    client = paths.direct_client if path == "direct" else paths.via_client
+    return await _closed_rounds(paths.sender(path, body), client, clients, rounds, seconds,
+                                pids if path == "via" else [])
+
+
+async def _closed_rounds(send: Callable[[], Awaitable[Sample]], client: Client, clients: int,
+                         rounds: int, seconds: float, pids: list[int]) -> dict[str, float]:
+    """`rounds` closed-loop windows (medians), with what the processes `pids`
+    (if any) did per CPU second they used."""
     rps, chunks, failed, rps_cpu, chunks_cpu = [], [], [], [], []
     for _ in range(rounds):
         cpu_s = -sum(stage_profile.cpu_seconds(p) for p in pids)
@@ -118,14 +133,12 @@ async def _throughput(paths: Paths, body: dict[str, object], path: str, clients:
             cpu_s += sum(stage_profile.cpu_seconds(p) for p in pids)
 
         timer = asyncio.get_running_loop().call_later(seconds, window_closed)
-        client = paths.direct_client if path == "direct" else paths.via_client
-        result = await closed_loop(paths.sender(path, body), clients, seconds,
-                                   lambda c=client: c.chunks_seen)
+        result = await closed_loop(send, clients, seconds, lambda c=client: c.chunks_seen)
         timer.cancel()
         rps.append(result.rps)
         chunks.append(result.chunks_per_s)
         failed.append(result.failed)
-        if path == "via" and cpu_s > 0:
+        if pids and cpu_s > 0:
             rps_cpu.append(result.ok / cpu_s)
             chunks_cpu.append(result.chunks / cpu_s)
     out = {"rps": statistics.median(rps), "chunks_per_s": statistics.median(chunks),
@@ -136,8 +149,45 @@ async def _throughput(paths: Paths, body: dict[str, object], path: str, clients:
     return out
 
 
-async def _profiled(paths: Paths, workdir: Path, clients: int,
-                    seconds: float) -> dict[str, object]:
+async def _floor(paths: Paths, clients: int, rounds: int,
+                 seconds: float) -> dict[str, dict[str, float]]:
+    """aiohttp alone (loadtests/aiohttp_floor.py) under the same closed loop:
+    a bare server (echo) and a bare proxy to one replica, each in its own
+    process, and what each did per CPU second."""
+    out = {}
+    data = msgspec.json.encode(BODY)
+    for mode in ("echo", "proxy"):
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadtests.aiohttp_floor", "--mode", mode, "--port", str(port),
+            "--upstream", paths.stack.direct_urls[0],
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def send(url: str = url) -> Awaitable[Sample]:
+            return paths.direct_client.send(url, data, False)
+
+        try:
+            await _serving(send)
+            await closed_loop(send, 8, 0.5)
+            out[mode] = await _closed_rounds(send, paths.direct_client, clients, rounds,
+                                             seconds, [proc.pid])
+        finally:
+            proc.terminate()
+            await proc.wait()
+    return out
+
+
+async def _serving(send: Callable[[], Awaitable[Sample]]) -> None:
+    for _ in range(200):
+        if (await send()).ok:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the aiohttp floor server did not start")
+
+
+async def _profiled(paths: Paths, workdir: Path, clients: int, seconds: float,
+                    keep: Path | None) -> dict[str, object]:
     """One worker's CPU per request and its split by stage, under closed-loop load."""
     pids = stage_profile.ingress_pids(workdir)
     cpu_before = sum(stage_profile.cpu_seconds(p) for p in pids)
@@ -145,6 +195,8 @@ async def _profiled(paths: Paths, workdir: Path, clients: int,
     result = await closed_loop(paths.sender("via", BODY), clients, seconds)
     cpu_s = sum(stage_profile.cpu_seconds(p) for p in pids) - cpu_before
     raw = await spy
+    if keep is not None:
+        keep.write_text(raw)
     cpu_us_per_request = cpu_s / max(1, result.ok) * 1e6
     shares = stage_profile.breakdown(raw)
     return {"rps": result.rps, "ingress_cpu_us_per_request": cpu_us_per_request,
@@ -165,11 +217,18 @@ async def _one_stack(workers: int, args: argparse.Namespace, latency: bool) -> d
             for path in ("direct", "via"):  # warm pools, leases, caches
                 await closed_loop(paths.sender(path, BODY), 8, 1.0)
                 await closed_loop(paths.sender(path, STREAM_BODY), 8, 0.5)
+            if args.profile_only:
+                out["profile"] = await _profiled(
+                    paths, workdir, args.clients, args.seconds * 2,
+                    args.json.with_suffix(f".spy-{workers}.txt") if args.json else None)
+                return out
             if latency:
                 out["latency"] = {
                     mode: [await _latency_point(paths, body, rate, args.rounds, args.seconds)
                            for rate in args.rates]
                     for mode, body in (("non_streaming", BODY), ("streaming", STREAM_BODY))}
+                if args.latency_only:
+                    return out
             pids = stage_profile.ingress_pids(workdir)
             out["max_rps"] = {path: await _throughput(paths, BODY, path, args.clients,
                                                       args.rounds, args.seconds, pids)
@@ -179,8 +238,12 @@ async def _one_stack(workers: int, args: argparse.Namespace, latency: bool) -> d
                           for path in ("direct", "via")}
             out["sse"]["via_chunks_per_s_per_worker"] = (  # type: ignore[index]
                 out["sse"]["via"]["chunks_per_s"] / workers)  # type: ignore[index]
+            if args.floor and latency:
+                out["floor"] = await _floor(paths, args.clients, args.rounds, args.seconds)
             if args.profile:
-                out["profile"] = await _profiled(paths, workdir, args.clients, args.seconds * 2)
+                out["profile"] = await _profiled(
+                    paths, workdir, args.clients, args.seconds * 2,
+                    args.json.with_suffix(f".spy-{workers}.txt") if args.json else None)
         finally:
             await paths.aclose()
             await stop_stack(stack)
@@ -211,6 +274,18 @@ def print_table(result: dict[str, object]) -> None:
                       f"{s['added_total_p99_ms']:>9.2f}{s['added_first_p50_ms']:>10.2f}"
                       f"{s['header_overhead_p50_ms']:>12.3f}{s['header_overhead_p99_ms']:>12.3f}"
                       f"{s['via_failed']:>8.0f}")
+    if "max_rps" in first:
+        _print_throughput(stacks)
+    for stack in stacks:
+        if "profile" in stack:
+            p = stack["profile"]
+            print(f"\ningress CPU per request ({stack['workers']} worker(s), {p['rps']:.0f} rps): "
+                  f"{p['ingress_cpu_us_per_request']:.0f} us")
+            for stage, us in p["stages_us_per_request"].items():
+                print(f"  {stage:<24}{us:>8.1f} us")
+
+
+def _print_throughput(stacks: list[dict[str, object]]) -> None:
     print(f"\n{'workers':<9}{'direct rps':>12}{'via rps':>10}{'via rps/worker':>16}"
           f"{'rps/CPU-s':>11}{'direct chunks/s':>17}{'via chunks/s/worker':>21}"
           f"{'chunks/CPU-s':>14}")
@@ -223,12 +298,9 @@ def print_table(result: dict[str, object]) -> None:
               f"{sse['direct']['chunks_per_s']:>17.0f}"
               f"{sse['via_chunks_per_s_per_worker']:>21.0f}{chunks_cpu:>14.0f}")
     for stack in stacks:
-        if "profile" in stack:
-            p = stack["profile"]
-            print(f"\ningress CPU per request ({stack['workers']} worker(s), {p['rps']:.0f} rps): "
-                  f"{p['ingress_cpu_us_per_request']:.0f} us")
-            for stage, us in p["stages_us_per_request"].items():
-                print(f"  {stage:<24}{us:>8.1f} us")
+        for mode, floor in stack.get("floor", {}).items():
+            print(f"aiohttp alone ({mode}): {floor['rps']:.0f} rps, "
+                  f"{floor['per_ingress_cpu_s']['requests']:.0f} requests per CPU second")
 
 
 def main() -> int:
@@ -243,6 +315,13 @@ def main() -> int:
     parser.add_argument("--sse-clients", type=int, default=16)
     parser.add_argument("--profile", action="store_true",
                         help="py-spy one worker under load: CPU per request by stage")
+    parser.add_argument("--floor", action="store_true",
+                        help="also aiohttp alone (a bare server, a bare proxy): its requests "
+                        "per CPU second")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the added latency points (first stack)")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only the profile (quick, for work on the hot path)")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     result = uvloop.run(bench(args))

@@ -1,22 +1,36 @@
 """Where an ingress worker's CPU goes, per stage of a request: py-spy samples
 of the running process (raw collapsed stacks, idle threads excluded), each
 sample holding the GIL (so a thread waiting, or the loop in epoll, is not
-counted) put in the stage of the outermost switchyard function on its stack
-(or, for loop callbacks outside any handler, of the library it is in), and
-scaled by the process's CPU time per request (/proc)."""
+counted) put in a stage: metrics or logging wherever they are called from;
+else the stage of the outermost switchyard function on its stack (or, for
+switchyard's own tasks and callbacks, of their file; for loop callbacks
+outside them, of the library the sample is in), and scaled by the process's
+CPU time per request (/proc).
+
+    python -m loadtests.stage_profile RAW [--cpu-us-per-request N]
+
+splits a saved py-spy raw file again (bench_overhead `--json PATH --profile`
+saves it beside PATH)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
 from collections import Counter
 from pathlib import Path
 
+# Cross-cutting work, wherever it is called from: any frame in these files.
+CROSS_CUTTING = (
+    ("prometheus_client/", "metrics"),
+    ("logging/", "logging"),
+)
 # (function, file) -> stage; the outermost match on a stack wins.
 STAGES = {
     ("authenticate", "router/auth.py"): "auth",
     ("parse_request", "router/requests.py"): "validation",
+    ("require", "router/prices.py"): "quota",
     ("admit", "router/quota_client.py"): "quota",
     ("settle", "router/quota_client.py"): "quota",
     ("release", "router/quota_client.py"): "quota",
@@ -29,28 +43,44 @@ STAGES = {
     ("_relay_stream", "router/http_api.py"): "relay to client",
     ("finish", "router/gateway.py"): "usage + done publish",
 }
-# Frames of loop callbacks outside any handler, by file.
-LIBRARIES = (
+# Tasks and callbacks of switchyard's own outside any handler: the outermost
+# frame in one of these files.
+OWNERS = (
     ("router/outbox.py", "usage + done publish"),
     ("router/placer.py", "placement"),
     ("router/quota", "quota"),
+)
+# Loop callbacks of libraries outside any switchyard frame: the innermost match.
+LIBRARIES = (
     ("nats/", "nats client"),
     ("aiohttp/client", "upstream io"),
     ("aiohttp/connector", "upstream io"),
     ("aiohttp/web", "http server"),
     ("aiohttp/http", "http server"),
     ("aiohttp/", "http server"),
-    ("prometheus_client/", "metrics"),
 )
 
 
 def classify(stack: str) -> str:
     frames = stack.split(";")
+    for file, stage in CROSS_CUTTING:
+        if any(file in frame for frame in frames):
+            return stage
     for frame in frames:
         name, _, where = frame.partition(" (")
+        # py-spy names a method `Class.method`.
+        name = name.rpartition(".")[2]
         for (function, file), stage in STAGES.items():
             if name == function and file in where:
                 return stage
+    for frame in frames:
+        for file, stage in OWNERS:
+            if file in frame:
+                return stage
+    if frames[-1].startswith("run_app "):
+        # No Python frame below the loop: uvloop's own work (socket I/O,
+        # polling, timers), for every connection of the process.
+        return "event loop (I/O)"
     for frame in reversed(frames):
         for file, stage in LIBRARIES:
             if file in frame:
@@ -116,3 +146,21 @@ async def record(pid: int, seconds: float, out: Path) -> str:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     await proc.wait()
     return out.read_text() if out.exists() else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Split a py-spy raw file by stage.")
+    parser.add_argument("raw", type=Path)
+    parser.add_argument("--cpu-us-per-request", type=float, default=1e6,
+                        help="scale the shares to this (default: parts per million)")
+    args = parser.parse_args()
+    raw = args.raw.read_text()
+    for stage, share in breakdown(raw).items():
+        print(f"{stage:<24}{share * args.cpu_us_per_request:>10.1f}")
+    for frame, share in top_functions(raw, 30).items():
+        print(f"{share:>7.2%}  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

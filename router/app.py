@@ -70,9 +70,9 @@ def _services(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
         await replicas.start()
         spool = UsageSpool(spool_path(cfg), cfg.ingress.spool_max_events, metrics)
         await spool.start()
-        outbox = Outbox(nc, nc.jetstream(), cfg.ingress.usage_queue_size,
-                        cfg.nats.request_timeout_s, metrics, spool)
-        outbox.start()
+        outbox = Outbox(nc, cfg.ingress.usage_queue_size, cfg.nats.request_timeout_s, metrics,
+                        spool)
+        await outbox.start()
         control_sub = await nc.subscribe(CONTROL_CHANGED_SUBJECT, cb=auth.on_control_changed)
         quota = QuotaClient(nc, cfg.quota, metrics=metrics)
         await quota.start()

@@ -12,6 +12,7 @@ every request, so they need no broadcast.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -88,6 +89,7 @@ class Authenticator:
         # Bumped by every eviction: a lookup that raced one is not cached,
         # so a copy read before a change cannot outlive its broadcast.
         self._evictions = 0
+        self._reading: dict[str, asyncio.Future[Credentials | None]] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -113,6 +115,8 @@ class Authenticator:
         """Forgets what `changed` touched: a key, or every key of a tenant
         (a scan of the cache: tenant changes are rare admin operations)."""
         self._evictions += 1
+        # A read already under way may return the old copy: later requests read anew.
+        self._reading.clear()
         if changed.kind == "key":
             self._cache.pop(changed.id, None)
         elif changed.kind == "tenant":
@@ -136,13 +140,28 @@ class Authenticator:
     def _forget_all(self, why: str) -> None:
         log.warning("%s; key cache cleared", why)
         self._evictions += 1
+        self._reading.clear()
         self._cache.clear()
 
     async def _credentials(self, key_id: str) -> Credentials | None:
-        now_s = self._clock_s()
         hit = self._cache.get(key_id)
-        if hit is not None and hit[1] > now_s:
+        if hit is not None and hit[1] > self._clock_s():
             return hit[0]
+        # One read per key at a time: when a busy key's entry expires, the
+        # requests arriving meanwhile share it (not one Redis call, and
+        # often one new connection, each).
+        reading = self._reading.get(key_id)
+        if reading is None:
+            reading = self._reading[key_id] = asyncio.ensure_future(self._read(key_id))
+            reading.add_done_callback(lambda done: self._read_ended(key_id, done))
+        return await asyncio.shield(reading)
+
+    def _read_ended(self, key_id: str, done: asyncio.Future[Credentials | None]) -> None:
+        if self._reading.get(key_id) is done:
+            del self._reading[key_id]
+
+    async def _read(self, key_id: str) -> Credentials | None:
+        now_s = self._clock_s()
         evictions = self._evictions
         try:
             found = await self._plane.credentials(key_id)

@@ -94,5 +94,5 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     finally:
         metrics = request.app[METRICS]
         route = _route_label(request)
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.request_duration.labels(route).observe(time.monotonic() - started_s)
+        metrics.labeled(metrics.requests, route, str(status)).inc()
+        metrics.labeled(metrics.request_duration, route).observe(time.monotonic() - started_s)

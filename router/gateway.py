@@ -9,8 +9,8 @@ quota."""
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -87,7 +87,8 @@ def enforces_limits(limits: TenantLimits) -> bool:
 
 
 def new_request_id() -> str:
-    return "req-" + uuid.uuid4().hex
+    # 128 random bits, as uuid4's hex (which costs several times more).
+    return "req-" + os.urandom(16).hex()
 
 
 @dataclass(slots=True)
@@ -231,7 +232,7 @@ class Gateway:
         record = ctx.call.record
         ttft_s = (record.first_byte_at_s - ctx.started_at_s) if record.first_byte_at_s else 0.0
         if record.first_byte_at_s:
-            self._metrics.ttft.labels(ctx.parsed.route).observe(ttft_s)
+            self._metrics.labeled(self._metrics.ttft, ctx.parsed.route).observe(ttft_s)
         if status >= 500:
             self._metrics.upstream_errors.labels(ctx.placement.replica_id).inc()
         done = PlaceDone(request_id=ctx.request_id, replica_id=ctx.placement.replica_id,

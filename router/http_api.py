@@ -61,8 +61,9 @@ async def _serve(request: web.Request, route: str) -> web.StreamResponse:
 def _headers(request: web.Request, ctx: RequestContext) -> dict[str, str]:
     overhead_s = (time.monotonic() - ctx.started_at_s - ctx.upstream_wait_s
                   - ctx.call.record.upstream_wait_s)
-    request.app[METRICS].overhead.labels(ctx.parsed.route, _STREAM_LABEL[ctx.parsed.stream]
-                                         ).observe(overhead_s)
+    metrics = request.app[METRICS]
+    metrics.labeled(metrics.overhead, ctx.parsed.route, _STREAM_LABEL[ctx.parsed.stream]
+                    ).observe(overhead_s)
     return {REQUEST_ID_HEADER: ctx.request_id, "x-switchyard-replica": ctx.placement.replica_id,
             OVERHEAD_HEADER: f"{overhead_s * 1000:.3f}",
             **(ctx.admission.headers() if ctx.admission is not None else {})}

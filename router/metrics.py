@@ -6,6 +6,7 @@ each writes its own files, and every worker's /metrics sums them all."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -16,6 +17,8 @@ FAST_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 OVERHEAD_BUCKETS_S = (0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003,
                       0.005, 0.01, 0.025, 0.1, 1)
 
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
 
 class Metrics:
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
@@ -23,6 +26,7 @@ class Metrics:
         environment must name it before prometheus_client is imported)."""
         self.registry = CollectorRegistry()
         self._exposed = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
         if multiprocess_dir is not None:
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, str(multiprocess_dir))
@@ -112,6 +116,17 @@ class Metrics:
             "switchyard_quota_settle_lost", "Commits, releases or lease returns not "
             "delivered in SETTLE_PATIENCE_S (the shard settles them as fully used).",
             registry=r)
+
+    def labeled(self, metric: _M, *values: str) -> _M:
+        """`metric.labels(*values)`, looked up once per label set:
+        prometheus_client's own lookup takes a lock and checks the values on
+        every call, and this is on every request's path. Label values here
+        come from small fixed sets (routes, statuses, replicas, kinds)."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
 
     def exposition(self) -> bytes:
         """The text /metrics serves: this process's, or every worker's."""

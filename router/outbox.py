@@ -1,6 +1,8 @@
 """Outgoing notices at the end of each request, published off the request's
 path by owned tasks: usage events to JetStream (Nats-Msg-Id = request id,
-so a repeated publish is stored once) and completion notices to schedulers.
+so a repeated publish is stored once), the events queued at that moment
+published together with their acks awaited together (router/batch_publish.py),
+and completion notices to schedulers, all those queued in one go.
 
 A usage event JetStream does not take at once (NATS away, no ack within the
 timeout) goes to the disk spool (router/spool.py); one task publishes the
@@ -15,27 +17,28 @@ import logging
 
 import nats.errors
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
+from router.batch_publish import BatchPublisher
 from router.metrics import Metrics
 from router.spool import UsageSpool
 from scheduler.wire import DONE_SUBJECT, PlaceDone, UsageEvent, encode, usage_subject
 
 log = logging.getLogger("switchyard.outbox")
 RETRY_DELAY_S = 0.5
-# Publishers working the usage queue at once: a JetStream publish waits for its ack.
+# Publishers working the usage queue at once: each waits for its batch's acks.
 PUBLISHERS = 4
-# Events moved to the spool in one transaction, and published from it per round.
+# Events published together (and moved to the spool in one transaction, and
+# published from it per round).
 SPOOL_BATCH_EVENTS = 256
 
 
 class Outbox:
     """Two queues: completion notices never wait behind usage events."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, capacity: int,
-                 publish_timeout_s: float, metrics: Metrics, spool: UsageSpool) -> None:
+    def __init__(self, nc: NATS, capacity: int, publish_timeout_s: float, metrics: Metrics,
+                 spool: UsageSpool) -> None:
         self._nc = nc
-        self._js = js
+        self._publisher = BatchPublisher(nc)
         self._timeout_s = publish_timeout_s
         self._metrics = metrics
         self._spool = spool
@@ -44,7 +47,8 @@ class Outbox:
         self._spooled = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self._publisher.start()
         self._tasks = [asyncio.create_task(self._publish_usage(), name=f"outbox-usage-{i}")
                        for i in range(PUBLISHERS)]
         self._tasks.append(asyncio.create_task(self._publish_done(), name="outbox-done"))
@@ -58,6 +62,7 @@ class Outbox:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._publisher.aclose()
         left = [self._usage.get_nowait() for _ in range(self._usage.qsize())]
         if left:
             await self._spool.put(left)
@@ -88,23 +93,28 @@ class Outbox:
 
     async def _publish_done(self) -> None:
         while True:
-            done = await self._done.get()
+            notices = [await self._done.get()]
+            # Those queued meanwhile go in the same socket write.
+            while not self._done.empty():
+                notices.append(self._done.get_nowait())
             try:
                 with contextlib.suppress(nats.errors.Error):
-                    await self._nc.publish(DONE_SUBJECT, encode(done))
+                    for done in notices:
+                        await self._nc.publish(DONE_SUBJECT, encode(done))
             finally:
-                self._done.task_done()
+                for _ in notices:
+                    self._done.task_done()
 
     async def _publish_usage(self) -> None:
         while True:
             events = [await self._usage.get()]
+            while len(events) < SPOOL_BATCH_EVENTS and not self._usage.empty():
+                events.append(self._usage.get_nowait())
             try:
-                if self._nc.is_connected and await self._publish(events[0]):
-                    continue
-                # NATS is away: what is queued behind goes to disk with it.
-                while len(events) < SPOOL_BATCH_EVENTS and not self._usage.empty():
-                    events.append(self._usage.get_nowait())
-                await self._to_spool(events)
+                # NATS away: the batch goes to disk as it is.
+                failed = (await self._publish(events)) if self._nc.is_connected else events
+                if failed:
+                    await self._to_spool(failed)
             finally:
                 for _ in events:
                     self._usage.task_done()
@@ -118,19 +128,20 @@ class Outbox:
             return
         self._spooled.set()
 
-    async def _publish(self, event: UsageEvent) -> bool:
-        """True once JetStream acked it."""
-        try:
-            await self._js.publish(usage_subject(event.tenant_id), encode(event),
-                                   timeout=self._timeout_s,
-                                   headers={"Nats-Msg-Id": event.request_id})
-        except (TimeoutError, nats.errors.Error) as exc:
-            # It may have landed all the same: the spool's copy is deduplicated.
-            self._metrics.nats_errors.inc()
-            log.warning("usage publish failed, spooling: %r", exc)
-            return False
-        self._metrics.usage_published.inc()
-        return True
+    async def _publish(self, events: list[UsageEvent]) -> list[UsageEvent]:
+        """The events JetStream did not ack in time (they may have landed all
+        the same: the spool's copy is deduplicated)."""
+        acked = await self._publisher.publish(
+            [(usage_subject(e.tenant_id), encode(e), e.request_id) for e in events],
+            self._timeout_s)
+        failed = [event for event, ok in zip(events, acked, strict=True) if not ok]
+        if failed:
+            self._metrics.nats_errors.inc(len(failed))
+            log.warning("usage publish not acked, spooling %d of %d events",
+                        len(failed), len(events))
+        if len(failed) < len(events):
+            self._metrics.usage_published.inc(len(events) - len(failed))
+        return failed
 
     async def _drain_spool(self) -> None:
         """Publishes spooled events, oldest first, whenever NATS is there."""
@@ -142,8 +153,8 @@ class Outbox:
                 await asyncio.sleep(RETRY_DELAY_S)
                 continue
             events = await self._spool.oldest(SPOOL_BATCH_EVENTS)
-            acked = await asyncio.gather(*(self._publish(event) for event in events))
-            await self._spool.delete([event.request_id for event, ok
-                                      in zip(events, acked, strict=True) if ok])
-            if not all(acked):
+            failed = {event.request_id for event in await self._publish(events)}
+            await self._spool.delete([event.request_id for event in events
+                                      if event.request_id not in failed])
+            if failed:
                 await asyncio.sleep(RETRY_DELAY_S)

@@ -1,8 +1,10 @@
 """The ingress side of placement over NATS.
 
 One wildcard reply subscription per ingress (its own inbox prefix); each
-placement in flight has its own reply subject under it and a small queue of
-the answers heard there. A scheduler actor answers with the final Placement
+placement in flight has its own reply subject under it and a small buffer of
+the answers heard there, awaited through one future and one loop timer (not
+`asyncio.wait_for`, which costs a task per wait in Python 3.11: this is on
+every request's path). A scheduler actor answers with the final Placement
 or PlaceRejected, or first with PlaceQueued when the request waits in its
 fair queue (then the wait extends to the request's `max_queue_s` plus the
 placement timeout). An actor that does not answer within the per-attempt
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import deque
 
 import msgspec
 import nats.errors
@@ -50,8 +53,48 @@ NO_RESPONDERS_BACKOFF_S = 0.05
 ANSWERS_PER_PLACEMENT = 16
 NO_SCHEDULER = "No scheduler is serving placements right now."
 
-# What a placement's queue holds: an answer, or None for "no responders".
+# What a placement's buffer holds: an answer, or None for "no responders".
 _Answer = Placement | PlaceRejected | PlaceQueued | None
+# What a wait for the next answer gives when its time ran out.
+_TIMED_OUT = object()
+
+
+class _Answers:
+    """The answers heard on one placement's reply subject, and the wait for the next."""
+
+    __slots__ = ("_heard", "_waiter")
+
+    def __init__(self) -> None:
+        self._heard: deque[_Answer] = deque()
+        self._waiter: asyncio.Future[object] | None = None
+
+    def put(self, answer: _Answer) -> bool:
+        """False when the buffer is full (the answer is dropped)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(answer)
+        elif len(self._heard) < ANSWERS_PER_PLACEMENT:
+            self._heard.append(answer)
+        else:
+            return False
+        return True
+
+    async def next(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> object:
+        """The next answer, or _TIMED_OUT after `timeout_s`."""
+        if self._heard:
+            return self._heard.popleft()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _expire(waiter: asyncio.Future[object]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
 
 
 class Placer:
@@ -64,7 +107,7 @@ class Placer:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._tokens = itertools.count()
-        self._pending: dict[str, asyncio.Queue[_Answer]] = {}
+        self._pending: dict[str, _Answers] = {}
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox()
@@ -78,8 +121,7 @@ class Placer:
     async def place(self, subject: str, req: PlaceRequest) -> Placement | PlaceRejected:
         """The scheduler's final answer; NoCapacity when none came in time."""
         token = str(next(self._tokens))
-        answers: asyncio.Queue[_Answer] = asyncio.Queue(ANSWERS_PER_PLACEMENT)
-        self._pending[token] = answers
+        answers = self._pending[token] = _Answers()
         try:
             return await self._attempts(subject, encode(req), f"{self._prefix}.{token}",
                                         answers, req.max_queue_s)
@@ -87,24 +129,21 @@ class Placer:
             del self._pending[token]
 
     async def _attempts(self, subject: str, payload: bytes, reply_to: str,
-                        answers: asyncio.Queue[_Answer],
-                        max_queue_s: float) -> Placement | PlaceRejected:
+                        answers: _Answers, max_queue_s: float) -> Placement | PlaceRejected:
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + self._timeout_s
         queued = False
         await self._send(subject, payload, reply_to)
         while True:
             left_s = deadline_s - loop.time()
-            try:
-                # Once queued, the actor holding the request answers; no resend.
-                answer = await asyncio.wait_for(
-                    answers.get(), max(0.0, left_s if queued
-                                       else min(left_s, self._attempt_timeout_s)))
-            except TimeoutError:
+            # Once queued, the actor holding the request answers; no resend.
+            answer = await answers.next(loop, max(0.0, left_s if queued
+                                                  else min(left_s, self._attempt_timeout_s)))
+            if answer is _TIMED_OUT:
                 if queued:
-                    raise self._failed("Placement timed out.") from None
+                    raise self._failed("Placement timed out.")
                 if loop.time() >= deadline_s:
-                    raise self._unreachable("No scheduler answered in time.") from None
+                    raise self._unreachable("No scheduler answered in time.")
                 await self._resend(subject, payload, reply_to)
                 continue
             if answer is None:
@@ -151,7 +190,5 @@ class Placer:
                 self._metrics.nats_errors.inc()
                 log.warning("malformed placement answer dropped")
                 return
-        try:
-            answers.put_nowait(answer)
-        except asyncio.QueueFull:
+        if not answers.put(answer):
             self._metrics.nats_errors.inc()

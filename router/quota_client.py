@@ -258,7 +258,7 @@ class QuotaClient:
         if self.clock_s() < lease.deadline_s and lease.take(request_id, est.tokens,
                                                              est.cost_nusd or 0):
             self.counts["local"] += 1
-            self._metrics.quota_admissions.labels("lease").inc()
+            self._metrics.labeled(self._metrics.quota_admissions, "lease").inc()
             return Admission(key[0], request_id, key[1], lease.remaining(), lease)
         self._end(key, lease)
         return None

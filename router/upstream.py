@@ -5,6 +5,7 @@ replica is counted, so the ingress's own time is known (overhead header)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ ROUTE_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 CLIENT_CLOSED = 499
 MAX_NONSTREAM_BODY_BYTES = 64 << 20
 DONE = b"[DONE]"
+# Read after [DONE] to keep the connection; a replica sending more, or not
+# ending its body, is cut off.
+MAX_AFTER_DONE_BYTES = 64 << 10
+AFTER_DONE_WAIT_S = 0.5
 
 
 class PromptDetails(msgspec.Struct, frozen=True):
@@ -188,7 +193,7 @@ class UpstreamCall:
         assembler = Assembler(self._route)
         async for payload in self.events(keep_usage_chunk=True, keep_chunk_usage=True):
             if payload == DONE:
-                break
+                continue  # the last one: the stream is read to its end
             try:
                 assembler.add(payload)
             except msgspec.DecodeError:
@@ -250,6 +255,7 @@ class UpstreamCall:
                     if payload == DONE:
                         batch.append(DONE)
                         yield batch
+                        await self._read_to_end()
                         return
                     if self._note_chunk(payload):
                         batch.append(payload if keep_chunk_usage else strip_usage(payload))
@@ -262,6 +268,22 @@ class UpstreamCall:
                                  replica_id=self.replica_id) from None
         raise UpstreamFailed(f"replica {self.replica_id} ended the stream without [DONE]",
                              replica_id=self.replica_id)
+
+    async def _read_to_end(self) -> None:
+        """Reads what follows [DONE] (the body's last chunk, normally already
+        here): a response released before its end closes its connection, and
+        the next call would open another."""
+        assert self._resp is not None
+        content, left_bytes = self._resp.content, MAX_AFTER_DONE_BYTES
+        waited_s = time.monotonic()
+        try:
+            async with asyncio.timeout(AFTER_DONE_WAIT_S):
+                while left_bytes > 0 and (data := await content.readany()):
+                    left_bytes -= len(data)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            pass  # the answer is complete; only the connection is lost
+        finally:
+            self.record.upstream_wait_s += time.monotonic() - waited_s
 
     def _note_chunk(self, payload: bytes) -> bool:
         """Records timing and usage; False for a usage-only chunk."""

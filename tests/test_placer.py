@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from router.metrics import Metrics
-from router.placer import Placer
+from router.placer import _TIMED_OUT, ANSWERS_PER_PLACEMENT, Placer, _Answers
 from scheduler.errors import NoCapacity
 from scheduler.wire import (
     PLACE_QUEUE,
@@ -148,3 +148,34 @@ async def test_a_queued_request_waits_for_its_final_answer(
     await asyncio.gather(*answers)
     await actor.drain()
     await placer.aclose()
+
+
+async def test_answers_are_awaited_with_a_timer_and_none_is_lost() -> None:
+    loop = asyncio.get_running_loop()
+    answers = _Answers()
+    heard = PlaceQueued(request_id="req-1")
+    # Heard before anyone waits: the next wait has it at once.
+    assert answers.put(heard)
+    assert await answers.next(loop, 5.0) is heard
+    # Nothing heard in time: the wait ends with the timer, and a later answer
+    # waits for the next one.
+    started_s = loop.time()
+    assert await answers.next(loop, 0.05) is _TIMED_OUT
+    assert loop.time() - started_s >= 0.04
+    assert answers.put(None)
+    assert await answers.next(loop, 5.0) is None
+    # A waiter gets the answer as it arrives.
+    waiting = asyncio.ensure_future(answers.next(loop, 5.0))
+    await asyncio.sleep(0)
+    answers.put(heard)
+    assert await waiting is heard
+    # A cancelled wait leaves nothing behind: the next one starts afresh.
+    waiting = asyncio.ensure_future(answers.next(loop, 5.0))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert answers.put(heard) and await answers.next(loop, 5.0) is heard
+    # Bounded: past ANSWERS_PER_PLACEMENT unread answers, put refuses.
+    assert all(answers.put(heard) for _ in range(ANSWERS_PER_PLACEMENT))
+    assert not answers.put(heard)
