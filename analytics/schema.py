@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 
 from scheduler.errors import ConfigError
 
-# usage_raw rows as usage_minute rows; shared by the view and the backfill.
+# usage_raw rows as usage_minute rows; shared by the view, the backfill and
+# analytics/rollup_repair.py.
 # Quantiles over answered requests only: a refused one has no TTFT.
-_ROLLUP_SELECT = """
+ROLLUP_SELECT = """
         SELECT
             tenant_id, key_id, model,
             toDateTime(toStartOfMinute(started_at), 'UTC') AS minute,
@@ -91,13 +92,13 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         SETTINGS non_replicated_deduplication_window = 10000
         """,
         "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.usage_minute_mv TO {db}.usage_minute AS"
-        + _ROLLUP_SELECT + " GROUP BY tenant_id, key_id, model, minute",
+        + ROLLUP_SELECT + " GROUP BY tenant_id, key_id, model, minute",
         # Rows stored before this version. Migrations run before the consumer
         # starts, so nothing lands between the view and this insert; the fixed
         # token makes a re-run (after a crash before the record) insert nothing.
         "INSERT INTO {db}.usage_minute"
         " SETTINGS insert_deduplication_token = 'schema-2-backfill'"
-        + _ROLLUP_SELECT + " FINAL GROUP BY tenant_id, key_id, model, minute",
+        + ROLLUP_SELECT + " FINAL GROUP BY tenant_id, key_id, model, minute",
     )),
 )
 

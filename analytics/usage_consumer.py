@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 
 from analytics.pricing import PriceReader, batch_costs
 from analytics.pull_connection import Frame
+from analytics.rollup_repair import repair_rollups
 from analytics.store import (
     REQUEST_ID_COLUMN,
     TENANT_ID_COLUMN,
@@ -116,18 +117,23 @@ def store_batch(store: UsageStore, payload: bytes) -> tuple[int, int]:
 
 
 def _store(store: UsageStore, columns: Columns, suspect_rows: Sequence[int]) -> tuple[int, int]:
-    """Inserts `columns` less the rows among `suspect_rows` already stored."""
+    """Inserts `columns` less the rows among `suspect_rows` already stored,
+    and rechecks the rollups of those (analytics/rollup_repair.py)."""
     ids = columns[REQUEST_ID_COLUMN]
+    tenants = columns[TENANT_ID_COLUMN]
     stored: set[str] = set()
     if suspect_rows:
-        tenants = columns[TENANT_ID_COLUMN]
         stored = store.stored_request_ids([tenants[i] for i in suspect_rows],
                                           [ids[i] for i in suspect_rows])
+    fresh = columns
     if stored:
-        columns = column_rows(columns, [i for i, rid in enumerate(ids) if rid not in stored])
-    fresh = columns[REQUEST_ID_COLUMN]
-    store.insert(columns, dedup_token(fresh))
-    return len(fresh), len(ids) - len(fresh)
+        fresh = column_rows(columns, [i for i, rid in enumerate(ids) if rid not in stored])
+    fresh_ids = fresh[REQUEST_ID_COLUMN]
+    store.insert(fresh, dedup_token(fresh_ids))
+    if stored:
+        stored_rows = [i for i in suspect_rows if ids[i] in stored]
+        repair_rollups(store, [tenants[i] for i in stored_rows], [ids[i] for i in stored_rows])
+    return len(fresh_ids), len(ids) - len(fresh_ids)
 
 
 def isolate_failures(store: UsageStore, payload: bytes) -> dict[int, str]:

@@ -19,6 +19,7 @@ from actors.control_plane import PRICES_KEY
 from actors.control_store import connect_redis
 from analytics import schema, usage_consumer
 from analytics.metering import MeteringService
+from analytics.rollup_repair import repair_rollups
 from analytics.store import Columns, UsageStore, open_store, usage_columns
 from analytics.usage_consumer import UsageConsumer
 from deploy.procs import start_nats
@@ -196,6 +197,54 @@ def test_ambiguous_insert_then_retry_counts_once_in_the_rollup(tmp_path: Path, l
         else:
             assert store.raw_row_count() == 60
             assert rollup_sums(store) == tuple(2 * v for v in truth)
+    finally:
+        store.close()
+
+
+def rollup_by_tenant(store: UsageStore, final: bool) -> dict[str, tuple[int, ...]]:
+    """Per tenant: requests, prompt, completion and cost, from usage_raw FINAL
+    (final) or usage_minute, with the rollup's merged TTFT quantiles."""
+    sql = ("SELECT tenant_id, count(), sum(prompt_tokens), sum(completion_tokens),"
+           " sum(cost_nusd) FROM yard_test.usage_raw FINAL GROUP BY tenant_id" if final else
+           "SELECT tenant_id, sum(requests), sum(prompt_tokens), sum(completion_tokens),"
+           " sum(cost_nusd), quantilesMerge(0.5, 0.99)(ttft_ms_quantiles)"
+           " FROM yard_test.usage_minute GROUP BY tenant_id")
+    return {row[0]: tuple(row[1:5]) + tuple(tuple(q) for q in row[5:])
+            for row in store.client.query(sql).result_rows}
+
+
+@pytest.mark.parametrize("repair", [True, False], ids=["repaired", "control-no-repair"])
+def test_rows_stored_without_their_rollup_are_rolled_up_on_redelivery(
+        tmp_path: Path, repair: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store killed between usage_raw and the view feeding usage_minute
+    (detached here while acme's first rows go in) keeps raw rows without
+    their rollup. The redelivered batch finds them stored and skips them,
+    and rewrites acme's rollup from usage_raw FINAL, its fresh rows counted
+    once; beta's rollup, whole, is left as it is. The control (no repair)
+    keeps acme's rollup 20 requests short."""
+    acme = [event(i) for i in range(30)]
+    beta = [event(i, "beta") for i in range(10)]
+    store = migrated_store(tmp_path)
+    if not repair:
+        monkeypatch.setattr(usage_consumer, "repair_rollups", lambda *_: 0)
+    try:
+        store.client.command("DETACH TABLE yard_test.usage_minute_mv")
+        store.insert(usage_columns(acme[:20], [5] * 20), "first-acme")
+        store.client.command("ATTACH TABLE yard_test.usage_minute_mv")
+        store.insert(usage_columns(beta, [5] * 10), "first-beta")
+        before_beta = rollup_by_tenant(store, final=False)["beta"]
+        batch = acme + beta
+        inserted, stored = usage_consumer.store_batch(store, usage_consumer.encode_batch(
+            batch, [5] * len(batch), list(range(len(batch)))))
+        assert (inserted, stored) == (10, 30)
+        rollup, raw = rollup_by_tenant(store, final=False), rollup_by_tenant(store, final=True)
+        assert rollup["beta"] == before_beta
+        if repair:
+            assert {t: r[:4] for t, r in rollup.items()} == raw
+            assert rollup["acme"][4] == (12.5, 12.5)
+            assert repair_rollups(store, ["acme"], [e.request_id for e in acme]) == 0
+        else:
+            assert rollup["acme"][0] == raw["acme"][0] - 20
     finally:
         store.close()
 
