@@ -28,6 +28,7 @@ from scheduler.config import (
 )
 from scheduler.tenancy import Price
 from scheduler.wire import UsageEvent, encode, usage_subject
+from tests.harness import nats_client
 from tests.test_metering import set_prices
 
 pytestmark = pytest.mark.integration
@@ -88,12 +89,9 @@ async def start_consumer(config_path: Path, log_path: Path, seed: int) -> ChildP
 
 
 async def drained(url: str, cfg: Config) -> bool:
-    nc = await nats.connect(url)
-    try:
+    async with nats_client(url) as nc:
         info = await nc.jetstream().consumer_info(cfg.nats.usage_stream, "yard-metering")
         stream = await nc.jetstream().stream_info(cfg.nats.usage_stream)
-    finally:
-        await nc.close()
     return (stream.state.messages == EVENTS and info.num_pending == 0
             and info.num_ack_pending == 0)
 

@@ -55,7 +55,7 @@ from scheduler.wire import (
     quota_subject,
 )
 from scheduler.wire.usage import UsageRowsQuery
-from tests.harness import wait_until
+from tests.harness import nats_client, wait_until
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 9
@@ -73,22 +73,16 @@ class Quotas:
 
     async def tenant(self, limits: TenantLimits) -> str:
         tenant_id = "t-" + uuid.uuid4().hex[:10]
-        redis = connect_redis(self.cfg.redis)
-        try:
+        async with connect_redis(self.cfg.redis) as redis:
             await redis.hset(TENANT_KEY.format(tenant_id=tenant_id), mapping={
                 "name": tenant_id, "status": "active",
                 LIMITS_FIELD: msgspec.json.encode(limits).decode()})
-        finally:
-            await redis.aclose()
         return tenant_id
 
     async def ledger(self, tenant_id: str) -> TenantLedger:
         """The tenant's ledger as Redis holds it (what a restarted shard reads)."""
-        redis = connect_redis(self.cfg.redis)
-        try:
+        async with connect_redis(self.cfg.redis) as redis:
             fields = await redis.hgetall(self.cfg.quota.redis_prefix + tenant_id)
-        finally:
-            await redis.aclose()
         return TenantLedger.restore(fields, time.time())
 
     def owner(self, tenant_id: str) -> Any:
@@ -115,12 +109,9 @@ async def quotas(private_bus: str, redis_url: str, session_dir: Path,
         dump_config(cfg), i) for i in range(SHARDS)]
     metering = MeteringActor.remote(dump_config(cfg))
     await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 120) for a in [*shards, metering]))
-    nc = await nats.connect(cfg.nats.url)
-    try:
+    async with nats_client(cfg.nats.url) as nc:
         # Its first query (chDB warming up) may take longer than an admission waits.
         await MeteringClient(nc, timeout_s=60).usage_rows(UsageRowsQuery(from_ms=0, to_ms=60_000))
-    finally:
-        await nc.drain()
     yield Quotas(cfg, shards)
     await asyncio.gather(*(asyncio.wait_for(a.stop.remote(), 10) for a in [*shards, metering]))
 
@@ -310,13 +301,10 @@ async def test_a_shard_killed_under_load_resets_nothing(
     # No committed spend lost, none counted twice, even when resent after the restart.
     assert ledger.meta.spent_nusd == spend_nusd, (ledger.meta.spent_nusd, spend_nusd, down_s)
     reserved = next(a for a in committed if a.lease is None)
-    nc = await nats.connect(quotas.cfg.nats.url)
-    try:
+    async with nats_client(quotas.cfg.nats.url) as nc:
         await nc.request(quota_subject(shard_of(tenant_id, SHARDS)), encode(QuotaCommit(
             tenant_id=tenant_id, request_id=reserved.request_id, model=MODEL,
             prompt_tokens=5, completion_tokens=7)), timeout=5)
-    finally:
-        await nc.drain()
     assert (await quotas.ledger(tenant_id)).meta.spent_nusd == spend_nusd
 
 

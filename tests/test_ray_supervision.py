@@ -61,15 +61,12 @@ class Outside:
         return f"http://{LOOPBACK}:{self.cfg.ingress.port}/v1"
 
     async def key_for(self, limits: TenantLimits) -> str:
-        redis = connect_redis(self.cfg.redis)
-        try:
+        async with connect_redis(self.cfg.redis) as redis:
             plane = ControlPlane(redis, self.cfg.auth, None)
             tenant = await plane.create_tenant(SYSTEM, "sys-" + uuid.uuid4().hex, "t34",
                                                limits=limits)
             key = await plane.create_key(SYSTEM, "sys-" + uuid.uuid4().hex, tenant.tenant_id)
             return key.plaintext
-        finally:
-            await redis.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -84,8 +81,7 @@ async def outside_ray(work: Path, redis_url: str, head: PrivateRayHead,
             scheduler=msgspec.structs.replace(cfg.scheduler, metrics_port=0)))
         fleet = await start_fleet(cfg.simulator, ports=[0] * cfg.simulator.replicas)
         try:
-            redis = connect_redis(cfg.redis)
-            try:
+            async with connect_redis(cfg.redis) as redis:
                 await redis.flushdb()
                 registry = ReplicaRegistry(redis)
                 for i, url in enumerate(fleet.urls):
@@ -93,8 +89,6 @@ async def outside_ray(work: Path, redis_url: str, head: PrivateRayHead,
                                                            models=(MODEL,)))
                 # Priced, so admission holds whether or not unpriced models are served.
                 await redis.hsetnx(PRICES_KEY, MODEL, msgspec.json.encode((PRICE,)))
-            finally:
-                await redis.aclose()
             config_path = work / "actors.json"
             config_path.write_bytes(dump_config(cfg))
             runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)

@@ -51,7 +51,14 @@ from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import QuotaConfig
 from scheduler.tenancy import NUSD_PER_USD, Price, TenantLimits
 from scheduler.wire.usage import UsageRowsQuery
-from tests.harness import MODEL, Switchyard, more_ingresses, private_switchyard, wait_until
+from tests.harness import (
+    MODEL,
+    Switchyard,
+    more_ingresses,
+    nats_client,
+    private_switchyard,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 25
@@ -139,13 +146,10 @@ async def _ledger(stack: Stack, tenant_id: str) -> TenantLedger:
 
 
 async def _billed_nusd(stack: Stack, tenant_id: str) -> int:
-    nc = await nats.connect(stack.yard.cfg.nats.url)
-    try:
+    async with nats_client(stack.yard.cfg.nats.url) as nc:
         now_ms = int(time.time() * 1000)
         rows = await MeteringClient(nc).usage_rows(UsageRowsQuery(
             tenant_id=tenant_id, from_ms=now_ms - 3_600_000, to_ms=now_ms + 60_000))
-    finally:
-        await nc.drain()
     return sum(row.cost_nusd for row in rows)
 
 
