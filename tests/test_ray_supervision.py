@@ -35,7 +35,7 @@ from scheduler.control import SYSTEM
 from scheduler.quota_terms import LeaseSizing, QuotaConfig
 from scheduler.tenancy import Price, TenantLimits
 from scheduler.wire import MODELS_SUBJECT, ModelsQuery, ReplicaInfo, encode
-from tests.harness import MODEL, make_config
+from tests.harness import MODEL, make_config, nats_client
 from tests.ray_head import PrivateRayHead, driver, events, tcp_listeners, wait_event
 
 pytestmark = pytest.mark.integration
@@ -256,32 +256,31 @@ async def test_ray_stopped_under_load_then_back(tmp_path: Path, redis_url: str) 
         log = tmp_path / "logs" / "driver.log"
         supervisor = driver(head, outside.config_path, "run", log)
         await supervisor.start()
-        nc = await nats.connect(outside.cfg.nats.url)
         try:
-            await wait_event(log, "actors_ready")
-            stop = asyncio.Event()
-            outcomes: list[Outcome] = []
-            clients = [asyncio.create_task(_load(http, outside.api, key, stop, outcomes))
-                       for _ in range(4)]
-            try:
-                await asyncio.sleep(1.5)
-                down_s = time.monotonic()
-                await head.kill()
-                assert not await _scheduler_answers(nc)
-                await asyncio.sleep(2.0)
-                restart_s = time.monotonic()
-                await head.start()
-                up_s = time.monotonic()
-                recovered = await wait_event(log, "recovered", timeout_s=90)
-                while not await _scheduler_answers(nc):
-                    await asyncio.sleep(0.05)
-                back_s = time.monotonic()
-                await asyncio.sleep(1.0)
-            finally:
-                stop.set()
-                await asyncio.gather(*clients)
+            async with nats_client(outside.cfg.nats.url) as nc:
+                await wait_event(log, "actors_ready")
+                stop = asyncio.Event()
+                outcomes: list[Outcome] = []
+                clients = [asyncio.create_task(_load(http, outside.api, key, stop, outcomes))
+                           for _ in range(4)]
+                try:
+                    await asyncio.sleep(1.5)
+                    down_s = time.monotonic()
+                    await head.kill()
+                    assert not await _scheduler_answers(nc)
+                    await asyncio.sleep(2.0)
+                    restart_s = time.monotonic()
+                    await head.start()
+                    up_s = time.monotonic()
+                    recovered = await wait_event(log, "recovered", timeout_s=90)
+                    while not await _scheduler_answers(nc):
+                        await asyncio.sleep(0.05)
+                    back_s = time.monotonic()
+                    await asyncio.sleep(1.0)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*clients)
         finally:
-            await nc.drain()
             await supervisor.stop()
         before = [o for o in outcomes if o.started_s < down_s]
         away = [o for o in outcomes if down_s <= o.started_s < restart_s]

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 
@@ -104,21 +103,17 @@ async def stack(session_dir: Path, redis_url: str, ray_cluster: None) -> AsyncIt
             shards=1, redis_url=quota_url, ingress_processes=2))
 
     try:
-        async with private_switchyard(work, redis_url, REDIS_DB, tweak) as yard:
-            redis = connect_redis(yard.cfg.redis)
-            nc = await nats.connect(yard.cfg.nats.url)
+        async with (private_switchyard(work, redis_url, REDIS_DB, tweak) as yard,
+                    connect_redis(yard.cfg.redis) as redis,
+                    nats_client(yard.cfg.nats.url) as nc):
             plane = ControlPlane(redis, yard.cfg.auth, nats_publisher(nc))
-            try:
-                await plane.set_price(SYSTEM, "req-price", MODEL, Price(
-                    effective_from_s=int(time.time()) + 1, input_nusd_per_token=0,
-                    cached_input_nusd_per_token=0,
-                    output_nusd_per_token=PRICE_NUSD_PER_OUTPUT_TOKEN))
-                async with more_ingresses(yard, work, 2) as urls:
-                    await asyncio.sleep(max(0.0, int(time.time()) + 1.1 - time.time()))
-                    yield Stack(yard, urls, plane, running, quota_url)
-            finally:
-                await nc.drain()
-                await redis.aclose()
+            await plane.set_price(SYSTEM, "req-price", MODEL, Price(
+                effective_from_s=int(time.time()) + 1, input_nusd_per_token=0,
+                cached_input_nusd_per_token=0,
+                output_nusd_per_token=PRICE_NUSD_PER_OUTPUT_TOKEN))
+            async with more_ingresses(yard, work, 2) as urls:
+                await asyncio.sleep(max(0.0, int(time.time()) + 1.1 - time.time()))
+                yield Stack(yard, urls, plane, running, quota_url)
     finally:
         for proc in running:
             proc.kill()
@@ -133,12 +128,9 @@ async def _tenant(stack: Stack, limits: TenantLimits) -> tuple[str, str]:
 
 
 async def _ledger(stack: Stack, tenant_id: str) -> TenantLedger:
-    redis = connect_redis(msgspec.structs.replace(stack.yard.cfg.redis,
-                                                  url=stack.quota_redis_url))
-    try:
+    async with connect_redis(msgspec.structs.replace(stack.yard.cfg.redis,
+                                                     url=stack.quota_redis_url)) as redis:
         fields = await redis.hgetall(stack.yard.cfg.quota.redis_prefix + tenant_id)
-    finally:
-        await redis.aclose()
     ledger = TenantLedger.restore(fields, time.time())
     # As its shard would see it now (a lease never returned counts as fully used).
     ledger.advance(time.time(), TenantLimits(budget_nusd=BUDGET_NUSD))
