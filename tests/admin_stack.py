@@ -85,15 +85,14 @@ async def _identities(plane: ControlPlane) -> tuple[str, str, dict[str, str]]:
 async def running_admin(work: Path, nats_url: str, redis_url: str,
                         redis_db: int = ADMIN_REDIS_DB) -> AsyncIterator[AdminStack]:
     cfg = admin_config(work, nats_url, redis_url, redis_db)
-    redis = connect_redis(cfg.redis)
-    await redis.flushdb()
-    plane = ControlPlane(redis, cfg.auth, None)
-    runner = web.AppRunner(create_admin_app(cfg), handler_cancellation=True, access_log=None)
-    try:
-        tenant_a, tenant_b, keys = await _identities(plane)
-        await runner.setup()
-        await web.TCPSite(runner, LOOPBACK, cfg.admin.port).start()
-        yield AdminStack(cfg, plane, tenant_a, tenant_b, keys)
-    finally:
-        await runner.cleanup()
-        await redis.aclose()
+    async with connect_redis(cfg.redis) as redis:
+        await redis.flushdb()
+        plane = ControlPlane(redis, cfg.auth, None)
+        runner = web.AppRunner(create_admin_app(cfg), handler_cancellation=True, access_log=None)
+        try:
+            tenant_a, tenant_b, keys = await _identities(plane)
+            await runner.setup()
+            await web.TCPSite(runner, LOOPBACK, cfg.admin.port).start()
+            yield AdminStack(cfg, plane, tenant_a, tenant_b, keys)
+        finally:
+            await runner.cleanup()

@@ -55,18 +55,18 @@ async def mutate(plane: ControlPlane, rng: random.Random, request_id: str, n: in
 
 
 async def main(redis_url: str, seed: int) -> None:
-    redis = connect_redis(RedisConfig(url=redis_url))
-    plane = ControlPlane(redis, AUTH, None)
-    rng = random.Random(seed)
-    for n in range(1_000_000):
-        request_id = f"m{seed}-{n}"
-        print("attempt", request_id, flush=True)
-        try:
-            await mutate(plane, rng, request_id, n)
-        except (Conflict, RecordNotFound, InvalidRequest):
-            print("refused", request_id, flush=True)
-            continue
-        print("committed", request_id, flush=True)
+    async with connect_redis(RedisConfig(url=redis_url)) as redis:
+        plane = ControlPlane(redis, AUTH, None)
+        rng = random.Random(seed)
+        for n in range(1_000_000):
+            request_id = f"m{seed}-{n}"
+            print("attempt", request_id, flush=True)
+            try:
+                await mutate(plane, rng, request_id, n)
+            except (Conflict, RecordNotFound, InvalidRequest):
+                print("refused", request_id, flush=True)
+                continue
+            print("committed", request_id, flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import nats
 from aiohttp import web
+from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
 from actors.control_plane import PRICES_KEY, ControlPlane, tenant_with_key
@@ -78,6 +80,25 @@ async def price_models(redis: Redis, models: Iterable[str]) -> None:
         await redis.hsetnx(PRICES_KEY, model, msgspec.json.encode((TEST_PRICE,)))
 
 
+@contextlib.asynccontextmanager
+async def nats_client(url: str, **options: Any) -> AsyncIterator[NATS]:
+    """A NATS client closed however the block ends. A test that fails with a
+    client open would otherwise leave it reconnecting (to a server that may
+    be stopped by then) and its warnings would fail the tests after it.
+    Drained on success, so what the block published is flushed; closed at
+    once on an error or when it is not connected."""
+    client = await nats.connect(url, **options)
+    try:
+        yield client
+    except BaseException:
+        await client.close()
+        raise
+    if client.is_connected:
+        await client.drain()
+    else:
+        await client.close()
+
+
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
     """Polls `check` until it holds; fails the test with a clear message if not."""
     deadline = time.monotonic() + timeout_s
@@ -126,12 +147,9 @@ class Switchyard:
 
     async def new_tenant(self, name: str) -> tuple[str, str]:
         """A fresh tenant with one key: (tenant id, plaintext key)."""
-        redis = connect_redis(self.cfg.redis)
-        try:
+        async with connect_redis(self.cfg.redis) as redis:
             tenant, key = await tenant_with_key(ControlPlane(redis, self.cfg.auth, None), name)
             return tenant.tenant_id, key.plaintext
-        finally:
-            await redis.aclose()
 
     async def aclose(self) -> None:
         await self.runner.cleanup()
@@ -150,15 +168,12 @@ async def start_switchyard(cfg: Config, replica_urls: list[str] | None = None) -
     if replica_urls is None:
         fleet = await start_fleet(cfg.simulator, ports=[0] * cfg.simulator.replicas)
     prefix, urls = ("sim", fleet.urls) if fleet else ("ext", replica_urls or [])
-    redis = connect_redis(cfg.redis)
-    try:
+    async with connect_redis(cfg.redis) as redis:
         registry = ReplicaRegistry(redis)
         for i, url in enumerate(urls):
             await registry.put_replica(ReplicaInfo(id=f"{prefix}-{i}", url=url, models=(MODEL,)))
         await price_models(redis, [MODEL])
         tenant, key = await tenant_with_key(ControlPlane(redis, cfg.auth, None), "tests")
-    finally:
-        await redis.aclose()
     config_json = dump_config(cfg)
     # Named apart from other stacks' in the same Ray namespace.
     names = [f"switchyard-scheduler-{cfg.ingress.port}-{i}" for i in range(cfg.scheduler.actors)]
@@ -184,9 +199,8 @@ async def private_switchyard(work: Path, redis_url: str, redis_db: int,
     nats_proc, nats_url = await start_nats(work / "nats", work / "logs")
     try:
         cfg = tweak(make_config(work, nats_url, redis_url.removesuffix("/0") + f"/{redis_db}"))
-        redis = connect_redis(cfg.redis)
-        await redis.flushdb()
-        await redis.aclose()
+        async with connect_redis(cfg.redis) as redis:
+            await redis.flushdb()
         stack = await start_switchyard(cfg)
         try:
             yield stack

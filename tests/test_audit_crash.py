@@ -77,34 +77,34 @@ async def _run_until_killed(redis_url: str, seed: int, rng: random.Random,
 async def test_killed_mutators_leave_one_entry_per_commit_and_a_valid_chain(
         redis_url: str) -> None:
     url = redis_url.removesuffix("/0") + f"/{REDIS_DB}"
-    redis = connect_redis(RedisConfig(url=url))
-    await redis.flushdb()
-    rng = random.Random(10)
-    seen: dict[str, set[str]] = {"attempt": set(), "committed": set(), "refused": set()}
-    for seed in range(KILLS):
-        await _run_until_killed(url, seed, rng, seen)
+    async with connect_redis(RedisConfig(url=url)) as redis:
+        await redis.flushdb()
+        rng = random.Random(10)
+        seen: dict[str, set[str]] = {"attempt": set(), "committed": set(), "refused": set()}
+        for seed in range(KILLS):
+            await _run_until_killed(url, seed, rng, seen)
 
-    entries = await audit_entries(redis)
-    logged = [e.request_id for e in entries]
-    assert len(seen["committed"]) >= 100, "too few mutations to tell anything"
-    assert len(logged) == len(set(logged)), "a mutation with more than one entry"
-    assert seen["committed"] <= set(logged), "a committed mutation without its entry"
-    unreported = set(logged) - seen["committed"]
-    assert unreported <= seen["attempt"] - seen["refused"]
-    assert len(unreported) <= KILLS
-    assert (await verify_audit(redis)).ok
+        entries = await audit_entries(redis)
+        logged = [e.request_id for e in entries]
+        assert len(seen["committed"]) >= 100, "too few mutations to tell anything"
+        assert len(logged) == len(set(logged)), "a mutation with more than one entry"
+        assert seen["committed"] <= set(logged), "a committed mutation without its entry"
+        unreported = set(logged) - seen["committed"]
+        assert unreported <= seen["attempt"] - seen["refused"]
+        assert len(unreported) <= KILLS
+        assert (await verify_audit(redis)).ok
 
-    tenants, keys, prices = _replay(entries)
-    stored_tenants = {}
-    for tenant_id in await redis.smembers(TENANTS_KEY):
-        fields = await redis.hgetall(TENANT_KEY.format(tenant_id=tenant_id))
-        stored_tenants[tenant_id] = _normal(public_tenant(tenant_from_fields(tenant_id, fields)))
-    stored_keys = {}
-    async for name in redis.scan_iter(API_KEY_KEY.format(key_id="*")):
-        key_id = name.rpartition(":")[2]
-        stored_keys[key_id] = _normal(public_key(key_from_fields(
-            key_id, await redis.hgetall(name))))
-    assert stored_tenants == tenants
-    assert stored_keys == keys
-    assert await redis.hgetall(PRICES_KEY) == prices
-    await redis.aclose()
+        tenants, keys, prices = _replay(entries)
+        stored_tenants = {}
+        for tenant_id in await redis.smembers(TENANTS_KEY):
+            fields = await redis.hgetall(TENANT_KEY.format(tenant_id=tenant_id))
+            stored_tenants[tenant_id] = _normal(public_tenant(
+                tenant_from_fields(tenant_id, fields)))
+        stored_keys = {}
+        async for name in redis.scan_iter(API_KEY_KEY.format(key_id="*")):
+            key_id = name.rpartition(":")[2]
+            stored_keys[key_id] = _normal(public_key(key_from_fields(
+                key_id, await redis.hgetall(name))))
+        assert stored_tenants == tenants
+        assert stored_keys == keys
+        assert await redis.hgetall(PRICES_KEY) == prices

@@ -38,12 +38,14 @@ async def test_a_batch_is_acked_and_stored_once_per_id(nc: NATS) -> None:
 async def test_without_a_stream_nothing_is_acked(nc: NATS) -> None:
     publisher = BatchPublisher(nc)
     await publisher.start()
-    started_s = time.monotonic()
-    # No stream takes the subject: the server says so at once (no responders).
-    assert await publisher.publish([("nostream.a", b"{}", "a"), ("nostream.b", b"{}", "b")],
-                                   timeout_s=5.0) == [False, False]
-    assert time.monotonic() - started_s < 2.0
-    await publisher.aclose()
+    try:
+        started_s = time.monotonic()
+        # No stream takes the subject: the server says so at once (no responders).
+        assert await publisher.publish([("nostream.a", b"{}", "a"), ("nostream.b", b"{}", "b")],
+                                       timeout_s=5.0) == [False, False]
+        assert time.monotonic() - started_s < 2.0
+    finally:
+        await publisher.aclose()
 
 
 async def test_an_ack_that_never_comes_times_out(nc: NATS) -> None:
@@ -55,9 +57,11 @@ async def test_an_ack_that_never_comes_times_out(nc: NATS) -> None:
     sub = await nc.subscribe("silent.>", cb=silent)
     publisher = BatchPublisher(nc)
     await publisher.start()
-    started_s = time.monotonic()
-    assert await publisher.publish([("silent.a", b"{}", "a")], timeout_s=0.3) == [False]
-    assert 0.25 < time.monotonic() - started_s < 2.0
-    assert heard and heard[0].headers == {"Nats-Msg-Id": "a"}
-    await sub.unsubscribe()
-    await publisher.aclose()
+    try:
+        started_s = time.monotonic()
+        assert await publisher.publish([("silent.a", b"{}", "a")], timeout_s=0.3) == [False]
+        assert 0.25 < time.monotonic() - started_s < 2.0
+        assert heard and heard[0].headers == {"Nats-Msg-Id": "a"}
+    finally:
+        await sub.unsubscribe()
+        await publisher.aclose()

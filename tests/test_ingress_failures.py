@@ -9,7 +9,6 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -20,7 +19,7 @@ from deploy.procs import LOOPBACK, free_port, start_nats
 from router.app import create_app
 from scheduler.config import IngressConfig, NatsConfig
 from scheduler.wire import REGISTRY_CHANGED_SUBJECT, RegistryChanged, ReplicaInfo, encode
-from tests.harness import Switchyard, price_models, wait_until
+from tests.harness import Switchyard, nats_client, price_models, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,26 +35,24 @@ async def _post(url: str, key: str, body: dict[str, object]) -> tuple[int, dict,
 
 
 async def test_a_dead_replica_is_a_502(switchyard: Switchyard) -> None:
-    redis = connect_redis(switchyard.cfg.redis)
-    nc = await nats.connect(switchyard.cfg.nats.url)
     ghost = ReplicaInfo(id="ghost-0", url=f"http://{LOOPBACK}:{free_port()}", models=("ghost",))
-    try:
-        await ReplicaRegistry(redis).put_replica(ghost)
-        await price_models(redis, ["ghost"])
-        await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
-        url = switchyard.base_url + "/chat/completions"
+    async with (connect_redis(switchyard.cfg.redis) as redis,
+                nats_client(switchyard.cfg.nats.url) as nc):
+        try:
+            await ReplicaRegistry(redis).put_replica(ghost)
+            await price_models(redis, ["ghost"])
+            await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
+            url = switchyard.base_url + "/chat/completions"
 
-        async def registered() -> bool:
-            return (await _post(url, switchyard.api_key, _chat("ghost")))[0] != 404
+            async def registered() -> bool:
+                return (await _post(url, switchyard.api_key, _chat("ghost")))[0] != 404
 
-        await wait_until(registered, timeout_s=5)
-        status, _, body = await _post(url, switchyard.api_key, _chat("ghost"))
-        assert status == 502 and body["error"]["code"] == "upstream_failed"
-    finally:
-        await ReplicaRegistry(redis).remove_replica(ghost.id)
-        await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
-        await nc.drain()
-        await redis.aclose()
+            await wait_until(registered, timeout_s=5)
+            status, _, body = await _post(url, switchyard.api_key, _chat("ghost"))
+            assert status == 502 and body["error"]["code"] == "upstream_failed"
+        finally:
+            await ReplicaRegistry(redis).remove_replica(ghost.id)
+            await nc.publish(REGISTRY_CHANGED_SUBJECT, encode(RegistryChanged()))
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["no-fallback", "fallback"])

@@ -5,6 +5,7 @@ nats-server, restarted on its port; real Redis, db 29)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -39,19 +40,25 @@ async def _accepted(auth: Authenticator, key: str) -> bool:
 async def test_a_key_revoked_while_nats_was_down_stops_working_on_reconnect(
         tmp_path: Path, redis_url: str) -> None:
     nats_proc, nats_url = await start_nats(tmp_path / "nats", tmp_path / "logs")
-    redis = connect_redis(RedisConfig(url=redis_url.removesuffix("/0") + f"/{REDIS_DB}"))
-    await redis.flushdb()
-    auth_cfg = AuthConfig(key_secret=SECRET.decode())
-    # The ingress reads the plane without publishing; the revocation below is
-    # made with no broadcast at all, as one lost in an outage would be.
-    plane = ControlPlane(redis, auth_cfg, None)
-    cached = Authenticator(plane, SECRET, CACHE_TTL_S)
-    # The control: the same cache without the reconnect callback.
-    control = Authenticator(plane, SECRET, CACHE_TTL_S)
-    bus = NatsConfig(url=nats_url)
-    nc = await connect_bus(bus, "reconnect-test", reconnected=cached.on_reconnected)
-    nc_control = await connect_bus(bus, "reconnect-control")
-    try:
+    async with contextlib.AsyncExitStack() as cleanup:
+        # Reads nats_proc when it runs: the server below is a restarted one.
+        cleanup.push_async_callback(lambda: nats_proc.stop())
+        redis = await cleanup.enter_async_context(connect_redis(
+            RedisConfig(url=redis_url.removesuffix("/0") + f"/{REDIS_DB}")))
+        cleanup.push_async_callback(redis.flushdb)
+        await redis.flushdb()
+        auth_cfg = AuthConfig(key_secret=SECRET.decode())
+        # The ingress reads the plane without publishing; the revocation below is
+        # made with no broadcast at all, as one lost in an outage would be.
+        plane = ControlPlane(redis, auth_cfg, None)
+        cached = Authenticator(plane, SECRET, CACHE_TTL_S)
+        # The control: the same cache without the reconnect callback.
+        control = Authenticator(plane, SECRET, CACHE_TTL_S)
+        bus = NatsConfig(url=nats_url)
+        nc = await connect_bus(bus, "reconnect-test", reconnected=cached.on_reconnected)
+        cleanup.push_async_callback(nc.close)
+        nc_control = await connect_bus(bus, "reconnect-control")
+        cleanup.push_async_callback(nc_control.close)
         for conn, auth in ((nc, cached), (nc_control, control)):
             await conn.subscribe(CONTROL_CHANGED_SUBJECT, cb=auth.on_control_changed)
         _, key = await tenant_with_key(plane, "reconnect")
@@ -66,12 +73,6 @@ async def test_a_key_revoked_while_nats_was_down_stops_working_on_reconnect(
         await wait_until(lambda: _refused(cached, key.plaintext), timeout_s=15)
         await wait_until(lambda: _connected(nc_control), timeout_s=15)
         assert await _accepted(control, key.plaintext)
-    finally:
-        await nc.close()
-        await nc_control.close()
-        await redis.flushdb()
-        await redis.aclose()
-        await nats_proc.stop()
 
 
 async def _refused(auth: Authenticator, key: str) -> bool:

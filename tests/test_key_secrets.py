@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import nats
 import pytest
 import redis.asyncio as aioredis
 
@@ -26,7 +25,7 @@ from scheduler import apikeys
 from scheduler.config import dump_config
 from scheduler.control import SYSTEM
 from scheduler.wire import USAGE_QUERY_SUBJECT, UsageQuery, encode, usage_reply_decoder
-from tests.harness import MODEL, Switchyard, private_switchyard, wait_until
+from tests.harness import MODEL, Switchyard, nats_client, private_switchyard, wait_until
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 14
@@ -95,49 +94,43 @@ async def _redis_dump(redis: aioredis.Redis) -> str:
 
 
 async def _nats_stream_dump(nats_url: str, stream: str) -> str:
-    nc = await nats.connect(nats_url)
-    try:
+    async with nats_client(nats_url) as nc:
         js = nc.jetstream()
         info = await js.stream_info(stream)
         messages = [await js.get_msg(stream, seq) for seq in range(
             info.state.first_seq, info.state.last_seq + 1)]
         assert messages
         return "\n".join(m.data.decode() + str(m.headers) for m in messages)
-    finally:
-        await nc.drain()
 
 
 async def _usage_requests(nats_url: str, tenant_id: str) -> int:
-    nc = await nats.connect(nats_url)
-    try:
+    async with nats_client(nats_url) as nc:
         reply = usage_reply_decoder.decode((await nc.request(
             USAGE_QUERY_SUBJECT, encode(UsageQuery(tenant_id=tenant_id)), timeout=5)).data)
         return sum(total.requests for total in reply.totals)
-    finally:
-        await nc.drain()
 
 
 @contextlib.asynccontextmanager
 async def _monitor(url: str) -> AsyncIterator[list[dict]]:
     """Every command the Redis server runs while inside, in order."""
-    client = aioredis.Redis.from_url(url, decode_responses=True)
     seen: list[dict] = []
     started = asyncio.Event()
+    async with aioredis.Redis.from_url(url, decode_responses=True) as client:
 
-    async def watch() -> None:
-        async with client.monitor() as monitor:
-            started.set()
-            async for command in monitor.listen():
-                seen.append(command)
+        async def watch() -> None:
+            async with client.monitor() as monitor:
+                started.set()
+                async for command in monitor.listen():
+                    seen.append(command)
 
-    task = asyncio.create_task(watch())
-    await asyncio.wait_for(started.wait(), 5)
-    await asyncio.sleep(0.1)  # MONITOR is registered before the first command
-    try:
-        yield seen
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        task = asyncio.create_task(watch())
+        try:
+            await asyncio.wait_for(started.wait(), 5)
+            await asyncio.sleep(0.1)  # MONITOR is registered before the first command
+            yield seen
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
 
 
@@ -179,13 +172,8 @@ async def test_no_secret_is_stored_or_logged_anywhere(
     caplog.set_level(logging.DEBUG)
     work = session_dir / "secrets-stack"
     async with (private_switchyard(work, redis_url, REDIS_DB, lambda cfg: cfg) as yard,
-                contextlib.AsyncExitStack() as clients):
-        # Closed even when an assertion fails: a client left open would go on
-        # reconnecting to the stopped server and fail the tests that follow.
-        redis = connect_redis(yard.cfg.redis)
-        clients.push_async_callback(redis.aclose)
-        nc = await nats.connect(yard.cfg.nats.url)
-        clients.push_async_callback(nc.drain)
+                connect_redis(yard.cfg.redis) as redis,
+                nats_client(yard.cfg.nats.url) as nc):
         plane = ControlPlane(redis, yard.cfg.auth, nats_publisher(nc))
         tenant, first = await tenant_with_key(plane, "secrets")
         keys = [first, *[await plane.create_key(SYSTEM, f"t7-{i}", tenant.tenant_id)

@@ -1,7 +1,8 @@
 """The house layering: scheduler/ is a pure core (standard library and
 msgspec only); nothing outside router/ imports router, except the replica
 simulator, which tokenizes prompts with the ingress's own implementation,
-and the benchmarks of that and of the ingress's quota client; each module imports on its own."""
+and the benchmarks of that and of the ingress's quota client; each module imports on its own.
+And no test opens a NATS or Redis client that stays open when the test fails."""
 
 from __future__ import annotations
 
@@ -70,3 +71,45 @@ def test_each_module_imports_on_its_own(module: str) -> None:
 def test_modules_stay_small(package: str) -> None:
     for path in (ROOT / package).rglob("*.py"):
         assert len(path.read_text().splitlines()) <= MAX_MODULE_LINES, path
+
+
+def _opens_client(call: ast.Call) -> bool:
+    """nats.connect(...), connect_redis(...) or <...>Redis.from_url(...)."""
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id == "connect_redis"
+    if not isinstance(func, ast.Attribute):
+        return False
+    owner = ast.unparse(func.value)
+    return ((func.attr, owner) == ("connect", "nats") or func.attr == "connect_redis"
+            or (func.attr == "from_url" and owner.endswith("Redis")))
+
+
+def unclosed_client_lines(path: Path) -> list[int]:
+    """Lines that open a client other than as an `async with` item, as the
+    argument of `enter_async_context`, in a fixture (its teardown runs
+    whatever the test does) or in harness.nats_client itself."""
+    tree = ast.parse(path.read_text())
+    closed: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AsyncWith):
+            closed.update(id(item.context_expr) for item in node.items)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "enter_async_context"):
+            closed.update(id(arg) for arg in node.args)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (
+                any("fixture" in ast.unparse(d) for d in node.decorator_list)
+                or (path.name, node.name) == ("harness.py", "nats_client")):
+            closed.update(id(inner) for inner in ast.walk(node))
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and _opens_client(node) and id(node) not in closed]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tests").glob("*.py")), ids=lambda p: p.name)
+def test_test_clients_are_closed_when_a_test_fails(path: Path) -> None:
+    # A client closed only at the end of a test body stays open when an
+    # assertion fails: a NATS client then reconnects for minutes, and the
+    # warnings of both surface in whichever tests run next.
+    assert unclosed_client_lines(path) == [], (
+        f"{path.name}: open these clients with `async with` (tests.harness.nats_client, "
+        "connect_redis(...) as redis) or in a fixture")

@@ -48,12 +48,9 @@ class Stack:
 async def stack(session_dir: Path, redis_url: str, ray_cluster: None) -> AsyncIterator[Stack]:
     work = session_dir / "locust-smoke-stack"
     async with private_switchyard(work, redis_url, REDIS_DB, _tweak) as yard:
-        redis = connect_redis(yard.cfg.redis)
-        try:
+        async with connect_redis(yard.cfg.redis) as redis:
             admin_key = (await ControlPlane(redis, yard.cfg.auth, None)
                          .bootstrap_platform_key("smoke")).plaintext
-        finally:
-            await redis.aclose()
         admin = web.AppRunner(create_admin_app(yard.cfg), access_log=None)
         await admin.setup()
         try:

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import ray
 
@@ -29,7 +28,14 @@ from scheduler.config import Config
 from scheduler.control import SYSTEM
 from scheduler.tenancy import TenantLimits
 from scheduler.wire import USAGE_QUERY_SUBJECT, UsageQuery, encode, usage_reply_decoder
-from tests.harness import MODEL, Switchyard, more_ingresses, private_switchyard, wait_until
+from tests.harness import (
+    MODEL,
+    Switchyard,
+    more_ingresses,
+    nats_client,
+    private_switchyard,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 28
@@ -114,25 +120,19 @@ async def _requests(yard: Switchyard, apis: list[str], key: str, limited_key: st
             assert await _post(http, apis[0], key, _body()) == 502
         finally:
             await _set_faults(yard, FaultSpec())
-    nc = await nats.connect(yard.cfg.nats.url)
-    try:
+    async with nats_client(yard.cfg.nats.url) as nc:
         for who in (key, flipped):
             await nc.request("yard.v1.chat.completions", msgspec.json.encode(_body()),
                              timeout=5, headers={"Authorization": f"Bearer {who}"})
         served += 1
-    finally:
-        await nc.drain()
     return served
 
 
 async def _metered(nats_url: str, tenant_id: str, served: int) -> bool:
-    nc = await nats.connect(nats_url)
-    try:
+    async with nats_client(nats_url) as nc:
         reply = usage_reply_decoder.decode((await nc.request(
             USAGE_QUERY_SUBJECT, encode(UsageQuery(tenant_id=tenant_id)), timeout=5)).data)
         return sum(total.requests for total in reply.totals) >= served
-    finally:
-        await nc.drain()
 
 
 def _log_files(work: Path) -> list[Path]:
@@ -146,15 +146,12 @@ async def test_no_prompt_and_no_key_piece_in_any_log_at_debug(
     caplog.set_level(logging.DEBUG)
     work = session_dir / "log-canaries"
     async with private_switchyard(work, redis_url, REDIS_DB, _debug) as yard:
-        redis = connect_redis(yard.cfg.redis)
-        try:
+        async with connect_redis(yard.cfg.redis) as redis:
             plane = ControlPlane(redis, yard.cfg.auth, None)
             tenant, key = await tenant_with_key(plane, "canaries")
             limited = await plane.create_tenant(SYSTEM, "lc-1", "canaries-limited",
                                                 limits=TenantLimits(requests_per_minute=1))
             limited_key = await plane.create_key(SYSTEM, "lc-2", limited.tenant_id)
-        finally:
-            await redis.aclose()
         async with more_ingresses(yard, work, 1) as child_apis:
             served = await _requests(yard, [yard.base_url, *child_apis], key.plaintext,
                                      limited_key.plaintext)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 
 from analytics.store import open_store
@@ -28,6 +27,7 @@ from scheduler.config import (
 )
 from scheduler.tenancy import Price
 from scheduler.wire import UsageEvent, encode, usage_subject
+from tests.harness import nats_client
 from tests.test_metering import set_prices
 
 pytestmark = pytest.mark.integration
@@ -55,9 +55,8 @@ def generated(rng: random.Random) -> list[UsageEvent]:
 
 async def publish_steadily(url: str, events: list[UsageEvent]) -> None:
     """At a steady rate over PUBLISH_S; each event stamped with its publish time."""
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    try:
+    async with nats_client(url) as nc:
+        js = nc.jetstream()
         chunk = 100
         pause_s = PUBLISH_S * chunk / len(events)
         for start in range(0, len(events), chunk):
@@ -70,8 +69,6 @@ async def publish_steadily(url: str, events: list[UsageEvent]) -> None:
                            headers={"Nats-Msg-Id": e.request_id})
                 for e in events[start:start + chunk]))
             await asyncio.sleep(pause_s)
-    finally:
-        await nc.close()
 
 
 async def start_consumer(config_path: Path, log_path: Path, seed: int) -> ChildProcess:
@@ -88,12 +85,9 @@ async def start_consumer(config_path: Path, log_path: Path, seed: int) -> ChildP
 
 
 async def drained(url: str, cfg: Config) -> bool:
-    nc = await nats.connect(url)
-    try:
+    async with nats_client(url) as nc:
         info = await nc.jetstream().consumer_info(cfg.nats.usage_stream, "yard-metering")
         stream = await nc.jetstream().stream_info(cfg.nats.usage_stream)
-    finally:
-        await nc.close()
     return (stream.state.messages == EVENTS and info.num_pending == 0
             and info.num_ack_pending == 0)
 

@@ -142,14 +142,11 @@ async def test_usage_lands_in_clickhouse_with_the_replica_counts(
 
 async def test_a_rate_limit_error_carries_retry_after_and_the_ratelimit_numbers(
         switchyard: Switchyard, nc: NATS) -> None:
-    redis = connect_redis(switchyard.cfg.redis)
-    try:
+    async with connect_redis(switchyard.cfg.redis) as redis:
         plane = ControlPlane(redis, switchyard.cfg.auth, None)
         tenant = await plane.create_tenant(SYSTEM, "nats-rl-1", "nats-rl-" + secrets.token_hex(3),
                                            limits=TenantLimits(requests_per_minute=1))
         key = (await plane.create_key(SYSTEM, "nats-rl-2", tenant.tenant_id)).plaintext
-    finally:
-        await redis.aclose()
     auth = {"Authorization": f"Bearer {key}"}
     first = api_reply_decoder.decode((await nc.request(CHAT, _body(max_tokens=1), timeout=5,
                                                        headers=auth)).data)

@@ -65,12 +65,9 @@ async def _metric(session: aiohttp.ClientSession, yard: Switchyard, name: str) -
 
 async def _budget_tenant(yard: Switchyard) -> str:
     tenant_id, key = await yard.new_tenant("t30-budget")
-    redis = connect_redis(yard.cfg.redis)
-    try:
+    async with connect_redis(yard.cfg.redis) as redis:
         await ControlPlane(redis, yard.cfg.auth, None).update_tenant(
             SYSTEM, "req-t30-budget", tenant_id, limits=TenantLimits(budget_nusd=10**9))
-    finally:
-        await redis.aclose()
     return key
 
 

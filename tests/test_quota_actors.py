@@ -55,7 +55,7 @@ from scheduler.wire import (
     quota_subject,
 )
 from scheduler.wire.usage import UsageRowsQuery
-from tests.harness import wait_until
+from tests.harness import nats_client, wait_until
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 9
@@ -73,22 +73,16 @@ class Quotas:
 
     async def tenant(self, limits: TenantLimits) -> str:
         tenant_id = "t-" + uuid.uuid4().hex[:10]
-        redis = connect_redis(self.cfg.redis)
-        try:
+        async with connect_redis(self.cfg.redis) as redis:
             await redis.hset(TENANT_KEY.format(tenant_id=tenant_id), mapping={
                 "name": tenant_id, "status": "active",
                 LIMITS_FIELD: msgspec.json.encode(limits).decode()})
-        finally:
-            await redis.aclose()
         return tenant_id
 
     async def ledger(self, tenant_id: str) -> TenantLedger:
         """The tenant's ledger as Redis holds it (what a restarted shard reads)."""
-        redis = connect_redis(self.cfg.redis)
-        try:
+        async with connect_redis(self.cfg.redis) as redis:
             fields = await redis.hgetall(self.cfg.quota.redis_prefix + tenant_id)
-        finally:
-            await redis.aclose()
         return TenantLedger.restore(fields, time.time())
 
     def owner(self, tenant_id: str) -> Any:
@@ -115,12 +109,9 @@ async def quotas(private_bus: str, redis_url: str, session_dir: Path,
         dump_config(cfg), i) for i in range(SHARDS)]
     metering = MeteringActor.remote(dump_config(cfg))
     await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 120) for a in [*shards, metering]))
-    nc = await nats.connect(cfg.nats.url)
-    try:
+    async with nats_client(cfg.nats.url) as nc:
         # Its first query (chDB warming up) may take longer than an admission waits.
         await MeteringClient(nc, timeout_s=60).usage_rows(UsageRowsQuery(from_ms=0, to_ms=60_000))
-    finally:
-        await nc.drain()
     yield Quotas(cfg, shards)
     await asyncio.gather(*(asyncio.wait_for(a.stop.remote(), 10) for a in [*shards, metering]))
 
@@ -218,21 +209,20 @@ async def test_an_unreachable_owner_fails_closed_in_bounded_time(quotas: Quotas)
     # Three shards configured, two running: tenants of shard 2 have no owner.
     cfg = msgspec.structs.replace(quotas.cfg.quota, shards=3)
     tenant_id = next(t for t in (f"t-{i}" for i in range(100)) if shard_of(t, 3) == 2)
-    nc = await nats.connect(quotas.cfg.nats.url)
-    client = QuotaClient(nc, cfg)
-    try:
-        started_s = time.monotonic()
-        # Eight at once: those waiting on the first one's lease ask fail with
-        # it, rather than each asking in turn (eight timeouts for the last).
-        failures = await asyncio.gather(*(client.admit(tenant_id, f"r-{i}", MODEL, 5, 10)
-                                          for i in range(8)), return_exceptions=True)
-        assert time.monotonic() - started_s < cfg.call_timeout_s + 0.2
-        for failure in failures:
-            assert isinstance(failure, QuotaUnavailable)
-            assert (failure.status, failure.retry_after_s) == (503, cfg.retry_after_s)
-    finally:
-        await client.aclose()
-        await nc.drain()
+    async with nats_client(quotas.cfg.nats.url) as nc:
+        client = QuotaClient(nc, cfg)
+        try:
+            started_s = time.monotonic()
+            # Eight at once: those waiting on the first one's lease ask fail with
+            # it, rather than each asking in turn (eight timeouts for the last).
+            failures = await asyncio.gather(*(client.admit(tenant_id, f"r-{i}", MODEL, 5, 10)
+                                              for i in range(8)), return_exceptions=True)
+            assert time.monotonic() - started_s < cfg.call_timeout_s + 0.2
+            for failure in failures:
+                assert isinstance(failure, QuotaUnavailable)
+                assert (failure.status, failure.retry_after_s) == (503, cfg.retry_after_s)
+        finally:
+            await client.aclose()
 
 
 async def test_a_shard_without_its_redis_fails_closed(quotas: Quotas) -> None:
@@ -242,20 +232,19 @@ async def test_a_shard_without_its_redis_fails_closed(quotas: Quotas) -> None:
         redis=RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.1))
     tenant_id = next(t for t in (f"t-{i}" for i in range(100)) if shard_of(t, 3) == 2)
     shard = QuotaService(cfg, 2)
-    await shard.start()
-    nc = await nats.connect(quotas.cfg.nats.url)
-    client = QuotaClient(nc, cfg.quota)
-    try:
-        started_s = time.monotonic()
-        with pytest.raises(QuotaUnavailable):
-            await client.admit(tenant_id, "r-1", MODEL, 5, 10)
-        # The shard says so at once, rather than have the call resent until its bound.
-        assert time.monotonic() - started_s < cfg.quota.call_timeout_s
-        assert shard.stats()["store_up"] == 0 and shard.stats()["unavailable"] == 1
-    finally:
-        await client.aclose()
-        await nc.drain()
-        await shard.aclose()
+    async with nats_client(quotas.cfg.nats.url) as nc:
+        await shard.start()
+        client = QuotaClient(nc, cfg.quota)
+        try:
+            started_s = time.monotonic()
+            with pytest.raises(QuotaUnavailable):
+                await client.admit(tenant_id, "r-1", MODEL, 5, 10)
+            # The shard says so at once, rather than have the call resent until its bound.
+            assert time.monotonic() - started_s < cfg.quota.call_timeout_s
+            assert shard.stats()["store_up"] == 0 and shard.stats()["unavailable"] == 1
+        finally:
+            await client.aclose()
+            await shard.aclose()
 
 
 async def test_a_shard_killed_under_load_resets_nothing(
@@ -310,13 +299,10 @@ async def test_a_shard_killed_under_load_resets_nothing(
     # No committed spend lost, none counted twice, even when resent after the restart.
     assert ledger.meta.spent_nusd == spend_nusd, (ledger.meta.spent_nusd, spend_nusd, down_s)
     reserved = next(a for a in committed if a.lease is None)
-    nc = await nats.connect(quotas.cfg.nats.url)
-    try:
+    async with nats_client(quotas.cfg.nats.url) as nc:
         await nc.request(quota_subject(shard_of(tenant_id, SHARDS)), encode(QuotaCommit(
             tenant_id=tenant_id, request_id=reserved.request_id, model=MODEL,
             prompt_tokens=5, completion_tokens=7)), timeout=5)
-    finally:
-        await nc.drain()
     assert (await quotas.ledger(tenant_id)).meta.spent_nusd == spend_nusd
 
 
@@ -326,26 +312,25 @@ async def test_requests_running_when_a_lease_ends_become_reservations(quotas: Qu
     # Returned 0.1 s after its expiry if requests are still running then.
     cfg = msgspec.structs.replace(quotas.cfg.quota, lease=msgspec.structs.replace(
         quotas.cfg.quota.lease, return_grace_s=0.2))
-    nc = await nats.connect(quotas.cfg.nats.url)
-    client = QuotaClient(nc, cfg)
-    await client.start()
-    try:
-        running = await client.admit(tenant_id, "r-running", MODEL, 5, 10)
-        done = await client.admit(tenant_id, "r-done", MODEL, 5, 10)
-        assert running.lease is not None and done.lease is running.lease
-        client.settle(done, 5, 0, 4)
+    async with nats_client(quotas.cfg.nats.url) as nc:
+        client = QuotaClient(nc, cfg)
+        await client.start()
+        try:
+            running = await client.admit(tenant_id, "r-running", MODEL, 5, 10)
+            done = await client.admit(tenant_id, "r-done", MODEL, 5, 10)
+            assert running.lease is not None and done.lease is running.lease
+            client.settle(done, 5, 0, 4)
 
-        async def returned() -> bool:
-            return (await quotas.ledger(tenant_id)).in_use == 1
+            async def returned() -> bool:
+                return (await quotas.ledger(tenant_id)).in_use == 1
 
-        await wait_until(returned, timeout_s=10)
-        ledger = await quotas.ledger(tenant_id)
-        assert ledger.charges["r-running"].open and ledger.window_requests == 2
-        client.settle(running, 5, 0, 9)
-        await client.drain()
-    finally:
-        await client.aclose()
-        await nc.drain()
+            await wait_until(returned, timeout_s=10)
+            ledger = await quotas.ledger(tenant_id)
+            assert ledger.charges["r-running"].open and ledger.window_requests == 2
+            client.settle(running, 5, 0, 9)
+            await client.drain()
+        finally:
+            await client.aclose()
     ledger = await quotas.ledger(tenant_id)
     assert (ledger.in_use, ledger.reserved_nusd) == (0, 0)
     assert ledger.meta.spent_nusd == PRICE.cost_nusd(5, 0, 4) + PRICE.cost_nusd(5, 0, 9)
@@ -355,24 +340,24 @@ async def test_a_resent_reserve_counts_its_request_once(quotas: Quotas) -> None:
     cfg = msgspec.structs.replace(quotas.cfg, quota=msgspec.structs.replace(
         quotas.cfg.quota, shards=3))
     shard = QuotaService(cfg, 2)
-    await shard.start()
-    tenant_id = await quotas.tenant(TenantLimits(requests_per_minute=1_000))
-    while shard_of(tenant_id, 3) != 2:
-        tenant_id = await quotas.tenant(TenantLimits(requests_per_minute=1_000))
-    nc = await nats.connect(quotas.cfg.nats.url)
-    try:
-        async def reserve(lease_id: str) -> QuotaReply:
-            msg = await nc.request(quota_subject(2), encode(QuotaReserve(
-                tenant_id=tenant_id, request_id="r-1", model=MODEL, prompt_tokens=5,
-                max_tokens=10, lease_id=lease_id)), timeout=5)
-            return quota_reply_decoder.decode(msg.data)
+    async with nats_client(quotas.cfg.nats.url) as nc:
+        await shard.start()
+        try:
+            tenant_id = await quotas.tenant(TenantLimits(requests_per_minute=1_000))
+            while shard_of(tenant_id, 3) != 2:
+                tenant_id = await quotas.tenant(TenantLimits(requests_per_minute=1_000))
 
-        # The first answer was lost (no lease asked, say, as near a limit);
-        # the resend asks for a lease: the request stays its own reservation.
-        assert (await reserve("")).verdict.admitted
-        again = await reserve("lease-1")
-        assert again.lease is None and again.verdict.admitted
-    finally:
-        await nc.drain()
-        await shard.aclose()
+            async def reserve(lease_id: str) -> QuotaReply:
+                msg = await nc.request(quota_subject(2), encode(QuotaReserve(
+                    tenant_id=tenant_id, request_id="r-1", model=MODEL, prompt_tokens=5,
+                    max_tokens=10, lease_id=lease_id)), timeout=5)
+                return quota_reply_decoder.decode(msg.data)
+
+            # The first answer was lost (no lease asked, say, as near a limit);
+            # the resend asks for a lease: the request stays its own reservation.
+            assert (await reserve("")).verdict.admitted
+            again = await reserve("lease-1")
+            assert again.lease is None and again.verdict.admitted
+        finally:
+            await shard.aclose()
     assert (await quotas.ledger(tenant_id)).window_requests == 1

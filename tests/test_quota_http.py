@@ -185,16 +185,15 @@ async def _naive_admit(redis: Redis, key: str, limit: int) -> int:
 
 async def test_negative_control_get_then_incr_over_admits(stack: Stack) -> None:
     # Two "ingresses" (connections of their own) under the same 64-client load.
-    limiters = [connect_redis(stack.yard.cfg.redis) for _ in range(2)]
     counter = "test:naive:" + uuid.uuid4().hex
-    try:
+    async with (connect_redis(stack.yard.cfg.redis) as first,
+                connect_redis(stack.yard.cfg.redis) as second):
+        limiters = [first, second]
+
         async def attempt(client: int) -> int:
             return await _naive_admit(limiters[client % 2], counter, 100)
 
         statuses = await _load(attempt, clients=64, seconds=1)
-    finally:
-        for redis in limiters:
-            await redis.aclose()
     assert statuses[200] > 100, statuses
 
 

@@ -35,7 +35,7 @@ from scheduler.control import SYSTEM
 from scheduler.quota_terms import LeaseSizing, QuotaConfig
 from scheduler.tenancy import Price, TenantLimits
 from scheduler.wire import MODELS_SUBJECT, ModelsQuery, ReplicaInfo, encode
-from tests.harness import MODEL, make_config
+from tests.harness import MODEL, make_config, nats_client
 from tests.ray_head import PrivateRayHead, driver, events, tcp_listeners, wait_event
 
 pytestmark = pytest.mark.integration
@@ -61,15 +61,12 @@ class Outside:
         return f"http://{LOOPBACK}:{self.cfg.ingress.port}/v1"
 
     async def key_for(self, limits: TenantLimits) -> str:
-        redis = connect_redis(self.cfg.redis)
-        try:
+        async with connect_redis(self.cfg.redis) as redis:
             plane = ControlPlane(redis, self.cfg.auth, None)
             tenant = await plane.create_tenant(SYSTEM, "sys-" + uuid.uuid4().hex, "t34",
                                                limits=limits)
             key = await plane.create_key(SYSTEM, "sys-" + uuid.uuid4().hex, tenant.tenant_id)
             return key.plaintext
-        finally:
-            await redis.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -84,8 +81,7 @@ async def outside_ray(work: Path, redis_url: str, head: PrivateRayHead,
             scheduler=msgspec.structs.replace(cfg.scheduler, metrics_port=0)))
         fleet = await start_fleet(cfg.simulator, ports=[0] * cfg.simulator.replicas)
         try:
-            redis = connect_redis(cfg.redis)
-            try:
+            async with connect_redis(cfg.redis) as redis:
                 await redis.flushdb()
                 registry = ReplicaRegistry(redis)
                 for i, url in enumerate(fleet.urls):
@@ -93,8 +89,6 @@ async def outside_ray(work: Path, redis_url: str, head: PrivateRayHead,
                                                            models=(MODEL,)))
                 # Priced, so admission holds whether or not unpriced models are served.
                 await redis.hsetnx(PRICES_KEY, MODEL, msgspec.json.encode((PRICE,)))
-            finally:
-                await redis.aclose()
             config_path = work / "actors.json"
             config_path.write_bytes(dump_config(cfg))
             runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None)
@@ -262,32 +256,31 @@ async def test_ray_stopped_under_load_then_back(tmp_path: Path, redis_url: str) 
         log = tmp_path / "logs" / "driver.log"
         supervisor = driver(head, outside.config_path, "run", log)
         await supervisor.start()
-        nc = await nats.connect(outside.cfg.nats.url)
         try:
-            await wait_event(log, "actors_ready")
-            stop = asyncio.Event()
-            outcomes: list[Outcome] = []
-            clients = [asyncio.create_task(_load(http, outside.api, key, stop, outcomes))
-                       for _ in range(4)]
-            try:
-                await asyncio.sleep(1.5)
-                down_s = time.monotonic()
-                await head.kill()
-                assert not await _scheduler_answers(nc)
-                await asyncio.sleep(2.0)
-                restart_s = time.monotonic()
-                await head.start()
-                up_s = time.monotonic()
-                recovered = await wait_event(log, "recovered", timeout_s=90)
-                while not await _scheduler_answers(nc):
-                    await asyncio.sleep(0.05)
-                back_s = time.monotonic()
-                await asyncio.sleep(1.0)
-            finally:
-                stop.set()
-                await asyncio.gather(*clients)
+            async with nats_client(outside.cfg.nats.url) as nc:
+                await wait_event(log, "actors_ready")
+                stop = asyncio.Event()
+                outcomes: list[Outcome] = []
+                clients = [asyncio.create_task(_load(http, outside.api, key, stop, outcomes))
+                           for _ in range(4)]
+                try:
+                    await asyncio.sleep(1.5)
+                    down_s = time.monotonic()
+                    await head.kill()
+                    assert not await _scheduler_answers(nc)
+                    await asyncio.sleep(2.0)
+                    restart_s = time.monotonic()
+                    await head.start()
+                    up_s = time.monotonic()
+                    recovered = await wait_event(log, "recovered", timeout_s=90)
+                    while not await _scheduler_answers(nc):
+                        await asyncio.sleep(0.05)
+                    back_s = time.monotonic()
+                    await asyncio.sleep(1.0)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*clients)
         finally:
-            await nc.drain()
             await supervisor.stop()
         before = [o for o in outcomes if o.started_s < down_s]
         away = [o for o in outcomes if down_s <= o.started_s < restart_s]

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 
@@ -51,7 +50,14 @@ from scheduler.quota_ledger import TenantLedger
 from scheduler.quota_terms import QuotaConfig
 from scheduler.tenancy import NUSD_PER_USD, Price, TenantLimits
 from scheduler.wire.usage import UsageRowsQuery
-from tests.harness import MODEL, Switchyard, more_ingresses, private_switchyard, wait_until
+from tests.harness import (
+    MODEL,
+    Switchyard,
+    more_ingresses,
+    nats_client,
+    private_switchyard,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 REDIS_DB = 25
@@ -97,21 +103,17 @@ async def stack(session_dir: Path, redis_url: str, ray_cluster: None) -> AsyncIt
             shards=1, redis_url=quota_url, ingress_processes=2))
 
     try:
-        async with private_switchyard(work, redis_url, REDIS_DB, tweak) as yard:
-            redis = connect_redis(yard.cfg.redis)
-            nc = await nats.connect(yard.cfg.nats.url)
+        async with (private_switchyard(work, redis_url, REDIS_DB, tweak) as yard,
+                    connect_redis(yard.cfg.redis) as redis,
+                    nats_client(yard.cfg.nats.url) as nc):
             plane = ControlPlane(redis, yard.cfg.auth, nats_publisher(nc))
-            try:
-                await plane.set_price(SYSTEM, "req-price", MODEL, Price(
-                    effective_from_s=int(time.time()) + 1, input_nusd_per_token=0,
-                    cached_input_nusd_per_token=0,
-                    output_nusd_per_token=PRICE_NUSD_PER_OUTPUT_TOKEN))
-                async with more_ingresses(yard, work, 2) as urls:
-                    await asyncio.sleep(max(0.0, int(time.time()) + 1.1 - time.time()))
-                    yield Stack(yard, urls, plane, running, quota_url)
-            finally:
-                await nc.drain()
-                await redis.aclose()
+            await plane.set_price(SYSTEM, "req-price", MODEL, Price(
+                effective_from_s=int(time.time()) + 1, input_nusd_per_token=0,
+                cached_input_nusd_per_token=0,
+                output_nusd_per_token=PRICE_NUSD_PER_OUTPUT_TOKEN))
+            async with more_ingresses(yard, work, 2) as urls:
+                await asyncio.sleep(max(0.0, int(time.time()) + 1.1 - time.time()))
+                yield Stack(yard, urls, plane, running, quota_url)
     finally:
         for proc in running:
             proc.kill()
@@ -126,12 +128,9 @@ async def _tenant(stack: Stack, limits: TenantLimits) -> tuple[str, str]:
 
 
 async def _ledger(stack: Stack, tenant_id: str) -> TenantLedger:
-    redis = connect_redis(msgspec.structs.replace(stack.yard.cfg.redis,
-                                                  url=stack.quota_redis_url))
-    try:
+    async with connect_redis(msgspec.structs.replace(stack.yard.cfg.redis,
+                                                     url=stack.quota_redis_url)) as redis:
         fields = await redis.hgetall(stack.yard.cfg.quota.redis_prefix + tenant_id)
-    finally:
-        await redis.aclose()
     ledger = TenantLedger.restore(fields, time.time())
     # As its shard would see it now (a lease never returned counts as fully used).
     ledger.advance(time.time(), TenantLimits(budget_nusd=BUDGET_NUSD))
@@ -139,13 +138,10 @@ async def _ledger(stack: Stack, tenant_id: str) -> TenantLedger:
 
 
 async def _billed_nusd(stack: Stack, tenant_id: str) -> int:
-    nc = await nats.connect(stack.yard.cfg.nats.url)
-    try:
+    async with nats_client(stack.yard.cfg.nats.url) as nc:
         now_ms = int(time.time() * 1000)
         rows = await MeteringClient(nc).usage_rows(UsageRowsQuery(
             tenant_id=tenant_id, from_ms=now_ms - 3_600_000, to_ms=now_ms + 60_000))
-    finally:
-        await nc.drain()
     return sum(row.cost_nusd for row in rows)
 
 

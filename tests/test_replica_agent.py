@@ -43,7 +43,7 @@ from scheduler.wire import (
     load_decoder,
     load_subject,
 )
-from tests.harness import wait_until
+from tests.harness import nats_client, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -101,8 +101,6 @@ async def rig(nats_url: str, redis_url: str, agent_cfg: AgentConfig = AGENT,
     info = ReplicaInfo(id=f"agent-test-{next(_ids)}", url=f"http://127.0.0.1:{port}",
                        models=(MODEL,))
     agent = ReplicaAgent(cfg, info, kv_topic=TOPIC)
-    nc = await nats.connect(nats_url)
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE_S))
     loads: list[LoadSnapshot] = []
     kv: list[KvEventsRelay | KvResync] = []
 
@@ -115,25 +113,26 @@ async def rig(nats_url: str, redis_url: str, agent_cfg: AgentConfig = AGENT,
         kv.append(kv_decoder.decode(msg.data))
 
     try:
-        # Subscribed before the agent starts: its first message is a resync.
-        await nc.subscribe(load_subject(MODEL), cb=on_load)
-        await nc.subscribe(kv_subject(MODEL, info.id), cb=on_kv)
-        await nc.flush()
-        await agent.start()
-        sim = msgspec.structs.replace(sim, kv_events_endpoint=agent.kv_events_endpoint)
-        fleet = await start_fleet(sim, ports=[port])
-        the_rig = Rig(agent, fleet, sim, port, http, loads, kv)
-        try:
-            yield the_rig
-        finally:
-            await the_rig.fleet.aclose()
+        async with (nats_client(nats_url) as nc,
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE_S)) as http):
+            try:
+                # Subscribed before the agent starts: its first message is a resync.
+                await nc.subscribe(load_subject(MODEL), cb=on_load)
+                await nc.subscribe(kv_subject(MODEL, info.id), cb=on_kv)
+                await nc.flush()
+                await agent.start()
+                sim = msgspec.structs.replace(sim, kv_events_endpoint=agent.kv_events_endpoint)
+                fleet = await start_fleet(sim, ports=[port])
+                the_rig = Rig(agent, fleet, sim, port, http, loads, kv)
+                try:
+                    yield the_rig
+                finally:
+                    await the_rig.fleet.aclose()
+            finally:
+                await agent.aclose()
     finally:
-        await agent.aclose()
-        await http.close()
-        await nc.drain()
-        redis = connect_redis(cfg.redis)
-        await ReplicaRegistry(redis).retire_replica(info.id)
-        await redis.aclose()
+        async with connect_redis(cfg.redis) as redis:
+            await ReplicaRegistry(redis).retire_replica(info.id)
 
 
 async def until(check: object) -> None:
@@ -250,67 +249,62 @@ async def test_an_unhealthy_replica_is_reported(nats_url: str, redis_url: str) -
 
 
 async def test_the_agent_keeps_its_registry_entry(nats_url: str, redis_url: str) -> None:
-    redis = connect_redis(RedisConfig(url=redis_url))
-    registry = ReplicaRegistry(redis)
-    try:
-        async with rig(nats_url, redis_url) as r:
-            replica_id = r.agent.replica.id
+    async with (connect_redis(RedisConfig(url=redis_url)) as redis,
+                rig(nats_url, redis_url) as r):
+        registry = ReplicaRegistry(redis)
+        replica_id = r.agent.replica.id
 
-            async def registered() -> bool:
-                return await registry.replica(replica_id) is not None
-            await wait_until(registered, DEADLINE_S)
-            assert await registry.set_draining(replica_id, True)
-            await until(lambda: r.loads[-1].draining)
-            await registry.remove_replica(replica_id)  # lost, e.g. Redis restarted
-            await wait_until(registered, DEADLINE_S)
-            entry = await registry.replica(replica_id)
-            assert entry is not None and entry.draining
-            await registry.retire_replica(replica_id)  # an operator's removal sticks
-            registrations = r.agent.counters["registrations"]
-            await until(lambda: len(r.loads) >= 5)
-            snapshots = len(r.loads)
-            await until(lambda: len(r.loads) >= snapshots + 5)
-            assert not await registered()
-            assert r.agent.counters["registrations"] == registrations
-    finally:
-        await redis.aclose()
+        async def registered() -> bool:
+            return await registry.replica(replica_id) is not None
+        await wait_until(registered, DEADLINE_S)
+        assert await registry.set_draining(replica_id, True)
+        await until(lambda: r.loads[-1].draining)
+        await registry.remove_replica(replica_id)  # lost, e.g. Redis restarted
+        await wait_until(registered, DEADLINE_S)
+        entry = await registry.replica(replica_id)
+        assert entry is not None and entry.draining
+        await registry.retire_replica(replica_id)  # an operator's removal sticks
+        registrations = r.agent.counters["registrations"]
+        await until(lambda: len(r.loads) >= 5)
+        snapshots = len(r.loads)
+        await until(lambda: len(r.loads) >= snapshots + 5)
+        assert not await registered()
+        assert r.agent.counters["registrations"] == registrations
 
 
 async def test_replicas_cli_adds_drains_removes_and_lists(nats_url: str, redis_url: str) -> None:
     cfg = Config(nats=NatsConfig(url=nats_url), redis=RedisConfig(url=redis_url))
     fleet = await start_fleet(SIM, ports=[0])
-    nc = await nats.connect(nats_url)
-    changes = 0
-
-    async def on_change(msg: nats.aio.msg.Msg) -> None:
-        nonlocal changes
-        changes += 1
-
-    await nc.subscribe(REGISTRY_CHANGED_SUBJECT, cb=on_change)
-    await nc.flush()
-
-    async def run(*argv: str) -> str:
-        out = io.StringIO()
-        assert await run_replicas(cfg, _parser().parse_args(["replicas", *argv]), out) == 0
-        return out.getvalue()
-
     try:
-        await run("add", fleet.urls[0], "--id", "cli-a")
-        await run("add", "http://127.0.0.1:1", "--id", "cli-b", "--model", "other")
-        listed = await run("list")
-        assert f"cli-a\t{fleet.urls[0]}\t{MODEL}\tactive" in listed
-        assert "cli-b\thttp://127.0.0.1:1\tother\tactive" in listed
-        await run("drain", "cli-a")
-        assert "cli-a\t" in (await run("list")) and "\tdraining" in (await run("list"))
-        await run("remove", "cli-a")
-        await run("remove", "cli-b")
-        assert "cli-" not in await run("list")
-        with pytest.raises(ConfigError, match="no replica"):
+        async with nats_client(nats_url) as nc:
+            changes = 0
+
+            async def on_change(msg: nats.aio.msg.Msg) -> None:
+                nonlocal changes
+                changes += 1
+
+            await nc.subscribe(REGISTRY_CHANGED_SUBJECT, cb=on_change)
+            await nc.flush()
+
+            async def run(*argv: str) -> str:
+                out = io.StringIO()
+                assert await run_replicas(cfg, _parser().parse_args(["replicas", *argv]), out) == 0
+                return out.getvalue()
+
+            await run("add", fleet.urls[0], "--id", "cli-a")
+            await run("add", "http://127.0.0.1:1", "--id", "cli-b", "--model", "other")
+            listed = await run("list")
+            assert f"cli-a\t{fleet.urls[0]}\t{MODEL}\tactive" in listed
+            assert "cli-b\thttp://127.0.0.1:1\tother\tactive" in listed
             await run("drain", "cli-a")
-        await until(lambda: changes == 5)
-        redis = connect_redis(cfg.redis)
-        assert await ReplicaRegistry(redis).is_removed("cli-a")
-        await redis.aclose()
+            assert "cli-a\t" in (await run("list")) and "\tdraining" in (await run("list"))
+            await run("remove", "cli-a")
+            await run("remove", "cli-b")
+            assert "cli-" not in await run("list")
+            with pytest.raises(ConfigError, match="no replica"):
+                await run("drain", "cli-a")
+            await until(lambda: changes == 5)
+            async with connect_redis(cfg.redis) as redis:
+                assert await ReplicaRegistry(redis).is_removed("cli-a")
     finally:
-        await nc.drain()
         await fleet.aclose()

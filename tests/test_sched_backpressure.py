@@ -44,12 +44,11 @@ async def _service(bus: str, redis_url: str, backlog_max: int) -> SchedulerServi
     cfg = Config(nats=NatsConfig(url=bus),
                  redis=RedisConfig(url=redis_url.removesuffix("/0") + f"/{REDIS_DB}"),
                  scheduler=SchedulerConfig(metrics_port=0, place_backlog_max=backlog_max))
-    redis = connect_redis(cfg.redis)
-    await redis.flushdb()
-    for rid in ("a", "b"):
-        await ReplicaRegistry(redis).put_replica(
-            ReplicaInfo(id=rid, url=f"http://127.0.0.1:1/{rid}", models=(MODEL,)))
-    await redis.aclose()
+    async with connect_redis(cfg.redis) as redis:
+        await redis.flushdb()
+        for rid in ("a", "b"):
+            await ReplicaRegistry(redis).put_replica(
+                ReplicaInfo(id=rid, url=f"http://127.0.0.1:1/{rid}", models=(MODEL,)))
     svc = SchedulerService(cfg, random.Random(5), actor_id="sched-flooded")
     await svc.start()
     return svc

@@ -47,11 +47,10 @@ async def start_service(private_bus: str, redis_url: str) -> AsyncIterator[Start
         cfg = Config(nats=NatsConfig(url=private_bus),
                      redis=RedisConfig(url=redis_url.removesuffix("/0") + "/8"),
                      scheduler=SchedulerConfig(saturation=sat))
-        redis = connect_redis(cfg.redis)
-        await redis.flushdb()
-        await ReplicaRegistry(redis).put_replica(
-            ReplicaInfo(id="a", url="http://127.0.0.1:1/a", models=(MODEL,)))
-        await redis.aclose()
+        async with connect_redis(cfg.redis) as redis:
+            await redis.flushdb()
+            await ReplicaRegistry(redis).put_replica(
+                ReplicaInfo(id="a", url="http://127.0.0.1:1/a", models=(MODEL,)))
         svc = SchedulerService(cfg, random.Random(3))
         services.append(svc)
         await svc.start()

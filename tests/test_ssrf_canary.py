@@ -11,13 +11,12 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 
 from deploy.procs import LOOPBACK
 from scheduler.wire import API_SUBJECTS, ApiError, ApiResponse, api_reply_decoder
-from tests.harness import MODEL, Switchyard
+from tests.harness import MODEL, Switchyard, nats_client
 
 pytestmark = pytest.mark.integration
 PNG = "data:image/png;base64,iVBORw0KGgo="
@@ -87,8 +86,7 @@ async def test_media_urls_to_internal_addresses_never_reach_a_replica(
     cases = _bodies(canary.port)
     served_before = _served(switchyard)
     headers = {"Authorization": f"Bearer {switchyard.api_key}"}
-    nc = await nats.connect(switchyard.cfg.nats.url)
-    try:
+    async with nats_client(switchyard.cfg.nats.url) as nc:
         async with aiohttp.ClientSession() as http:
             for part, field in cases:
                 async with http.post(switchyard.base_url + "/chat/completions",
@@ -112,6 +110,4 @@ async def test_media_urls_to_internal_addresses_never_reach_a_replica(
                                                           "image_url": {"url": PNG}})),
                                timeout=5, headers=headers)
         assert isinstance(api_reply_decoder.decode(msg.data), ApiResponse)
-    finally:
-        await nc.drain()
     assert canary.connections == 0

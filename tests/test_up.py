@@ -10,16 +10,16 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import nats
 import pytest
 from nats.aio.msg import Msg
 
 from deploy.procs import LOOPBACK, free_port, free_port_block
 from scheduler.wire import KV_SUBJECT, LOAD_SUBJECT, KvEventsRelay, kv_decoder, load_decoder
-from tests.harness import MODEL, wait_until
+from tests.harness import MODEL, nats_client, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -165,18 +165,19 @@ class AgentWatch:
     """Listens to what the replica agents publish: load snapshots and
     relayed KV-cache events."""
 
-    def __init__(self, nc: nats.NATS) -> None:
-        self.nc = nc
+    def __init__(self) -> None:
         self.healthy: set[str] = set()
         self.kv_batches = 0
 
     @classmethod
-    async def start(cls, nats_url: str) -> AgentWatch:
-        watch = cls(await nats.connect(nats_url))
-        await watch.nc.subscribe(LOAD_SUBJECT.format(model="*"), cb=watch._on_load)
-        await watch.nc.subscribe(KV_SUBJECT.format(model="*", replica="*"), cb=watch._on_kv)
-        await watch.nc.flush()
-        return watch
+    @contextlib.asynccontextmanager
+    async def watching(cls, nats_url: str) -> AsyncIterator[AgentWatch]:
+        async with nats_client(nats_url) as nc:
+            watch = cls()
+            await nc.subscribe(LOAD_SUBJECT.format(model="*"), cb=watch._on_load)
+            await nc.subscribe(KV_SUBJECT.format(model="*", replica="*"), cb=watch._on_kv)
+            await nc.flush()
+            yield watch
 
     async def _on_load(self, msg: Msg) -> None:
         snapshot = load_decoder.decode(msg.data)
@@ -192,9 +193,6 @@ class AgentWatch:
             return len(self.healthy) >= replicas and self.kv_batches > 0
 
         await wait_until(seen, timeout_s)
-
-    async def aclose(self) -> None:
-        await self.nc.drain()
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
@@ -214,20 +212,17 @@ async def test_up_serves_a_stream_and_stops_cleanly(tmp_path: Path, stop: str) -
         children = _descendants(proc.pid)
         assert len(children) >= 4  # nats, redis, simulator, ingress, Ray's
         assert len(_leftovers(proc.pid, tmp_path)) >= 4  # the check can see them
-        watch = await AgentWatch.start(f"nats://{LOOPBACK}:{nats_port}")
-        # Long enough to fill KV blocks: the replica announces them.
-        body = {"model": MODEL, "stream": True, "max_tokens": 5,
-                "messages": [{"role": "user", "content": "hi there, " * 40}]}
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{api}/chat/completions", json=body,
-                                    headers={"Authorization": f"Bearer {key}"}) as resp:
-                assert resp.status == 200
-                text = (await resp.read()).decode()
-        assert text.rstrip().endswith("data: [DONE]") and text.count("data: ") >= 6
-        try:
+        async with AgentWatch.watching(f"nats://{LOOPBACK}:{nats_port}") as watch:
+            # Long enough to fill KV blocks: the replica announces them.
+            body = {"model": MODEL, "stream": True, "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi there, " * 40}]}
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{api}/chat/completions", json=body,
+                                        headers={"Authorization": f"Bearer {key}"}) as resp:
+                    assert resp.status == 200
+                    text = (await resp.read()).decode()
+            assert text.rstrip().endswith("data: [DONE]") and text.count("data: ") >= 6
             await watch.until(replicas=2, timeout_s=20)
-        finally:
-            await watch.aclose()
         async with aiohttp.ClientSession() as session:
             # The first scheduler actor's own metrics: the placement it made.
             async with session.get(f"http://{LOOPBACK}:{metrics_port}/metrics") as resp:

@@ -18,7 +18,7 @@ import nats.errors
 import pytest
 
 from scheduler.wire import UsageEvent, usage_decoder, usage_subject
-from tests.harness import MODEL, Switchyard, wait_until
+from tests.harness import MODEL, Switchyard, nats_client, wait_until
 from tests.test_metering import query_totals
 
 pytestmark = pytest.mark.integration
@@ -40,8 +40,7 @@ async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, U
     The wait covers the consumer's ack_wait: deliveries it had not acked when
     its connection to NATS dropped (a test killing NATS) come back only then."""
     timeout_s = 15.0 + yard.cfg.metering.ack_wait_s
-    nc = await nats.connect(yard.cfg.nats.url)
-    try:
+    async with nats_client(yard.cfg.nats.url) as nc:
         async def counted() -> bool:
             try:
                 totals = await query_totals(nc, tenant_id)
@@ -70,8 +69,6 @@ async def billed(yard: Switchyard, tenant_id: str, requests: int) -> dict[str, U
         assert len(by_id) == len(events) == requests
         assert totals[0].completion_tokens == sum(e.completion_tokens for e in events)
         return by_id
-    finally:
-        await nc.drain()
 
 
 async def _cut_stream(session: aiohttp.ClientSession, yard: Switchyard, key: str,

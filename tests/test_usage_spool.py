@@ -46,9 +46,8 @@ async def stack_with_nats(work: Path, redis_url: str, redis_db: int = REDIS_DB,
             cfg.ingress, spool_max_events=spool_max_events))
         from actors.control_store import connect_redis
 
-        redis = connect_redis(cfg.redis)
-        await redis.flushdb()
-        await redis.aclose()
+        async with connect_redis(cfg.redis) as redis:
+            await redis.flushdb()
         yard = await start_switchyard(cfg)
         try:
             yield yard, procs

@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import openai
 import pytest
 import pytest_asyncio
@@ -17,7 +16,7 @@ import pytest_asyncio
 from deploy.procs import start_nats
 from scheduler.wire import USAGE_QUERY_SUBJECT, UsageQuery, encode, usage_reply_decoder
 from tests.fixtures_vllm import VllmReplicas
-from tests.harness import MODEL, Switchyard, make_config, start_switchyard, wait_until
+from tests.harness import MODEL, Switchyard, make_config, nats_client, start_switchyard, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -79,8 +78,7 @@ async def test_requests_spread_over_both_and_are_metered(vllm_yard: Switchyard) 
     replies = [raw.parse() for raw in raws]
     expected = (6, sum(r.usage.prompt_tokens for r in replies),
                 sum(r.usage.completion_tokens for r in replies))
-    nc = await nats.connect(vllm_yard.cfg.nats.url)
-    try:
+    async with nats_client(vllm_yard.cfg.nats.url) as nc:
         async def landed() -> bool:
             msg = await nc.request(USAGE_QUERY_SUBJECT, encode(UsageQuery(tenant_id=tenant_id)),
                                    timeout=10)
@@ -89,5 +87,3 @@ async def test_requests_spread_over_both_and_are_metered(vllm_yard: Switchyard) 
                                      totals[0].completion_tokens) == expected
 
         await wait_until(landed, timeout_s=15)
-    finally:
-        await nc.drain()

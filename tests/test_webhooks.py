@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -32,6 +31,7 @@ from scheduler.tenancy import Price, TenantLimits
 from scheduler.webhook_events import BUDGET_TYPE, USAGE_TYPE, verify
 from scheduler.wire import UsageEvent
 from tests.billing_stack import eventually, metering_config, publish
+from tests.harness import nats_client
 
 pytestmark = pytest.mark.integration
 
@@ -102,13 +102,10 @@ async def cfg(private_bus: str, redis_url: str, tmp_path: Path,
     full = metering_config(base, tmp_path)
     yield full
     # The next test claims the same subjects with streams of its own.
-    nc = await nats.connect(private_bus)
-    try:
+    async with nats_client(private_bus) as nc:
         for stream in (full.nats.usage_stream, full.metering.dead_letter_stream,
                        full.webhooks.alert_stream, full.webhooks.dead_letter_stream):
             await nc.jetstream().delete_stream(stream)
-    finally:
-        await nc.close()
 
 
 @pytest_asyncio.fixture
@@ -132,18 +129,17 @@ async def test_usage_records_arrive_signed_at_least_once(
     state, _ = receiver
     sent = events("acme", 120)
     service = WebhookService(cfg)
-    await service.start()
-    nc = await nats.connect(cfg.nats.url)
-    try:
-        await publish(nc, sent)
+    async with nats_client(cfg.nats.url) as nc:
+        await service.start()
+        try:
+            await publish(nc, sent)
 
-        async def all_accepted() -> bool:
-            return all(e.request_id in state.accepted for e in sent)
+            async def all_accepted() -> bool:
+                return all(e.request_id in state.accepted for e in sent)
 
-        await eventually(all_accepted, "every usage record to be accepted")
-    finally:
-        await nc.close()
-        await service.aclose()
+            await eventually(all_accepted, "every usage record to be accepted")
+        finally:
+            await service.aclose()
     assert state.bad_signatures == 0
     for e in sent:
         assert state.attempts[e.request_id] >= 3  # two 500s first
@@ -162,28 +158,27 @@ async def test_a_restart_mid_delivery_redelivers(
     state, _ = receiver
     state.fail_first, state.delay_s = 0, 0.5
     sent = events("acme", 30)
-    nc = await nats.connect(cfg.nats.url)
     service = WebhookService(cfg)
-    await service.start()
-    try:
-        await publish(nc, sent)
-
-        async def in_flight() -> bool:
-            return len(state.attempts) > 0
-
-        await eventually(in_flight, "the first POSTs")
-        await service.aclose()
-        state.delay_s = 0.0
-        service = WebhookService(cfg)
+    async with nats_client(cfg.nats.url) as nc:
         await service.start()
+        try:
+            await publish(nc, sent)
 
-        async def all_accepted() -> bool:
-            return all(e.request_id in state.accepted for e in sent)
+            async def in_flight() -> bool:
+                return len(state.attempts) > 0
 
-        await eventually(all_accepted, "every record after the restart")
-    finally:
-        await nc.close()
-        await service.aclose()
+            await eventually(in_flight, "the first POSTs")
+            await service.aclose()
+            state.delay_s = 0.0
+            service = WebhookService(cfg)
+            await service.start()
+
+            async def all_accepted() -> bool:
+                return all(e.request_id in state.accepted for e in sent)
+
+            await eventually(all_accepted, "every record after the restart")
+        finally:
+            await service.aclose()
 
 
 async def test_the_last_failed_attempt_makes_a_dead_letter(
@@ -193,66 +188,62 @@ async def test_the_last_failed_attempt_makes_a_dead_letter(
     doomed, fine = events("acme", 1, "doomed"), events("acme", 5, "fine")
     state.always_fail.add(doomed[0].request_id)
     service = WebhookService(cfg)
-    await service.start()
-    nc = await nats.connect(cfg.nats.url)
-    try:
-        await publish(nc, doomed + fine)
+    async with nats_client(cfg.nats.url) as nc:
+        await service.start()
+        try:
+            await publish(nc, doomed + fine)
 
-        async def dead() -> bool:
-            return service.stats()["dead_letters"] == 1
+            async def dead() -> bool:
+                return service.stats()["dead_letters"] == 1
 
-        await eventually(dead, "the dead letter")
-        info = await nc.jetstream().stream_info(cfg.webhooks.dead_letter_stream)
-        assert info.state.messages == 1
-        assert state.attempts[doomed[0].request_id] == cfg.webhooks.max_attempts
-        assert all(e.request_id in state.accepted for e in fine)
-    finally:
-        await nc.close()
-        await service.aclose()
+            await eventually(dead, "the dead letter")
+            info = await nc.jetstream().stream_info(cfg.webhooks.dead_letter_stream)
+            assert info.state.messages == 1
+            assert state.attempts[doomed[0].request_id] == cfg.webhooks.max_attempts
+            assert all(e.request_id in state.accepted for e in fine)
+        finally:
+            await service.aclose()
 
 
 async def test_budget_alerts_fire_once_per_threshold(
         cfg: Config, metering: MeteringService, receiver: tuple[Receiver, str]) -> None:
     state, _ = receiver
-    redis = connect_redis(cfg.redis)
-    plane = ControlPlane(redis, cfg.auth, None)
-    # A budget of 10 events' cost this month.
-    tenant = await plane.create_tenant(SYSTEM, "test-budget", "budgeted", limits=TenantLimits(
-        budget_nusd=10 * EVENT_COST_NUSD, budget_period="month"))
     service = WebhookService(cfg)
-    await service.start()
-    nc = await nats.connect(cfg.nats.url)
+    async with connect_redis(cfg.redis) as redis, nats_client(cfg.nats.url) as nc:
+        plane = ControlPlane(redis, cfg.auth, None)
+        # A budget of 10 events' cost this month.
+        tenant = await plane.create_tenant(SYSTEM, "test-budget", "budgeted", limits=TenantLimits(
+            budget_nusd=10 * EVENT_COST_NUSD, budget_period="month"))
+        await service.start()
 
-    def alerts() -> dict[int, int]:
-        """threshold -> 2xx deliveries"""
-        return {r["data"]["threshold_pct"]: len(bodies) for bodies in state.accepted.values()
-                for r in bodies[:1] if r["type"] == BUDGET_TYPE}
+        def alerts() -> dict[int, int]:
+            """threshold -> 2xx deliveries"""
+            return {r["data"]["threshold_pct"]: len(bodies) for bodies in state.accepted.values()
+                    for r in bodies[:1] if r["type"] == BUDGET_TYPE}
 
-    try:
-        await publish(nc, events(tenant.tenant_id, 6))  # 60 %
+        try:
+            await publish(nc, events(tenant.tenant_id, 6))  # 60 %
 
-        async def half() -> bool:
-            return alerts() == {50: 1}
+            async def half() -> bool:
+                return alerts() == {50: 1}
 
-        await eventually(half, "the 50 % alert")
-        await publish(nc, events(tenant.tenant_id, 5, "more"))  # 110 %
+            await eventually(half, "the 50 % alert")
+            await publish(nc, events(tenant.tenant_id, 5, "more"))  # 110 %
 
-        async def all_three() -> bool:
-            return alerts() == {50: 1, 80: 1, 100: 1}
+            async def all_three() -> bool:
+                return alerts() == {50: 1, 80: 1, 100: 1}
 
-        await eventually(all_three, "the 80 and 100 % alerts")
-        # Many more checks: no threshold fires again this period.
-        await asyncio.sleep(10 * cfg.webhooks.budget_check_interval_s)
-        assert alerts() == {50: 1, 80: 1, 100: 1}
-        assert service.stats()["alerts_raised"] == 3
-        (body,) = [bodies[0] for bodies in state.accepted.values()
-                   if bodies[0]["data"].get("threshold_pct") == 100]
-        assert body["data"]["spent_nusd"] == 11 * EVENT_COST_NUSD
-        assert body["subject"] == tenant.tenant_id
-    finally:
-        await nc.close()
-        await service.aclose()
-        await redis.aclose()
+            await eventually(all_three, "the 80 and 100 % alerts")
+            # Many more checks: no threshold fires again this period.
+            await asyncio.sleep(10 * cfg.webhooks.budget_check_interval_s)
+            assert alerts() == {50: 1, 80: 1, 100: 1}
+            assert service.stats()["alerts_raised"] == 3
+            (body,) = [bodies[0] for bodies in state.accepted.values()
+                       if bodies[0]["data"].get("threshold_pct") == 100]
+            assert body["data"]["spent_nusd"] == 11 * EVENT_COST_NUSD
+            assert body["subject"] == tenant.tenant_id
+        finally:
+            await service.aclose()
 
 
 async def test_an_unsigned_webhook_does_not_start() -> None:
