@@ -19,6 +19,9 @@ Checks, each violation named by its letter:
     on the last chunk that reached the ingress, while the replica generated
     a few more before it saw the connection close), and the prompt estimate
     (no chunk reached the ingress, so the prompt is billed at its estimate);
+    so may one of a stream whose replica died under it (upstream_failed,
+    the replica never finished): the death gap, tokens the replica counted
+    but that never reached the ingress (no one can bill those);
 (d) no row is billed to a tenant other than the one whose key sent it, and
     no row lacks a request in the history (ids a client never saw, a
     non-streaming client that left before the headers, are matched by count
@@ -41,6 +44,8 @@ PRE_UPSTREAM_CODES = frozenset({
 })
 # The status metered for a request whose client left.
 CLIENT_CLOSED = 499
+# The error code metered for a request whose replica failed under it.
+UPSTREAM_FAILED = "upstream_failed"
 # Shown in full; beyond it a check's violations are counted only.
 MAX_SHOWN_PER_CHECK = 10
 
@@ -102,13 +107,18 @@ class Violation(msgspec.Struct, kw_only=True):
 
 
 class Allowances(msgspec.Struct, frozen=True, kw_only=True):
-    """Known deviations of requests whose client left, not reported as violations."""
+    """Known deviations of requests whose client left or whose replica died,
+    not reported as violations."""
 
-    # Completion tokens such a request may be billed under the replica's count.
+    # Completion tokens a request whose client left may be billed under the
+    # replica's count.
     abort_gap_tokens: int = 0
     # Such a request with no completion token billed may have its prompt
     # billed at the ingress's estimate.
     prompt_estimate: bool = False
+    # Completion tokens a request whose replica died mid-answer may be billed
+    # under the replica's count.
+    death_gap_tokens: int = 0
 
 
 STRICT = Allowances()
@@ -201,7 +211,7 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                    stats: dict[str, int | float], allow: Allowances) -> list[Violation]:
     found = []
     under: list[int] = []
-    gaps: list[int] = []
+    gaps: dict[str, list[int]] = {"abort_gap": [], "death_gap": []}
     estimated: list[int] = []
     for request_id, rows in rows_by_id.items():
         entry = by_id.get(request_id)
@@ -216,8 +226,8 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                                                                line.completion_tokens):
                 gap = line.completion_tokens - row.completion_tokens
                 known = _known(row, line, allow)
-                if known == "abort_gap":
-                    gaps.append(gap)
+                if known in ("abort_gap", "death_gap"):
+                    gaps[known].append(gap)
                     continue
                 if known == "prompt_estimate":
                     estimated.append(line.prompt_tokens - row.prompt_tokens)
@@ -238,9 +248,10 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
                            f" max_tokens {entry.max_tokens}"))
     stats["prompt_estimate_requests"] = len(estimated)
     stats["prompt_estimate_under_tokens"] = sum(estimated)
-    stats["abort_gap_requests"] = len(gaps)
-    stats["abort_gap_tokens"] = sum(gaps)
-    stats["abort_gap_max_tokens"] = max(gaps, default=0)
+    for known, known_gaps in gaps.items():
+        stats[f"{known}_requests"] = len(known_gaps)
+        stats[f"{known}_tokens"] = sum(known_gaps)
+        stats[f"{known}_max_tokens"] = max(known_gaps, default=0)
     stats["under_billed_requests"] = len(under)
     stats["under_billed_tokens"] = sum(under)
     stats["under_billed_max_tokens"] = max(under, default=0)
@@ -250,6 +261,9 @@ def _matches_truth(rows_by_id: dict[str, list[BilledRow]],
 def _known(row: BilledRow, line: TruthLine, allow: Allowances) -> str:
     """Which allowed deviation a mismatched row is ("" for none)."""
     gap = line.completion_tokens - row.completion_tokens
+    if (row.error_code == UPSTREAM_FAILED and line.finish_reason is None
+            and row.prompt_tokens == line.prompt_tokens and 0 < gap <= allow.death_gap_tokens):
+        return "death_gap"
     if row.status != CLIENT_CLOSED or not 0 <= gap <= allow.abort_gap_tokens:
         return ""
     if row.prompt_tokens == line.prompt_tokens:

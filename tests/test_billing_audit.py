@@ -37,9 +37,10 @@ def truth(request_id: str, completion: int = 5, replica: str = "sim-0", prompt: 
 
 
 def row(request_id: str, completion: int = 5, tenant: str = "t1", replica: str = "sim-0",
-        prompt: int = 7, status: int = 200) -> BilledRow:
+        prompt: int = 7, status: int = 200, code: str = "") -> BilledRow:
     return BilledRow(request_id=request_id, tenant_id=tenant, replica_id=replica,
-                     prompt_tokens=prompt, completion_tokens=completion, status=status)
+                     prompt_tokens=prompt, completion_tokens=completion, status=status,
+                     error_code=code)
 
 
 CLEAN = dict(
@@ -106,6 +107,25 @@ def test_abort_gap_is_allowed_only_where_the_client_left(
                    Allowances(abort_gap_tokens=gap_allowed))
     assert [v.check for v in report.violations] == violations, render(report)
     assert report.stats["abort_gap_requests"] == gaps
+
+
+@pytest.mark.parametrize(("billed", "code", "reason", "gap_allowed", "violations", "gaps"), [
+    (4, "upstream_failed", None, 1, [], 1),  # the replica counted a token it never sent
+    (3, "upstream_failed", None, 1, ["c"], 0),  # a gap of 2, one more than allowed
+    (4, "", None, 1, ["c"], 0),  # no replica failure: no gap is known
+    (4, "upstream_failed", "length", 1, ["c"], 0),  # the replica finished: it sent them all
+    (6, "upstream_failed", None, 1, ["c"], 0),  # over the truth is never a gap
+])
+def test_death_gap_is_allowed_only_where_the_replica_died_unfinished(
+        billed: int, code: str, reason: str | None, gap_allowed: int, violations: list[str],
+        gaps: int) -> None:
+    """r6: a stream whose replica logged 5 tokens and died under it (502)."""
+    history = [*CLEAN["history"], entry("r6", tokens=billed, code="upstream_failed")]
+    rows = [*CLEAN["rows"], row("r6", billed, status=502, code=code)]
+    report = audit(history, [*CLEAN["truth"], truth("r6", 5, reason=reason)], rows, [],
+                   Allowances(death_gap_tokens=gap_allowed))
+    assert [v.check for v in report.violations] == violations, render(report)
+    assert report.stats["death_gap_requests"] == gaps
 
 
 @pytest.mark.parametrize(("billed_prompt", "billed", "status", "allowed", "violations"), [

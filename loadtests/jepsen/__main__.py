@@ -17,8 +17,8 @@ from pathlib import Path
 
 import uvloop
 
-from analytics.billing_audit import Allowances, audit, render
-from loadtests.jepsen.check import ABORT_GAP_TOKENS
+from analytics.billing_audit import audit, render
+from loadtests.jepsen.check import ABORT_GAP_TOKENS, allowances
 from loadtests.jepsen.collect import (
     open_charges,
     quiesce,
@@ -81,8 +81,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         await stack.stop()
     log = (work / "logs" / "metering.log").read_text(errors="replace")
     summary["ambiguous_inserts"] = log.count("ambiguous insert of")
-    report = audit(*read_artifacts(work), allow=Allowances(
-        abort_gap_tokens=args.abort_gap_tokens, prompt_estimate=True))
+    report = audit(*read_artifacts(work), allow=allowances(args.abort_gap_tokens))
     print(render(report))
     print(f"  rollups beside usage_raw FINAL: {summary['rollup_requests_drift']:+d} requests,"
           f" {summary['rollup_completion_tokens_drift']:+d} completion tokens")
