@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class Paths:
 async def _latency_point(paths: Paths, body: dict[str, object], rate_rps: int,
                          rounds: int, seconds: float) -> dict[str, object]:
     per_round = []
+    # Failures by kind over all rounds: shed (429/503) or lost (timeouts, resets).
+    failed_by: dict[str, Counter[str]] = {"direct": Counter(), "via": Counter()}
     for round_no in range(rounds):
         row: dict[str, float] = {}
         order = ("direct", "via") if round_no % 2 == 0 else ("via", "direct")
@@ -92,6 +95,7 @@ async def _latency_point(paths: Paths, body: dict[str, object], rate_rps: int,
             result = await open_loop(paths.sender(path, body), rate_rps, seconds)
             ok = [s for s in result.samples if s.ok]
             row[f"{path}_failed"] = len(result.samples) - len(ok)
+            failed_by[path].update(s.failure for s in result.samples if not s.ok)
             row[f"{path}_lag_p99_ms"] = result.lag_p99_ms
             for what in ("first", "total"):
                 values = [getattr(s, f"{what}_ms") for s in ok]
@@ -108,6 +112,7 @@ async def _latency_point(paths: Paths, body: dict[str, object], rate_rps: int,
         per_round.append(row)
     summary = {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
     return {"rate_rps": rate_rps, "median_of_rounds": summary, "per_round": per_round,
+            "failed_by": {path: dict(kinds) for path, kinds in failed_by.items() if kinds},
             "load": _uptime()}
 
 
@@ -274,6 +279,11 @@ def print_table(result: dict[str, object]) -> None:
                       f"{s['added_total_p99_ms']:>9.2f}{s['added_first_p50_ms']:>10.2f}"
                       f"{s['header_overhead_p50_ms']:>12.3f}{s['header_overhead_p99_ms']:>12.3f}"
                       f"{s['via_failed']:>8.0f}")
+        for mode, points in first["latency"].items():
+            for point in points:
+                for path, kinds in point["failed_by"].items():
+                    print(f"  failed at {point['rate_rps']} rps {mode} {path} ({result['rounds']}"
+                          " rounds): " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
     if "max_rps" in first:
         _print_throughput(stacks)
     for stack in stacks:

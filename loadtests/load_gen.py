@@ -23,6 +23,8 @@ class Sample:
     total_ms: float = 0.0
     chunks: int = 0
     overhead_ms: float | None = None
+    # Why it failed: "HTTP <status>" or the exception's name ("" when ok).
+    failure: str = ""
 
 
 @dataclass
@@ -50,11 +52,12 @@ class Client:
                     first = time.perf_counter()
                 ok = resp.status == 200
                 overhead = resp.headers.get("x-switchyard-overhead-ms")
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return Sample(ok=False)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return Sample(ok=False, failure=type(exc).__name__)
         end = time.perf_counter()
         return Sample(ok, (first - started) * 1000, (end - started) * 1000, chunks,
-                      float(overhead) if overhead is not None else None)
+                      float(overhead) if overhead is not None else None,
+                      "" if ok else f"HTTP {resp.status}")
 
 
 def new_client(headers: dict[str, str] | None = None) -> Client:
