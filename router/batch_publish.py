@@ -14,18 +14,14 @@ switchyard's messages, so its shape is read here, where it is used."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 from collections.abc import Sequence
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-# The status NATS sends on a reply subject when nobody (no stream) subscribes.
-NO_RESPONDERS_STATUS = "503"
+from router.reply_inbox import ReplyInbox, no_responders, reply_token
 
 
 class _PubAck(msgspec.Struct):
@@ -58,20 +54,15 @@ class _Batch:
 class BatchPublisher:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
-        self._prefix = ""
-        self._sub: Subscription | None = None
-        self._tokens = itertools.count()
+        self._inbox = ReplyInbox(nc, self._on_ack)
         # Reply token -> (its batch, the message's index in it).
         self._pending: dict[str, tuple[_Batch, int]] = {}
 
     async def start(self) -> None:
-        self._prefix = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack)
+        await self._inbox.start()
 
     async def aclose(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+        await self._inbox.aclose()
 
     async def publish(self, messages: Sequence[tuple[str, bytes, str]],
                       timeout_s: float) -> list[bool]:
@@ -86,10 +77,10 @@ class BatchPublisher:
         tokens = []
         try:
             for index, (subject, payload, msg_id) in enumerate(messages):
-                token = str(next(self._tokens))
+                token, reply = self._inbox.new_reply()
                 self._pending[token] = (batch, index)
                 tokens.append(token)
-                await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}",
+                await self._nc.publish(subject, payload, reply=reply,
                                        headers={"Nats-Msg-Id": msg_id})
             timer = loop.call_later(timeout_s, _expire, batch.done)
             try:
@@ -104,11 +95,11 @@ class BatchPublisher:
         return batch.acked
 
     async def _on_ack(self, msg: Msg) -> None:
-        found = self._pending.pop(msg.subject.rpartition(".")[2], None)
+        found = self._pending.pop(reply_token(msg), None)
         if found is None:
             return  # the ack of a batch that gave up waiting
         batch, index = found
-        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+        if no_responders(msg):  # no stream takes the subject
             batch.answered(index, False)
             return
         try:

@@ -1,6 +1,6 @@
 """The ingress side of placement over NATS.
 
-One wildcard reply subscription per ingress (its own inbox prefix); each
+One wildcard reply subscription per ingress (router/reply_inbox.py); each
 placement in flight has its own reply subject under it and a small buffer of
 the answers heard there, awaited through one future and one loop timer (not
 `asyncio.wait_for`, which costs a task per wait in Python 3.11: this is on
@@ -22,8 +22,6 @@ one that waited in a fair queue and timed out is a plain NoCapacity.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 from collections import deque
 
@@ -31,9 +29,9 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from router.metrics import Metrics
+from router.reply_inbox import ReplyInbox, no_responders, reply_token
 from scheduler.errors import NoCapacity, SchedulerUnreachable
 from scheduler.wire import (
     Placement,
@@ -45,8 +43,6 @@ from scheduler.wire import (
 )
 
 log = logging.getLogger("switchyard.placer")
-# The status NATS sends on a request's reply subject when nobody subscribes.
-NO_RESPONDERS_STATUS = "503"
 # With no actor subscribed at all, look again this often (one may be restarting).
 NO_RESPONDERS_BACKOFF_S = 0.05
 # Answers one placement can get: a final one and a PlaceQueued per attempt.
@@ -104,26 +100,21 @@ class Placer:
         self._timeout_s = timeout_s
         self._attempt_timeout_s = attempt_timeout_s
         self._metrics = metrics
-        self._prefix = ""
-        self._sub: Subscription | None = None
-        self._tokens = itertools.count()
+        self._inbox = ReplyInbox(nc, self._on_answer)
         self._pending: dict[str, _Answers] = {}
 
     async def start(self) -> None:
-        self._prefix = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_answer)
+        await self._inbox.start()
 
     async def aclose(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+        await self._inbox.aclose()
 
     async def place(self, subject: str, req: PlaceRequest) -> Placement | PlaceRejected:
         """The scheduler's final answer; NoCapacity when none came in time."""
-        token = str(next(self._tokens))
+        token, reply_to = self._inbox.new_reply()
         answers = self._pending[token] = _Answers()
         try:
-            return await self._attempts(subject, encode(req), f"{self._prefix}.{token}",
+            return await self._attempts(subject, encode(req), reply_to,
                                         answers, req.max_queue_s)
         finally:
             del self._pending[token]
@@ -177,11 +168,11 @@ class Placer:
         return SchedulerUnreachable(message, retry_after_s=1.0)
 
     async def _on_answer(self, msg: Msg) -> None:
-        answers = self._pending.get(msg.subject.rpartition(".")[2])
+        answers = self._pending.get(reply_token(msg))
         if answers is None:
             return  # a late answer to a placement already decided or given up
         answer: _Answer
-        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+        if no_responders(msg):
             answer = None
         else:
             try:
