@@ -23,7 +23,7 @@ from scheduler.config import ClickHouseConfig, Config, MeteringConfig
 from scheduler.tenancy import Price
 from scheduler.wire import UsageEvent, encode, usage_subject
 from tests.admin_stack import AdminStack, running_admin
-from tests.harness import nats_client
+from tests.harness import nats_client, running_metering
 
 DEADLINE_S = 20.0
 OCT_2026_S = 1_790_812_800  # 2026-10-01T00:00:00Z
@@ -98,16 +98,12 @@ async def running_billing(work: Path, nats_url: str, redis_url: str,
         for model, prices in PRICES.items():
             await admin.plane.redis.hset(PRICES_KEY, model, msgspec.json.encode(prices))
         events = seeded_events([admin.tenant_a, admin.tenant_b], random.Random(seed))
-        metering = MeteringService(metering_config(admin.cfg, work))
-        async with nats_client(nats_url) as nc:
-            await metering.start()
-            try:
-                await publish(nc, events)
+        async with (nats_client(nats_url) as nc,
+                    running_metering(metering_config(admin.cfg, work)) as metering):
+            await publish(nc, events)
 
-                async def stored() -> bool:
-                    return metering.stats()["inserted_rows"] == len(events)
+            async def stored() -> bool:
+                return metering.stats()["inserted_rows"] == len(events)
 
-                await eventually(stored, "the seeded usage to be stored")
-                yield BillingStack(admin=admin, metering=metering, events=events)
-            finally:
-                await metering.aclose()
+            await eventually(stored, "the seeded usage to be stored")
+            yield BillingStack(admin=admin, metering=metering, events=events)

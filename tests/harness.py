@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from actors.control_plane import PRICES_KEY, ControlPlane, tenant_with_key
 from actors.control_store import ReplicaRegistry, connect_redis
+from analytics.metering import MeteringService
 from deploy.procs import LOOPBACK, ChildProcess, free_port, start_nats
 from deploy.replica_fleet import healthy
 from loadtests.simulator.fleet import SimFleet, start_fleet
@@ -97,6 +98,17 @@ async def nats_client(url: str, **options: Any) -> AsyncIterator[NATS]:
         await client.drain()
     else:
         await client.close()
+
+
+@contextlib.asynccontextmanager
+async def running_metering(cfg: Config) -> AsyncIterator[MeteringService]:
+    """The metering service, started, and closed however the block ends."""
+    service = MeteringService(cfg)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.aclose()
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:

@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from analytics.metering import MeteringService
 from scheduler.control import SYSTEM
 from tests.admin_stack import AdminStack, running_admin
 from tests.billing_stack import metering_config
+from tests.harness import running_metering
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +59,8 @@ async def admin(tmp_path_factory: pytest.TempPathFactory, private_bus: str,
     """With a metering service, which answers the usage and statement operations."""
     work = tmp_path_factory.mktemp("admin-authz")
     async with running_admin(work, private_bus, redis_url) as stack:
-        metering = MeteringService(metering_config(stack.cfg, work))
-        await metering.start()
-        try:
+        async with running_metering(metering_config(stack.cfg, work)):
             yield stack
-        finally:
-            await metering.aclose()
 
 
 def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 
 from actors.control_plane import PRICES_KEY
-from analytics.metering import MeteringService
 from router.admin_handlers import Call
 from router.dashboard import dashboard_handlers
 from scheduler.control import SYSTEM
@@ -32,6 +30,7 @@ from scheduler.wire import UsageEvent
 from tests.admin_stack import AdminStack, running_admin
 from tests.billing_stack import PRICES, eventually, metering_config, publish
 from tests.chromium import CHROMIUM, Page, running_chromium
+from tests.harness import nats_client, running_metering
 
 pytestmark = pytest.mark.integration
 
@@ -84,10 +83,8 @@ async def seeded(tmp_path_factory: pytest.TempPathFactory, private_bus: str,
         for model, prices in PRICES.items():
             await admin.plane.redis.hset(PRICES_KEY, model, msgspec.json.encode(prices))
         events = _events(admin.tenant_a, admin.tenant_b, random.Random(11))
-        metering = MeteringService(metering_config(admin.cfg, work))
-        await metering.start()
-        nc = await nats.connect(private_bus)
-        try:
+        async with (running_metering(metering_config(admin.cfg, work)) as metering,
+                    nats_client(private_bus) as nc):
             await publish(nc, events)
 
             async def stored() -> bool:
@@ -95,9 +92,6 @@ async def seeded(tmp_path_factory: pytest.TempPathFactory, private_bus: str,
 
             await eventually(stored, "the seeded usage to be stored")
             yield Seeded(admin, events)
-        finally:
-            await nc.close()
-            await metering.aclose()
 
 
 def _truth(events: list[UsageEvent]) -> dict[str, dict[str, float]]:

@@ -38,7 +38,7 @@ from scheduler.wire import (
     usage_reply_decoder,
     usage_subject,
 )
-from tests.harness import nats_client
+from tests.harness import nats_client, running_metering
 
 pytestmark = pytest.mark.integration
 
@@ -368,31 +368,26 @@ async def test_service_end_to_end(metering_cfg: Config) -> None:
     after_garbage = [event(i, "beta") for i in range(500, 510)]
     everything = events + after_garbage
     want = (expected_total("acme", everything), expected_total("beta", everything))
-    service = MeteringService(metering_cfg)
-    async with nats_client(metering_cfg.nats.url) as nc:
-        await service.start()
-        try:
-            assert not any(await publish_events(nc, events))
-            # Retried publishes: the stream drops them by Nats-Msg-Id.
-            assert all(await publish_events(nc, events[:20]))
-            js = nc.jetstream()
-            await js.publish(usage_subject("acme"), b"\x00not json")
-            await js.publish(usage_subject("acme"), b'{"kind": "usage_query"}')
-            await js.publish(usage_subject("acme"), encode(
-                UsageEvent(request_id="neg", tenant_id="acme", key_id="k", model="m",
-                           prompt_tokens=-1)))
-            await publish_events(nc, after_garbage)
+    async with nats_client(metering_cfg.nats.url) as nc, running_metering(metering_cfg) as service:
+        assert not any(await publish_events(nc, events))
+        # Retried publishes: the stream drops them by Nats-Msg-Id.
+        assert all(await publish_events(nc, events[:20]))
+        js = nc.jetstream()
+        await js.publish(usage_subject("acme"), b"\x00not json")
+        await js.publish(usage_subject("acme"), b'{"kind": "usage_query"}')
+        await js.publish(usage_subject("acme"), encode(
+            UsageEvent(request_id="neg", tenant_id="acme", key_id="k", model="m",
+                       prompt_tokens=-1)))
+        await publish_events(nc, after_garbage)
 
-            async def counted() -> bool:
-                return await query_totals(nc, None) == want and service.stats()["dead_letters"] == 3
+        async def counted() -> bool:
+            return await query_totals(nc, None) == want and service.stats()["dead_letters"] == 3
 
-            await eventually(counted, "totals over NATS to match what was published")
-            assert await query_totals(nc, "beta") == want[1:]
-            stats = service.stats()
-            assert stats["inserted_rows"] == len(everything)
-            assert stats["insert_failures"] == 0
-        finally:
-            await service.aclose()
+        await eventually(counted, "totals over NATS to match what was published")
+        assert await query_totals(nc, "beta") == want[1:]
+        stats = service.stats()
+        assert stats["inserted_rows"] == len(everything)
+        assert stats["insert_failures"] == 0
 
 
 _real_insert = UsageStore.insert
@@ -431,19 +426,14 @@ async def test_service_retries_failed_insert(metering_cfg: Config,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     faulty_store(monkeypatch, flaky_insert)
     events = [event(i) for i in range(40)]
-    service = MeteringService(metering_cfg)
-    async with nats_client(metering_cfg.nats.url) as nc:
-        await service.start()
-        try:
-            await publish_events(nc, events)
+    async with nats_client(metering_cfg.nats.url) as nc, running_metering(metering_cfg) as service:
+        await publish_events(nc, events)
 
-            async def stored() -> bool:
-                return await query_totals(nc, None) == (expected_total("acme", events),)
+        async def stored() -> bool:
+            return await query_totals(nc, None) == (expected_total("acme", events),)
 
-            await eventually(stored, "the nak'd batch to be redelivered and stored")
-            assert service.stats()["insert_failures"] >= 1
-        finally:
-            await service.aclose()
+        await eventually(stored, "the nak'd batch to be redelivered and stored")
+        assert service.stats()["insert_failures"] >= 1
 
 
 async def test_service_closes_promptly_after_bursts(metering_cfg: Config) -> None:
@@ -474,31 +464,23 @@ async def test_service_restart_consumes_backlog(metering_cfg: Config) -> None:
     which also meets the existing stream and durable consumer with new settings."""
     first, backlog = [event(i) for i in range(10)], [event(i) for i in range(10, 25)]
     async with nats_client(metering_cfg.nats.url) as nc:
-        service = MeteringService(metering_cfg)
-        await service.start()
-        try:
+        async with running_metering(metering_cfg):
             await publish_events(nc, first)
 
             async def first_stored() -> bool:
                 return await query_totals(nc, None) == (expected_total("acme", first),)
 
             await eventually(first_stored, "the first events to be stored")
-        finally:
-            await service.aclose()
         await publish_events(nc, backlog)
         changed = msgspec.structs.replace(
             metering_cfg,
             nats=msgspec.structs.replace(metering_cfg.nats, duplicate_window_s=60.0),
             metering=msgspec.structs.replace(metering_cfg.metering, ack_wait_s=10.0))
-        service = MeteringService(changed)
-        await service.start()
-        try:
+        async with running_metering(changed):
             async def all_stored() -> bool:
                 return await query_totals(nc, None) == (expected_total("acme", first + backlog),)
 
             await eventually(all_stored, "the backlog to be stored after the restart")
-        finally:
-            await service.aclose()
 
 
 # --- pricing, dead letters, lost acks, repeated publishes ---------------------------
@@ -538,19 +520,14 @@ async def test_service_prices_each_event_at_its_start(metering_cfg: Config) -> N
     before = priced([event(i) for i in range(20)], started_at_ms=(switch_s - 1) * 1000, priority=3)
     after = priced([event(i) for i in range(20, 50)], started_at_ms=switch_s * 1000, priority=-2)
     unpriced = priced([event(i) for i in range(50, 55)], model="nobody-priced-me")
-    service = MeteringService(metering_cfg)
-    async with nats_client(metering_cfg.nats.url) as nc:
-        await service.start()
-        try:
-            await publish_events(nc, before + after + unpriced)
+    async with nats_client(metering_cfg.nats.url) as nc, running_metering(metering_cfg) as service:
+        await publish_events(nc, before + after + unpriced)
 
-            async def stored() -> bool:
-                return service.stats()["inserted_rows"] == 55
+        async def stored() -> bool:
+            return service.stats()["inserted_rows"] == 55
 
-            await eventually(stored, "the events to be stored")
-            assert service.stats()["unpriced"] == 5
-        finally:
-            await service.aclose()
+        await eventually(stored, "the events to be stored")
+        assert service.stats()["unpriced"] == 5
     rows = await read_store(metering_cfg, "SELECT model, priority, sum(cost_nusd), count()"
                             " FROM yard_test.usage_raw FINAL GROUP BY model, priority"
                             " ORDER BY model, priority")
@@ -582,27 +559,22 @@ async def test_poison_events_are_dead_lettered_without_blocking_others(
         metering_cfg.metering, max_deliver=2))
     good = [event(i) for i in range(60)]
     poison = msgspec.structs.replace(event(999), request_id="poison")
-    service = MeteringService(cfg)
-    async with nats_client(cfg.nats.url) as nc:
-        await service.start()
-        try:
-            await nc.jetstream().publish(usage_subject("acme"), b"\x00garbage")
-            await publish_events(nc, [*good[:30], poison, *good[30:]])
+    async with nats_client(cfg.nats.url) as nc, running_metering(cfg) as service:
+        await nc.jetstream().publish(usage_subject("acme"), b"\x00garbage")
+        await publish_events(nc, [*good[:30], poison, *good[30:]])
 
-            async def settled() -> bool:
-                return (await query_totals(nc, None) == (expected_total("acme", good),)
-                        and service.stats()["dead_letters"] == 2)
+        async def settled() -> bool:
+            return (await query_totals(nc, None) == (expected_total("acme", good),)
+                    and service.stats()["dead_letters"] == 2)
 
-            await eventually(settled, "good events stored, two dead letters")
-            letters = await dead_letters(nc, cfg.metering.dead_letter_stream)
-            assert [(d.stream_seq, d.deliveries) for d in letters] == [(1, 1), (32, 2)]
-            assert letters[0].reason.startswith("undecodable")
-            assert letters[0].payload == b"\x00garbage"
-            assert "the store refuses this one" in letters[1].reason
-            assert usage_decoder.decode(letters[1].payload) == poison
-            assert service.stats()["insert_failures"] == 2
-        finally:
-            await service.aclose()
+        await eventually(settled, "good events stored, two dead letters")
+        letters = await dead_letters(nc, cfg.metering.dead_letter_stream)
+        assert [(d.stream_seq, d.deliveries) for d in letters] == [(1, 1), (32, 2)]
+        assert letters[0].reason.startswith("undecodable")
+        assert letters[0].payload == b"\x00garbage"
+        assert "the store refuses this one" in letters[1].reason
+        assert usage_decoder.decode(letters[1].payload) == poison
+        assert service.stats()["insert_failures"] == 2
 
 
 async def test_lost_ack_redelivery_is_stored_once(metering_cfg: Config,
@@ -621,22 +593,17 @@ async def test_lost_ack_redelivery_is_stored_once(metering_cfg: Config,
     cfg = msgspec.structs.replace(metering_cfg, metering=msgspec.structs.replace(
         metering_cfg.metering, ack_wait_s=1.0, batch_max=1000))
     events = [event(i) for i in range(50)]
-    service = MeteringService(cfg)
-    async with nats_client(cfg.nats.url) as nc:
-        await service.start()
-        try:
-            await publish_events(nc, events)
+    async with nats_client(cfg.nats.url) as nc, running_metering(cfg) as service:
+        await publish_events(nc, events)
 
-            async def redelivered() -> bool:
-                # The crashed batch is counted only as found stored, on its return.
-                stats = service.stats()
-                return stats["already_stored"] > 0 and (
-                    stats["inserted_rows"] + stats["already_stored"] == 50)
+        async def redelivered() -> bool:
+            # The crashed batch is counted only as found stored, on its return.
+            stats = service.stats()
+            return stats["already_stored"] > 0 and (
+                stats["inserted_rows"] + stats["already_stored"] == 50)
 
-            await eventually(redelivered, "the unacked batch to come back and be found stored")
-            assert service.stats()["consume_errors"] == 1
-        finally:
-            await service.aclose()
+        await eventually(redelivered, "the unacked batch to come back and be found stored")
+        assert service.stats()["consume_errors"] == 1
     assert await read_store(cfg, "SELECT count(), uniqExact(request_id)"
                             " FROM yard_test.usage_raw") == [(50, 50)]
 
@@ -649,26 +616,21 @@ async def test_every_event_published_twice_is_one_row(metering_cfg: Config) -> N
     cfg = msgspec.structs.replace(metering_cfg, nats=msgspec.structs.replace(
         metering_cfg.nats, duplicate_window_s=window_s))
     events = [event(i) for i in range(200)]
-    service = MeteringService(cfg)
-    async with nats_client(cfg.nats.url) as nc:
-        await service.start()
+    async with nats_client(cfg.nats.url) as nc, running_metering(cfg) as service:
         js = nc.jetstream()
-        try:
-            assert not any(await publish_events(nc, events))
-            assert all(await publish_events(nc, events))
-            assert (await js.stream_info(cfg.nats.usage_stream)).state.messages == 200
-            # The window is the point here: nothing to await but the clock.
-            await asyncio.sleep(window_s + 0.5)
-            assert not any(await publish_events(nc, events))
-            assert (await js.stream_info(cfg.nats.usage_stream)).state.messages == 400
+        assert not any(await publish_events(nc, events))
+        assert all(await publish_events(nc, events))
+        assert (await js.stream_info(cfg.nats.usage_stream)).state.messages == 200
+        # The window is the point here: nothing to await but the clock.
+        await asyncio.sleep(window_s + 0.5)
+        assert not any(await publish_events(nc, events))
+        assert (await js.stream_info(cfg.nats.usage_stream)).state.messages == 400
 
-            async def consumed() -> bool:
-                return service.stats()["received"] == 400 and (
-                    await query_totals(nc, None) == (expected_total("acme", events),))
+        async def consumed() -> bool:
+            return service.stats()["received"] == 400 and (
+                await query_totals(nc, None) == (expected_total("acme", events),))
 
-            await eventually(consumed, "both copies consumed")
-        finally:
-            await service.aclose()
+        await eventually(consumed, "both copies consumed")
     [(final, raw)] = await read_store(
         cfg, "SELECT (SELECT count() FROM yard_test.usage_raw FINAL),"
         " (SELECT count() FROM yard_test.usage_raw)")

@@ -31,7 +31,7 @@ from scheduler.tenancy import Price, TenantLimits
 from scheduler.webhook_events import BUDGET_TYPE, USAGE_TYPE, verify
 from scheduler.wire import UsageEvent
 from tests.billing_stack import eventually, metering_config, publish
-from tests.harness import nats_client
+from tests.harness import nats_client, running_metering
 
 pytestmark = pytest.mark.integration
 
@@ -110,10 +110,8 @@ async def cfg(private_bus: str, redis_url: str, tmp_path: Path,
 
 @pytest_asyncio.fixture
 async def metering(cfg: Config) -> AsyncIterator[MeteringService]:
-    service = MeteringService(cfg)
-    await service.start()
-    yield service
-    await service.aclose()
+    async with running_metering(cfg) as service:
+        yield service
 
 
 def events(tenant_id: str, n: int, prefix: str = "req") -> list[UsageEvent]:
